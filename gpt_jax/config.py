@@ -1,0 +1,112 @@
+"""The base experiment config and its validation. Files in configs/ start from `base_config()`."""
+
+import dataclasses
+
+import ml_collections
+
+from gpt_jax.model import ModelConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, grouped by concern. Model fields are documented in ModelConfig."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # parameter init, data order and dropout all derive from it
+
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+  c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
+
+  c.data = ml_collections.ConfigDict()
+  c.data.tfds_name = 'pydoc_topics'  # any registered TFDS dataset; ours: pydoc_topics, text_files
+  c.data.tfds_data_dir = ''          # '' -> TFDS default (~/tensorflow_datasets)
+  c.data.text_key = 'text'           # feature holding the document text
+  c.data.train_split = 'train'
+  c.data.val_split = 'validation'
+  c.data.text_files = ''             # glob of local text files; when set, wins over tfds_name
+  c.data.val_fraction = 0.1          # text_files / pydoc_topics: last fraction of each document
+  c.data.tokenizer = 'sentencepiece'  # 'sentencepiece' | 'char' | 'byte'
+  c.data.vocab_size = 1024           # sentencepiece vocabulary to train
+  c.data.spm_model = ''              # an existing sentencepiece .model ('' -> train one)
+  c.data.spm_train_chars = 20_000_000  # cap on characters fed to sentencepiece training
+  c.data.batch_size = 16             # global batch, in sequences per optimizer step
+  c.data.seq_len = 128               # tokens per training sequence (<= model.max_len)
+  c.data.cache_dir = ''              # tokenized corpus cache; '' -> <workdir>/data_cache
+  c.data.prefetch = 2                # batches prepared ahead in background threads
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3                  # peak learning rate
+  c.optim.warmup_steps = 100
+  c.optim.decay_steps = 0            # cosine decay length; 0 -> train.num_steps
+  c.optim.min_lr_ratio = 0.1         # final lr = lr * min_lr_ratio
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.decay_matrices_only = True  # no weight decay on biases and norm scales
+  c.optim.grad_clip = 1.0            # global-norm clipping; 0 disables
+  c.optim.grad_accum_steps = 1       # micro-batches per optimizer step (splits data.batch_size)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000           # optimizer steps
+  c.train.log_every = 50
+  c.train.eval_every = 250           # 0 disables evaluation during training
+  c.train.eval_batches = 8           # validation batches per evaluation
+  c.train.sample_prompt = ''         # text of the sample printed at the end ('' -> from scratch)
+  c.train.sample_tokens = 200        # 0 disables the final sample
+  c.train.measure_peak = True        # time a matmul at start-up for the MFU denominator
+  c.train.progress_bar = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                   # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = ()                  # (logical name, mesh axes) pairs over sharding.LOGICAL_RULES
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500     # also saved at the last step
+  c.checkpoint.keep = 3              # newest checkpoints kept
+  c.checkpoint.async_save = True     # write in the background while training goes on
+  return c
+
+
+def validate(config) -> None:
+  """Checks a config before anything is built; each error names the field at fault."""
+  model = ModelConfig.from_config(config.model)
+  _choice('model.position', model.position, ('learned', 'rope'))
+  _choice('model.norm', model.norm, ('layernorm', 'rmsnorm'))
+  _choice('model.mlp', model.mlp, ('gelu', 'swiglu'))
+  _choice('data.tokenizer', config.data.tokenizer, ('sentencepiece', 'char', 'byte'))
+  for dtype_field in ('dtype', 'param_dtype'):
+    _choice(f'model.{dtype_field}', getattr(model, dtype_field), ('float32', 'bfloat16', 'float16'))
+  positive = {
+      'model.num_layers': model.num_layers, 'model.num_heads': model.num_heads,
+      'model.emb_dim': model.emb_dim, 'model.mlp_dim': model.mlp_dim,
+      'model.max_len': model.max_len, 'data.batch_size': config.data.batch_size,
+      'data.seq_len': config.data.seq_len, 'train.num_steps': config.train.num_steps,
+      'train.log_every': config.train.log_every, 'optim.grad_accum_steps':
+      config.optim.grad_accum_steps, 'checkpoint.every_steps': config.checkpoint.every_steps}
+  for name, value in positive.items():
+    if value <= 0:
+      raise ValueError(f'config.{name} must be positive, got {value}')
+  if model.emb_dim % model.num_heads:
+    raise ValueError(f'config.model.emb_dim ({model.emb_dim}) must be divisible by '
+                     f'model.num_heads ({model.num_heads})')
+  if model.num_heads % model.kv_heads:
+    raise ValueError(f'config.model.num_heads ({model.num_heads}) must be divisible by '
+                     f'model.num_kv_heads ({model.kv_heads})')
+  if model.position == 'rope' and model.head_dim % 2:
+    raise ValueError(f'rope needs an even head dim, got emb_dim/num_heads = {model.head_dim}')
+  if config.data.seq_len > model.max_len:
+    raise ValueError(f'config.data.seq_len ({config.data.seq_len}) exceeds '
+                     f'config.model.max_len ({model.max_len})')
+  if config.data.batch_size % config.optim.grad_accum_steps:
+    raise ValueError(f'config.data.batch_size ({config.data.batch_size}) must be divisible by '
+                     f'optim.grad_accum_steps ({config.optim.grad_accum_steps})')
+  if not 0 <= model.dropout < 1:
+    raise ValueError(f'config.model.dropout must be in [0, 1), got {model.dropout}')
+  if not config.data.text_files and not config.data.tfds_name:
+    raise ValueError('Set config.data.tfds_name or config.data.text_files')
+
+
+def _choice(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f'config.{name} must be one of {allowed}, got {value!r}')

@@ -1,0 +1,224 @@
+"""A decoder-only Transformer (GPT) in Flax linen.
+
+The GPT-2 layout (learned positions, pre-LayerNorm with bias, GELU MLP, tied embeddings) and the
+Llama layout (RoPE, RMSNorm, SwiGLU, grouped-query attention) are both points in `ModelConfig`.
+
+Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `kv_heads`, `head_dim`,
+`mlp`, `position`, `norm`); activations are constrained with `act_*` names at block boundaries.
+`gpt_jax/sharding.py` maps these names to mesh axes; this file never names a mesh axis.
+
+The forward pass is pure: `Transformer(cfg).apply({'params': params}, tokens, ...)`. For decoding,
+an explicit KV cache (see `init_cache`) goes in and the updated cache comes out.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Array = jax.Array
+# One layer's KV cache: {'k': [batch, max_len, kv_heads, head_dim], 'v': same}.
+LayerCache = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture. Field names equal the keys of `config.model`."""
+  vocab_size: int = 256          # rows of the token embedding (>= tokenizer vocabulary)
+  max_len: int = 256             # longest sequence (positions / KV cache length)
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0          # grouped-query attention; 0 means num_heads (plain multi-head)
+  emb_dim: int = 128
+  mlp_dim: int = 512
+  position: str = 'learned'      # 'learned' (GPT-2) | 'rope'
+  rope_theta: float = 10_000.0
+  norm: str = 'layernorm'        # 'layernorm' | 'rmsnorm'
+  norm_eps: float = 1e-5
+  mlp: str = 'gelu'              # 'gelu' (tanh approximation, as GPT-2) | 'swiglu'
+  use_bias: bool = True          # biases in Dense layers (and LayerNorm)
+  tie_embeddings: bool = True    # output projection = token embedding transposed
+  dropout: float = 0.0
+  param_dtype: str = 'float32'
+  dtype: str = 'float32'         # compute dtype of matmuls and activations
+  remat: bool = False            # recompute each block in the backward pass to save memory
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.emb_dim // self.num_heads
+
+  @classmethod
+  def from_config(cls, model_config) -> 'ModelConfig':
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = dict(model_config)
+    unknown = sorted(set(given) - fields)
+    if unknown:
+      raise ValueError(f'Unknown config.model fields: {unknown}; known: {sorted(fields)}')
+    return cls(**given)
+
+
+def _constrain(x: Array, names: tuple[str, ...]) -> Array:
+  """Shards an activation by logical names; a name without a rule is an error."""
+  return nn.with_logical_constraint(x, names, fallback=nn.spmd.RulesFallback.RAISE_ERROR)
+
+
+def _init(stddev: float, names: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+def _dense(features, in_axis, names, cfg: ModelConfig, stddev=0.02, name=None):
+  """A DenseGeneral whose kernel has logical axes `names` (inputs then outputs)."""
+  num_out = 1 if isinstance(features, int) else len(features)
+  return nn.DenseGeneral(
+      features=features, axis=in_axis, use_bias=cfg.use_bias,
+      dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      kernel_init=_init(stddev, names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-num_out:]),
+      name=name)
+
+
+class Norm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kwargs = dict(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype),
+                  param_dtype=jnp.dtype(cfg.param_dtype),
+                  scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)))
+    if cfg.norm == 'layernorm':
+      return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=nn.with_logical_partitioning(
+          nn.initializers.zeros, ('norm',)), **kwargs)(x)
+    return nn.RMSNorm(**kwargs)(x)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding (rotate-half convention, as Llama). x: [b, t, h, d], positions: [b, t]."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[..., None].astype(jnp.float32) * freqs  # [b, t, half]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, cache: LayerCache | None, deterministic: bool):
+    cfg = self.cfg
+    out_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2's scaled init of residual projections
+    q = _dense((cfg.num_heads, cfg.head_dim), -1, ('embed', 'heads', 'head_dim'), cfg, name='query')(x)
+    k = _dense((cfg.kv_heads, cfg.head_dim), -1, ('embed', 'kv_heads', 'head_dim'), cfg, name='key')(x)
+    v = _dense((cfg.kv_heads, cfg.head_dim), -1, ('embed', 'kv_heads', 'head_dim'), cfg, name='value')(x)
+    if cfg.position == 'rope':
+      q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+    q = _constrain(q, ('batch', 'length', 'act_heads', 'head_dim'))
+
+    if cache is None:
+      # Training / full forward: plain causal attention over this sequence.
+      mask = (positions[:, None, :, None] >= positions[:, None, None, :])
+    else:
+      # Decoding: write this step's keys/values into their positions' slots, then attend to every
+      # slot at or before the query's position. Slots past it may hold stale padding: masked.
+      rows = jnp.arange(x.shape[0])[:, None]
+      k = cache['k'].at[rows, positions].set(k.astype(cache['k'].dtype))
+      v = cache['v'].at[rows, positions].set(v.astype(cache['v'].dtype))
+      cache = {'k': k, 'v': v}
+      slots = jnp.arange(k.shape[1])
+      mask = slots[None, None, None, :] <= positions[:, None, :, None]
+    y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    y = _constrain(y, ('batch', 'length', 'act_heads', 'head_dim'))
+    y = _dense(cfg.emb_dim, (-2, -1), ('heads', 'head_dim', 'embed'), cfg, stddev=out_std,
+               name='out')(y)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    return y, cache
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    cfg = self.cfg
+    out_std = 0.02 / (2 * cfg.num_layers) ** 0.5
+    h = _dense(cfg.mlp_dim, -1, ('embed', 'mlp'), cfg, name='fc_in')(x)
+    if cfg.mlp == 'swiglu':
+      gate = _dense(cfg.mlp_dim, -1, ('embed', 'mlp'), cfg, name='fc_gate')(x)
+      h = nn.silu(gate) * h
+    else:
+      h = nn.gelu(h, approximate=True)
+    h = _constrain(h, ('batch', 'length', 'act_mlp'))
+    y = _dense(cfg.emb_dim, -1, ('mlp', 'embed'), cfg, stddev=out_std, name='fc_out')(h)
+    return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, cache, deterministic):
+    y, cache = Attention(self.cfg, name='attn')(Norm(self.cfg, name='ln_1')(x), positions, cache,
+                                                  deterministic)
+    x = x + y
+    x = x + Mlp(self.cfg, name='mlp')(Norm(self.cfg, name='ln_2')(x), deterministic)
+    return _constrain(x, ('batch', 'length', 'act_embed')), cache
+
+
+class Transformer(nn.Module):
+  """tokens [batch, length] -> (logits [batch, length, vocab] float32, updated cache or None)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               cache: list[LayerCache] | None = None, deterministic: bool = True):
+    cfg = self.cfg
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    embed = nn.Embed(cfg.vocab_size, cfg.emb_dim, dtype=jnp.dtype(cfg.dtype),
+                     param_dtype=jnp.dtype(cfg.param_dtype),
+                     embedding_init=_init(0.02, ('vocab', 'embed')), name='wte')
+    x = embed(tokens)
+    if cfg.position == 'learned':
+      wpe = self.param('wpe', _init(0.02, ('position', 'embed')), (cfg.max_len, cfg.emb_dim),
+                       jnp.dtype(cfg.param_dtype))
+      x = x + jnp.take(wpe, positions, axis=0).astype(x.dtype)
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    x = _constrain(x, ('batch', 'length', 'act_embed'))
+
+    block_cls = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+    new_cache = [] if cache is not None else None
+    for i in range(cfg.num_layers):
+      x, layer_cache = block_cls(cfg, name=f'block_{i}')(
+          x, positions, None if cache is None else cache[i], deterministic)
+      if cache is not None:
+        new_cache.append(layer_cache)
+    x = Norm(cfg, name='ln_f')(x)
+
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                               param_dtype=jnp.dtype(cfg.param_dtype),
+                               kernel_init=_init(0.02, ('embed', 'vocab')), name='lm_head')(x)
+    logits = _constrain(logits, ('batch', 'length', 'act_vocab'))
+    return logits.astype(jnp.float32), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, dtype: Any = None) -> list[LayerCache]:
+  """An empty KV cache for `batch_size` sequences of up to `cfg.max_len` tokens."""
+  shape = (batch_size, cfg.max_len, cfg.kv_heads, cfg.head_dim)
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+          for _ in range(cfg.num_layers)]
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
