@@ -72,14 +72,20 @@ def _init(stddev: float, names: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
 
 
-def _dense(features, in_axis, names, cfg: ModelConfig, stddev=0.02, name=None):
-  """A DenseGeneral whose kernel has logical axes `names` (inputs then outputs)."""
-  num_out = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(
-      features=features, axis=in_axis, use_bias=cfg.use_bias,
+def _dense(einsum_str: str, shape: tuple[int, ...], names: tuple[str, ...], cfg: ModelConfig,
+           stddev: float = 0.02, name: str | None = None) -> nn.Einsum:
+  """A projection whose kernel of `shape` has logical axes `names` (inputs, then outputs).
+
+  nn.Einsum creates the kernel in its final shape (DenseGeneral creates it flattened, which a
+  sharding constraint by the unflattened names rejects).
+  """
+  kernel_axes, out_axes = einsum_str.split(',')[1].split('->')
+  bias_names = tuple(n for axis, n in zip(kernel_axes, names) if axis in out_axes)
+  return nn.Einsum(
+      shape=shape, einsum_str=einsum_str, use_bias=cfg.use_bias,
       dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
       kernel_init=_init(stddev, names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-num_out:]),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_names),
       name=name)
 
 
@@ -115,9 +121,13 @@ class Attention(nn.Module):
   def __call__(self, x, positions, cache: LayerCache | None, deterministic: bool):
     cfg = self.cfg
     out_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2's scaled init of residual projections
-    q = _dense((cfg.num_heads, cfg.head_dim), -1, ('embed', 'heads', 'head_dim'), cfg, name='query')(x)
-    k = _dense((cfg.kv_heads, cfg.head_dim), -1, ('embed', 'kv_heads', 'head_dim'), cfg, name='key')(x)
-    v = _dense((cfg.kv_heads, cfg.head_dim), -1, ('embed', 'kv_heads', 'head_dim'), cfg, name='value')(x)
+    e, d = cfg.emb_dim, cfg.head_dim
+    q = _dense('bte,ehd->bthd', (e, cfg.num_heads, d), ('embed', 'heads', 'head_dim'), cfg,
+               name='query')(x)
+    k = _dense('bte,ehd->bthd', (e, cfg.kv_heads, d), ('embed', 'kv_heads', 'head_dim'), cfg,
+               name='key')(x)
+    v = _dense('bte,ehd->bthd', (e, cfg.kv_heads, d), ('embed', 'kv_heads', 'head_dim'), cfg,
+               name='value')(x)
     if cfg.position == 'rope':
       q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
     q = _constrain(q, ('batch', 'length', 'act_heads', 'head_dim'))
@@ -136,8 +146,8 @@ class Attention(nn.Module):
       mask = slots[None, None, None, :] <= positions[:, None, :, None]
     y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
     y = _constrain(y, ('batch', 'length', 'act_heads', 'head_dim'))
-    y = _dense(cfg.emb_dim, (-2, -1), ('heads', 'head_dim', 'embed'), cfg, stddev=out_std,
-               name='out')(y)
+    y = _dense('bthd,hde->bte', (cfg.num_heads, d, e), ('heads', 'head_dim', 'embed'), cfg,
+               stddev=out_std, name='out')(y)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return y, cache
 
@@ -149,14 +159,16 @@ class Mlp(nn.Module):
   def __call__(self, x, deterministic: bool):
     cfg = self.cfg
     out_std = 0.02 / (2 * cfg.num_layers) ** 0.5
-    h = _dense(cfg.mlp_dim, -1, ('embed', 'mlp'), cfg, name='fc_in')(x)
+    h = _dense('bte,em->btm', (cfg.emb_dim, cfg.mlp_dim), ('embed', 'mlp'), cfg, name='fc_in')(x)
     if cfg.mlp == 'swiglu':
-      gate = _dense(cfg.mlp_dim, -1, ('embed', 'mlp'), cfg, name='fc_gate')(x)
+      gate = _dense('bte,em->btm', (cfg.emb_dim, cfg.mlp_dim), ('embed', 'mlp'), cfg,
+                    name='fc_gate')(x)
       h = nn.silu(gate) * h
     else:
       h = nn.gelu(h, approximate=True)
     h = _constrain(h, ('batch', 'length', 'act_mlp'))
-    y = _dense(cfg.emb_dim, -1, ('mlp', 'embed'), cfg, stddev=out_std, name='fc_out')(h)
+    y = _dense('btm,me->bte', (cfg.mlp_dim, cfg.emb_dim), ('mlp', 'embed'), cfg, stddev=out_std,
+               name='fc_out')(h)
     return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
 

@@ -1,0 +1,40 @@
+"""GPT-2 small (124M) on a TFDS corpus, for accelerators.
+
+  python -m gpt_jax.train --config=configs/gpt2_124m.py --workdir=gs://BUCKET/gpt2_124m \
+      --config.data.tfds_name=lm1b --config.mesh.fsdp=-1 --config.mesh.data=1
+
+12 layers x 768, 12 heads, context 1024, GPT-2 layout (learned positions, pre-LayerNorm with bias,
+GELU, tied embeddings), vocabulary padded to 50304 as nanoGPT does; bfloat16 compute.
+"""
+
+from gpt_jax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.data.tfds_name = 'lm1b'
+  config.data.tokenizer = 'sentencepiece'
+  config.data.vocab_size = 32_000
+  config.data.seq_len = 1024
+  config.data.batch_size = 512
+  config.data.prefetch = 4
+
+  config.model.vocab_size = 50_304
+  config.model.max_len = 1024
+  config.model.num_layers = 12
+  config.model.num_heads = 12
+  config.model.emb_dim = 768
+  config.model.mlp_dim = 3072
+  config.model.dropout = 0.0
+  config.model.dtype = 'bfloat16'
+
+  config.optim.lr = 6e-4
+  config.optim.warmup_steps = 2000
+  config.optim.b2 = 0.95
+  config.optim.min_lr_ratio = 0.1
+  config.train.num_steps = 100_000
+  config.train.log_every = 100
+  config.train.eval_every = 2000
+  config.train.eval_batches = 50
+  config.checkpoint.every_steps = 2000
+  return config

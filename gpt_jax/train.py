@@ -1,0 +1,249 @@
+r"""Pretrain a GPT.
+
+  python -m gpt_jax.train --config=configs/default.py --workdir=runs/default \
+      [--config.train.num_steps=2000 --config.model.num_layers=6 ...]
+
+Reads top to bottom: config, mesh, data, state, step, checkpoint, loop. A run is defined by its
+config and workdir; running the same command again resumes from the latest checkpoint.
+"""
+
+import math
+import os
+import time
+
+from absl import app, flags, logging
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+import tqdm
+
+from gpt_jax import checkpoint, data, decode, flops, optim, sharding
+from gpt_jax import config as config_lib
+from gpt_jax.metrics import MetricWriter
+from gpt_jax.model import ModelConfig, Transformer, count_params
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and tokenizer.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for multi-host runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in a multi-host run.')
+
+
+class TrainState(train_state.TrainState):
+  """step, params and opt_state (apply_fn and tx are static)."""
+
+
+def loss_fn(model: Transformer, params, batch, dropout_rng):
+  """Mean next-token cross-entropy over the batch (weighted when batch has 'weights')."""
+  logits, _ = model.apply({'params': params}, batch['inputs'],
+                          deterministic=model.cfg.dropout == 0, rngs={'dropout': dropout_rng})
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  weights = batch.get('weights', jnp.ones_like(losses))
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
+
+
+def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: int):
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)  # randomness from (seed, step)
+    grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(model, p, b, r))
+    if grad_accum_steps == 1:
+      loss, grads = grad_fn(state.params, batch, rng)
+    else:
+      # Micro-batch i takes rows i, i+k, i+2k, ... so that each one spans every data shard.
+      micro = jax.tree.map(
+          lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def accumulate(grad_sum, inputs):
+        i, micro_batch = inputs
+        loss, grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      grads, losses = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+      loss = losses.mean()
+    metrics = {'train_loss': loss, 'grad_norm': optax.global_norm(grads),
+               'lr': schedule(state.step)}
+    return state.apply_gradients(grads=grads), metrics
+
+  return train_step
+
+
+def make_eval_step(model: Transformer):
+
+  def eval_step(params, batch):
+    logits, _ = model.apply({'params': params}, batch['inputs'])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+    return losses.sum(), losses.size
+
+  return eval_step
+
+
+def evaluate(eval_step, params, batches, to_global) -> float:
+  total, count = 0.0, 0
+  for batch in batches:
+    loss_sum, n = eval_step(params, to_global(batch))
+    total, count = total + float(loss_sum), count + int(n)
+  return total / count
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+  # ------------------------------------------------------------------ config
+  config_lib.validate(config)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+
+  # ------------------------------------------------------------------ mesh
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+  data_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  micro_batch = config.data.batch_size // config.optim.grad_accum_steps
+  if micro_batch % data_shards:
+    raise ValueError(f'The micro-batch of {micro_batch} sequences (data.batch_size / '
+                     f'optim.grad_accum_steps) does not divide over data x fsdp = {data_shards} '
+                     'devices')
+  logging.info('Mesh %s on %d devices, %d processes', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # ------------------------------------------------------------------ data
+  tokenizer = data.prepare_tokenizer(config, workdir)
+  if config.model.vocab_size == 0:
+    config.model.vocab_size = tokenizer.vocab_size
+  elif config.model.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f'config.model.vocab_size ({config.model.vocab_size}) is smaller than the '
+                     f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+  checkpoint.save_config(workdir, config)
+  train_iter = data.make_train_iterator(config, tokenizer, workdir)
+  eval_batches = (data.make_eval_batches(config, tokenizer, workdir, config.train.eval_batches)
+                  if config.train.eval_every else [])
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+
+  def to_global(local_batch):
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in local_batch.items()}
+
+  # ------------------------------------------------------------------ state
+  model_cfg = ModelConfig.from_config(config.model)
+  model = Transformer(model_cfg)
+  schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+
+  def init_state(rng):
+    dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)
+    params = model.init(rng, dummy)['params']
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  rng = jax.random.key(config.seed)
+  boxed = jax.eval_shape(init_state, rng)
+  logical_specs = nn.get_partition_spec(boxed)
+  sharding.check_rules(logical_specs.params, rules)
+  state_shardings = sharding.logical_to_shardings(logical_specs, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+      nn.unbox(boxed), state_shardings)
+  sharding.check_divisible(abstract_state.params, state_shardings.params)
+
+  # ------------------------------------------------------------------ checkpoint (resume)
+  manager = checkpoint.make_manager(workdir, config.checkpoint)
+  start_step = manager.latest_step()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    if start_step is None:
+      start_step = 0
+      state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=state_shardings)(rng)
+    else:
+      logging.info('Resuming from step %d in %s', start_step, workdir)
+      state = checkpoint.restore(manager, start_step, abstract_state, train_iter)
+
+  num_params = count_params(state.params)
+  flops_per_token = flops.train_flops_per_token(model_cfg, config.data.seq_len)
+  peak = flops.measure_matmul_peak(model_cfg.dtype) if config.train.measure_peak else 0.0
+  if is_main:
+    print(f'{num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, '
+          f'{flops_per_token / 1e6:.1f} MFLOP/token'
+          + (f', matmul peak {peak / 1e9:.0f} GFLOP/s per device' if peak else ''), flush=True)
+
+  # ------------------------------------------------------------------ step
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    train_step = jax.jit(
+        make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed),
+        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+        donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params,
+                                                             batch_sharding))
+
+  # ------------------------------------------------------------------ loop
+  writer = MetricWriter(workdir)
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  num_steps = config.train.num_steps
+  progress = tqdm.tqdm(total=num_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                       disable=not (is_main and config.train.progress_bar))
+  last = {}
+  timer_step, timer_start = start_step, time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for step in range(start_step + 1, num_steps + 1):
+      state, metrics = train_step(state, to_global(next(train_iter)))
+      progress.update()
+
+      if step % config.train.log_every == 0 or step == num_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(math.isfinite(v) for v in metrics.values()):
+          raise FloatingPointError(f'Non-finite training metrics at step {step}: {metrics}')
+        elapsed = time.perf_counter() - timer_start
+        tokens_per_s = (step - timer_step) * tokens_per_step / elapsed
+        metrics['tokens_per_s'] = tokens_per_s
+        if peak:
+          metrics['mfu'] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+        writer.write(step, metrics)
+        progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", tok_s=f'{tokens_per_s:,.0f}')
+        last.update(metrics)
+        timer_step, timer_start = step, time.perf_counter()
+
+      if config.train.eval_every and (step % config.train.eval_every == 0 or step == num_steps):
+        val_loss = evaluate(eval_step, state.params, eval_batches, to_global)
+        writer.write(step, {'val_loss': val_loss, 'val_perplexity': math.exp(min(val_loss, 50))})
+        progress.write(f'step {step}: val_loss {val_loss:.4f}') if is_main else None
+        last['val_loss'] = val_loss
+        timer_start = time.perf_counter()  # keep evaluation out of tokens/s
+
+      if step % config.checkpoint.every_steps == 0 or step == num_steps:
+        checkpoint.save(manager, step, state, train_iter)
+
+  manager.wait_until_finished()
+  manager.close()
+  progress.close()
+  writer.close()
+
+  # ------------------------------------------------------------------ sample
+  if config.train.sample_tokens and is_main:
+    generator = decode.Generator(model_cfg, jax.device_get(state.params))
+    prompt = decode.encode_prompt(tokenizer, config.train.sample_prompt)
+    new_tokens = config.train.sample_tokens
+    new_tokens = min(new_tokens, model_cfg.max_len - len(prompt))
+    (completion,) = generator.generate([prompt], new_tokens, temperature=0.8, top_k=50,
+                                       eos_id=tokenizer.eos_id, seed=config.seed)
+    print('--- sample ---\n' + tokenizer.decode(prompt + completion) + '\n---', flush=True)
+  return last
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError('--config and --workdir are required')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
