@@ -32,6 +32,15 @@ def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):
   return jax.random.categorical(rng, logits, axis=-1)
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+  """Prompt tokens; an empty prompt starts from end-of-text (or a newline for char vocabularies)."""
+  if text:
+    return tokenizer.encode(text)
+  if tokenizer.eos_id is not None:
+    return [tokenizer.eos_id]
+  return tokenizer.encode('\n')
+
+
 class Generator:
   """Jitted prefill and decode step for one model; reused across calls without recompiling."""
 

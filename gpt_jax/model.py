@@ -89,19 +89,14 @@ def _dense(einsum_str: str, shape: tuple[int, ...], names: tuple[str, ...], cfg:
       name=name)
 
 
-class Norm(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.cfg
-    kwargs = dict(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype),
-                  param_dtype=jnp.dtype(cfg.param_dtype),
-                  scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)))
-    if cfg.norm == 'layernorm':
-      return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=nn.with_logical_partitioning(
-          nn.initializers.zeros, ('norm',)), **kwargs)(x)
-    return nn.RMSNorm(**kwargs)(x)
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  kwargs = dict(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.dtype(cfg.param_dtype), name=name,
+                scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)))
+  if cfg.norm == 'layernorm':
+    return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=nn.with_logical_partitioning(
+        nn.initializers.zeros, ('norm',)), **kwargs)
+  return nn.RMSNorm(**kwargs)
 
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:
@@ -177,10 +172,10 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, cache, deterministic):
-    y, cache = Attention(self.cfg, name='attn')(Norm(self.cfg, name='ln_1')(x), positions, cache,
+    y, cache = Attention(self.cfg, name='attn')(make_norm(self.cfg, 'ln_1')(x), positions, cache,
                                                   deterministic)
     x = x + y
-    x = x + Mlp(self.cfg, name='mlp')(Norm(self.cfg, name='ln_2')(x), deterministic)
+    x = x + Mlp(self.cfg, name='mlp')(make_norm(self.cfg, 'ln_2')(x), deterministic)
     return _constrain(x, ('batch', 'length', 'act_embed')), cache
 
 
@@ -212,7 +207,7 @@ class Transformer(nn.Module):
           x, positions, None if cache is None else cache[i], deterministic)
       if cache is not None:
         new_cache.append(layer_cache)
-    x = Norm(cfg, name='ln_f')(x)
+    x = make_norm(cfg, 'ln_f')(x)
 
     if cfg.tie_embeddings:
       logits = embed.attend(x)

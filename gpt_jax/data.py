@@ -1,0 +1,219 @@
+"""Data: TFDS documents -> tokenizer -> one token stream per split -> batches.
+
+1. Documents come from a TFDS dataset read with `tfds.data_source` (array_record
+   files, no TensorFlow): our own `pydoc_topics` (the default) or `text_files`
+   (`data.text_files`, a glob), or any registered TFDS dataset (`data.tfds_name`).
+2. Each split is tokenized once into a flat stream, each document followed by EOS
+   when the tokenizer has one, and cached as
+   `<data.cache_dir or <workdir>/data_cache>/<dataset>-<split>-<hash>.npy`, the hash
+   covering the dataset (name/config/version), split and tokenizer files, so every
+   run of a sweep reuses it. uint16 when the vocabulary fits, else uint32.
+3. Packing: the stream is cut into windows of seq_len + 1 tokens, with no padding;
+   inputs = window[:-1], targets = window[1:].
+
+Training order. nanoGPT draws every row at a random offset. We cut the stream into
+non-overlapping windows and visit them in a shuffled order, so one epoch sees
+every token once. Each epoch reshuffles the windows and shifts their boundaries
+by a random offset, both derived from (config.seed, epoch), so that a small corpus
+read for many epochs is not always cut at the same places. The iterator is a
+grain pipeline: deterministic from the seed, and `get_state()`/`set_state()` save
+and restore its position, so a resumed run reads exactly the batches it would
+have read.
+
+Batches are numpy dicts {'inputs', 'targets'}: int32[batch_size // process_count,
+seq_len] holding this process's rows of the global batch: process p has rows
+[p * local_batch, (p + 1) * local_batch) of the batch a single process would see.
+"""
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from gpt_jax import datasets  # Registers the pydoc_topics and text_files builders.
+from gpt_jax import tokenizer as tokenizer_lib
+
+# ---------------------------------------------------------------------------
+# Documents
+# ---------------------------------------------------------------------------
+
+
+def _tfds_builder(data_config) -> tfds.core.DatasetBuilder:
+  """The (not yet prepared) TFDS builder for the configured corpus."""
+  kwargs = {'data_dir': data_config.tfds_data_dir or None, 'file_format': 'array_record'}
+  if data_config.text_files:
+    config = datasets.text_files.builder_config(data_config.text_files, data_config.val_fraction)
+    return tfds.builder('text_files', config=config, **kwargs)
+  name = data_config.tfds_name
+  if not name:
+    raise ValueError('Set data.tfds_name (e.g. "pydoc_topics") or data.text_files.')
+  if name == 'pydoc_topics':
+    kwargs['config'] = datasets.pydoc_topics.builder_config(data_config.val_fraction)
+  try:
+    return tfds.builder(name, **kwargs)
+  except tfds.core.DatasetNotFoundError:
+    raise ValueError(f'data.tfds_name {name!r} is not a registered TFDS dataset.') from None
+
+
+def open_texts(data_config, split: str) -> Iterator[str]:
+  """The documents of `split`, building the dataset first if needed."""
+  builder = _tfds_builder(data_config)
+  # Array_record, because that is what `as_data_source` reads without TensorFlow.
+  builder.download_and_prepare(file_format='array_record')
+  key = data_config.text_key
+  if key not in builder.info.features:
+    raise ValueError(f'data.text_key {key!r} is not a feature of {builder.info.full_name}; '
+                     f'it has {list(builder.info.features)}.')
+  source = builder.as_data_source(split=split)
+
+  def texts():
+    for example in source:
+      text = example[key]
+      yield text.decode('utf-8') if isinstance(text, bytes) else text
+
+  return texts()
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer and token streams
+# ---------------------------------------------------------------------------
+
+
+def prepare_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer: loaded from <workdir>/tokenizer/, else built from the train split."""
+  directory = os.path.join(workdir, 'tokenizer')
+  if os.path.isdir(directory):
+    return tokenizer_lib.load(directory)
+  train_texts = open_texts(config.data, config.data.train_split)
+  tokenizer = tokenizer_lib.build(config.data, train_texts, directory)
+  logging.info('Built a %s tokenizer with %d tokens in %s.', config.data.tokenizer,
+               tokenizer.vocab_size, directory)
+  return tokenizer
+
+
+def _tokenizer_digest(tokenizer: tokenizer_lib.Tokenizer) -> str:
+  """A hash of the files that define `tokenizer`."""
+  digest = hashlib.sha256()
+  with tempfile.TemporaryDirectory() as directory:
+    tokenizer.save(directory)
+    for name in sorted(os.listdir(directory)):
+      with open(os.path.join(directory, name), 'rb') as f:
+        digest.update(name.encode() + b'\0' + f.read())
+  return digest.hexdigest()
+
+
+def token_stream(data_config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
+                 split: str) -> np.ndarray:
+  """All tokens of `split`, each document followed by EOS; cached, memory-mapped."""
+  builder = _tfds_builder(data_config)
+  identity = {'dataset': builder.info.full_name, 'split': split,
+              'text_key': data_config.text_key, 'tokenizer': _tokenizer_digest(tokenizer)}
+  key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+  cache_dir = data_config.cache_dir or os.path.join(workdir, 'data_cache')
+  safe_split = re.sub(r'[^\w.-]', '_', split)  # e.g. 'train[:10%]'
+  path = os.path.join(cache_dir, f'{builder.name}-{safe_split}-{key}.npy')
+  if not os.path.exists(path):
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    docs = [np.asarray(tokenizer.encode(text) + eos, dtype)
+            for text in open_texts(data_config, split) if text]
+    tokens = np.concatenate(docs) if docs else np.zeros([0], dtype)
+    os.makedirs(cache_dir, exist_ok=True)
+    # Write then rename, so a concurrent or interrupted run never sees half a file.
+    tmp_path = f'{path}.{os.getpid()}.tmp'
+    with open(tmp_path, 'wb') as f:
+      np.save(f, tokens)
+    os.replace(tmp_path, path)
+    logging.info('Tokenized %s split %r: %d documents, %d tokens -> %s',
+                 builder.info.full_name, split, len(docs), len(tokens), path)
+  return np.load(path, mmap_mode='r')
+
+
+# ---------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------
+
+
+def _local_batch_size(batch_size: int, process_count: int) -> int:
+  if batch_size % process_count:
+    raise ValueError(f'data.batch_size ({batch_size}) must be divisible by the number '
+                     f'of processes ({process_count}).')
+  return batch_size // process_count
+
+
+def _split_window(window: np.ndarray) -> dict[str, np.ndarray]:
+  window = np.asarray(window, np.int32)
+  return {'inputs': window[..., :-1], 'targets': window[..., 1:]}
+
+
+def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator over this process's share of training batches."""
+  data = config.data
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  local_batch = _local_batch_size(data.batch_size, process_count)
+  tokens = token_stream(data, tokenizer, workdir, data.train_split)
+  window = data.seq_len + 1
+  # Leave room to shift every window by up to `window - 1` tokens.
+  num_windows = (len(tokens) - window + 1) // window
+  if num_windows < 1:
+    raise ValueError(f'Split {data.train_split!r} has {len(tokens)} tokens: too few for one '
+                     f'training window of data.seq_len + 1 = {window} tokens.')
+  logging.info('Train split: %d tokens, %d windows of %d tokens; one epoch = %.1f steps.',
+               len(tokens), num_windows, window, num_windows / data.batch_size)
+
+  def read_window(index, window_number):
+    epoch = index // num_windows
+    offset = np.random.default_rng([config.seed, epoch]).integers(window)
+    start = offset + window_number * window
+    return _split_window(tokens[start:start + window])
+
+  ds = (
+      grain.MapDataset.range(num_windows)
+      .shuffle(seed=config.seed)
+      .repeat()  # Endless; grain reshuffles each epoch with a seed derived from the epoch.
+      .map_with_index(read_window)
+      .batch(local_batch)
+      # Global step s is local batches s * process_count ... + process_count - 1.
+      .slice(slice(process_index, None, process_count))
+  )
+  # One background thread is plenty to slice windows from a memory-mapped array,
+  # and keeps off the cores the training step needs.
+  read_options = grain.ReadOptions(num_threads=1 if data.prefetch else 0,
+                                   prefetch_buffer_size=data.prefetch)
+  return iter(ds.to_iter_dataset(read_options))
+
+
+def make_eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
+                      num_batches: int, process_index: int | None = None,
+                      process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+  """The first `num_batches` batches of the validation split, in order, this process's rows."""
+  data = config.data
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  local_batch = _local_batch_size(data.batch_size, process_count)
+  tokens = token_stream(data, tokenizer, workdir, data.val_split)
+  window = data.seq_len + 1
+  available = len(tokens) // (data.batch_size * window)
+  if available == 0:
+    raise ValueError(
+        f'Split {data.val_split!r} has {len(tokens)} tokens: too few for one eval batch of '
+        f'data.batch_size x (data.seq_len + 1) = {data.batch_size} x {window} tokens.')
+  if available < num_batches:
+    logging.warning('Split %r holds only %d of the %d eval batches asked for.',
+                    data.val_split, available, num_batches)
+  num_batches = min(num_batches, available)
+  windows = tokens[:num_batches * data.batch_size * window].reshape(
+      num_batches, data.batch_size, window)
+  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  return [_split_window(batch[rows]) for batch in windows]

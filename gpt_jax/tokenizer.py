@@ -1,0 +1,204 @@
+"""Tokenizers: sentencepiece (trained on the corpus), character-level and byte-level.
+
+All three give an exact text round trip: `decode(encode(text)) == text`.
+
+A tokenizer lives in a directory: `tokenizer.json` names its kind, plus whatever
+files that kind needs (`spm.model` for sentencepiece). `build` trains one and saves
+it there; `load` reads it back. The training run keeps it at `<workdir>/tokenizer/`,
+so sampling and evaluation rebuild the exact same tokenizer from the workdir alone.
+"""
+
+import abc
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+_DESCRIPTION_FILE = 'tokenizer.json'
+_SPM_MODEL_FILE = 'spm.model'
+# sentencepiece drops training sentences longer than `max_sentence_length` bytes
+# (default 4192). We cut lines into chunks of at most this many characters, which
+# stays under the limit even when every character takes 4 UTF-8 bytes.
+_SPM_MAX_SENTENCE_CHARS = 1000
+
+
+class Tokenizer(abc.ABC):
+  """What the rest of gpt_jax needs from a tokenizer."""
+
+  vocab_size: int
+  eos_id: int | None  # Separates documents in the token stream; None: no EOS.
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> list[int]:
+    ...
+
+  @abc.abstractmethod
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`. EOS is dropped; partial UTF-8 becomes U+FFFD, never an error."""
+
+  @abc.abstractmethod
+  def save(self, directory: str) -> None:
+    ...
+
+
+def _write_description(directory: str, description: dict) -> None:
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, _DESCRIPTION_FILE), 'w') as f:
+    json.dump(description, f, ensure_ascii=False, indent=2)
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A sentencepiece model, kept as its serialized proto."""
+
+  def __init__(self, model_proto: bytes):
+    self.model_proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = self._sp.get_piece_size()
+    eos_id = self._sp.eos_id()
+    self.eos_id = eos_id if eos_id >= 0 else None
+
+  def encode(self, text):
+    return self._sp.encode(text)
+
+  def decode(self, ids):
+    # Control pieces (EOS) decode to ''; incomplete byte-fallback sequences to U+FFFD.
+    return self._sp.decode([int(i) for i in ids])
+
+  def save(self, directory):
+    _write_description(directory, {'kind': 'sentencepiece', 'model': _SPM_MODEL_FILE})
+    with open(os.path.join(directory, _SPM_MODEL_FILE), 'wb') as f:
+      f.write(self.model_proto)
+
+
+class CharTokenizer(Tokenizer):
+  """One id per character of the training corpus, in sorted order (nanoGPT's shakespeare_char)."""
+
+  eos_id = None  # nanoGPT's char-level setup has no document separator.
+
+  def __init__(self, chars: str):
+    self.chars = chars
+    self.vocab_size = len(chars)
+    self._ids = {c: i for i, c in enumerate(chars)}
+
+  def encode(self, text):
+    try:
+      return [self._ids[c] for c in text]
+    except KeyError as e:
+      raise ValueError(
+          f'Character {e.args[0]!r} is not in the char tokenizer vocabulary '
+          f'({self.vocab_size} characters, built from the training split).') from None
+
+  def decode(self, ids):
+    return ''.join(self.chars[i] for i in ids)
+
+  def save(self, directory):
+    _write_description(directory, {'kind': 'char', 'chars': self.chars})
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes as ids 0..255, plus EOS = 256."""
+
+  vocab_size = 257
+  eos_id = 256
+
+  def encode(self, text):
+    return list(text.encode('utf-8'))
+
+  def decode(self, ids):
+    # A sampled stream may stop (or wander) mid-character: replace, don't raise.
+    return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
+
+  def save(self, directory):
+    _write_description(directory, {'kind': 'byte'})
+
+
+def _spm_sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+  """Lines of `texts`, cut to sentencepiece's sentence limit, `max_chars` in all.
+
+  sentencepiece trains on "sentences": lines are the natural unit. The newlines
+  themselves are not lost: "\\n" is a user-defined piece, always matched whole.
+  """
+  total = 0
+  for text in texts:
+    for line in text.split('\n'):
+      for start in range(0, len(line), _SPM_MAX_SENTENCE_CHARS):
+        chunk = line[start:start + _SPM_MAX_SENTENCE_CHARS]
+        yield chunk
+        total += len(chunk)
+        if total >= max_chars:
+          return
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int,
+                        max_chars: int) -> SentencePieceTokenizer:
+  """Trains a BPE sentencepiece model in memory whose encoding is lossless."""
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=_spm_sentences(texts, max_chars),
+      model_writer=model,
+      model_type='bpe',
+      vocab_size=vocab_size,
+      # Exact round trip: no unicode normalization, keep every space as written
+      # (code indentation), no "▁" prepended to each text, and bytes for any
+      # character that did not make it into the vocabulary.
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      byte_fallback=True,
+      allow_whitespace_only_pieces=True,
+      user_defined_symbols='\n',
+      split_digits=True,
+      # <unk>=0 and </s> (EOS, the document separator); no BOS or PAD.
+      bos_id=-1,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,  # sentencepiece logs every step to stderr otherwise.
+  )
+  return SentencePieceTokenizer(model.getvalue())
+
+
+def build(data_config, train_texts: Iterable[str], directory: str) -> Tokenizer:
+  """Builds the tokenizer `data_config.tokenizer` names and saves it in `directory`."""
+  kind = data_config.tokenizer
+  if kind == 'sentencepiece':
+    if data_config.spm_model:
+      if not os.path.isfile(data_config.spm_model):
+        raise FileNotFoundError(
+            f'data.spm_model file not found: {data_config.spm_model}')
+      with open(data_config.spm_model, 'rb') as f:
+        tokenizer = SentencePieceTokenizer(f.read())
+    else:
+      tokenizer = train_sentencepiece(train_texts, data_config.vocab_size,
+                                      data_config.spm_train_chars)
+  elif kind == 'char':
+    chars = set()
+    for text in train_texts:
+      chars.update(text)
+    if not chars:
+      raise ValueError('The training split is empty: no characters for the char tokenizer.')
+    tokenizer = CharTokenizer(''.join(sorted(chars)))
+  elif kind == 'byte':
+    tokenizer = ByteTokenizer()
+  else:
+    raise ValueError(f"Unknown data.tokenizer {kind!r}: use 'sentencepiece', 'char' or 'byte'.")
+  tokenizer.save(directory)
+  return tokenizer
+
+
+def load(directory: str) -> Tokenizer:
+  """Reads a tokenizer that `Tokenizer.save` wrote to `directory`."""
+  path = os.path.join(directory, _DESCRIPTION_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No tokenizer in {directory}: {path} is missing.')
+  with open(path) as f:
+    description = json.load(f)
+  kind = description['kind']
+  if kind == 'sentencepiece':
+    with open(os.path.join(directory, description['model']), 'rb') as f:
+      return SentencePieceTokenizer(f.read())
+  if kind == 'char':
+    return CharTokenizer(description['chars'])
+  if kind == 'byte':
+    return ByteTokenizer()
+  raise ValueError(f'{path} names an unknown tokenizer kind {kind!r}.')

@@ -1,0 +1,50 @@
+"""Shared helpers: run the real binaries in subprocesses, with a TFDS data dir per test session."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), 'shared')
+
+# Small enough to compile and train in seconds on 2 CPU cores.
+TINY = {
+    'model.num_layers': 2, 'model.num_heads': 4, 'model.emb_dim': 64, 'model.mlp_dim': 256,
+    'model.max_len': 64, 'model.dropout': 0.0, 'data.seq_len': 64, 'data.batch_size': 8,
+    'data.vocab_size': 512, 'train.measure_peak': False, 'train.progress_bar': False,
+    'train.sample_tokens': 0,
+}
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tensorflow_datasets'))
+
+
+def run_module(module: str, *args: str, devices: int = 1, check: bool = True,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'{module} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+  return proc
+
+
+def train(workdir, tfds_dir, config='configs/default.py', devices=1, check=True, **overrides):
+  flags = {**TINY, 'data.tfds_data_dir': tfds_dir, **overrides}
+  args = [f'--config={config}', f'--workdir={workdir}']
+  args += [f'--config.{k}={v}' for k, v in flags.items()]
+  return run_module('gpt_jax.train', *args, devices=devices, check=check)
+
+
+def read_metrics(workdir, key):
+  """{step: value} of one metric from metrics.jsonl."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r[key] for r in rows if key in r}

@@ -1,0 +1,102 @@
+"""The model in isolation: causality, layouts, KV-cache decoding, sharding rules."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import sharding
+from gpt_jax.decode import Generator, sample_logits
+from gpt_jax.model import ModelConfig, Transformer
+
+GPT2 = dict()
+LLAMA = dict(position='rope', norm='rmsnorm', mlp='swiglu', num_kv_heads=2, use_bias=False,
+             tie_embeddings=False)
+
+
+def make(layout, **kw):
+  cfg = ModelConfig(vocab_size=61, max_len=48, num_layers=2, num_heads=4, emb_dim=32,
+                    mlp_dim=64, **{**layout, **kw})
+  model = Transformer(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  return cfg, model, params
+
+
+@pytest.mark.parametrize('layout', [GPT2, LLAMA], ids=['gpt2', 'llama'])
+def test_causal(layout):
+  _, model, params = make(layout)
+  tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, 61)
+  logits, _ = model.apply({'params': params}, tokens)
+  for t in (0, 7, 18):
+    changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % 61)
+    logits2, _ = model.apply({'params': params}, changed)
+    np.testing.assert_array_equal(logits[:, :t + 1], logits2[:, :t + 1])
+    assert not np.allclose(logits[:, t + 1:], logits2[:, t + 1:])
+
+
+def test_gpt2_layout_parameters():
+  """GPT-2 layout: learned positions, LayerNorm with bias, tied embeddings (no lm_head)."""
+  cfg, _, params = make(GPT2)
+  assert params['wpe'].shape == (48, 32)
+  assert 'lm_head' not in params
+  assert set(params['block_0']['ln_1']) == {'scale', 'bias'}
+  assert params['block_0']['attn']['query']['kernel'].shape == (32, 4, 8)
+  assert params['block_0']['mlp']['fc_in']['bias'].shape == (64,)
+  _, _, llama = make(LLAMA)
+  assert 'wpe' not in llama and 'lm_head' in llama
+  assert llama['block_0']['attn']['key']['kernel'].shape == (32, 2, 8)  # 2 kv heads
+
+
+@pytest.mark.parametrize('layout', [GPT2, LLAMA], ids=['gpt2', 'llama'])
+def test_greedy_decoding_equals_full_forward_argmax(layout):
+  cfg, model, params = make(layout)
+  generator = Generator(cfg, params)
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [9]]
+  outputs = generator.generate(prompts, 12, temperature=0)
+  # Full forward passes over the sequence so far; causal, so right-padding changes nothing.
+  forward = jax.jit(lambda tokens: model.apply({'params': params}, tokens)[0])
+  for prompt, output in zip(prompts, outputs):
+    assert len(output) == 12
+    sequence = list(prompt)
+    for token in output:
+      padded = np.zeros((1, cfg.max_len), np.int32)
+      padded[0, :len(sequence)] = sequence
+      assert int(jnp.argmax(forward(padded)[0, len(sequence) - 1])) == token
+      sequence.append(token)
+
+
+def test_decoding_rejects_too_long_requests():
+  cfg, _, params = make(GPT2)
+  with pytest.raises(ValueError, match='exceeds the model.s context of 48 tokens'):
+    Generator(cfg, params).generate([[1] * 40], 10)
+
+
+def test_sampling_filters():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  draws = lambda **kw: {int(sample_logits(logits, jax.random.key(i), 1.0, **kw)[0])
+                        for i in range(200)}
+  assert draws(top_k=2, top_p=1.0) == {0, 1}
+  assert draws(top_k=0, top_p=0.7) == {0, 1}
+  assert draws(top_k=0, top_p=0.4) == {0}
+  assert draws(top_k=0, top_p=1.0) == {0, 1, 2, 3}
+
+
+def test_every_parameter_has_a_rule_and_unknown_names_fail():
+  cfg = ModelConfig(vocab_size=61, max_len=16, num_layers=1, num_heads=2, emb_dim=16, mlp_dim=32)
+  boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0),
+                                                       jnp.zeros((1, 4), jnp.int32)))
+  specs = nn.get_partition_spec(boxed)['params']
+  sharding.check_rules(specs, sharding.LOGICAL_RULES)  # the default table covers the model
+  rules = tuple((n, a) for n, a in sharding.LOGICAL_RULES if n != 'mlp')
+  with pytest.raises(ValueError, match="No sharding rule for logical axis 'mlp'"):
+    sharding.check_rules(specs, rules)
+
+
+def test_mesh_shape_resolution_and_errors():
+  mesh = lambda **kw: {'data': 1, 'fsdp': 1, 'tensor': 1, **kw}
+  assert sharding.mesh_shape(mesh(data=-1, tensor=2), 8) == (4, 1, 2)
+  with pytest.raises(ValueError, match='needs 6 devices but 8 are available'):
+    sharding.mesh_shape(mesh(data=3, fsdp=2), 8)
+  with pytest.raises(ValueError, match='do not divide the 8 available devices'):
+    sharding.mesh_shape(mesh(data=-1, fsdp=3), 8)
