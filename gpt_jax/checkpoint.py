@@ -8,10 +8,14 @@ evaluation and serving read `params` alone and rebuild the model from `config.js
 import json
 import os
 
+import flax.linen as nn
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+
+from gpt_jax.model import ModelConfig, Transformer
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -78,3 +82,18 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
       params=ocp.args.StandardRestore(abstract_params)))
   manager.close()
   return restored['params'], step
+
+
+def load_model(workdir: str, step: int | None = None):
+  """(ModelConfig, params on the first device, step) from a workdir; no optimizer state.
+
+  The checkpoint may have been written by any number of devices and processes.
+  """
+  model_cfg = ModelConfig.from_config(load_config(workdir).model)
+  abstract = nn.unbox(jax.eval_shape(
+      lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract['params'])
+  params, step = restore_params(workdir, abstract_params, step)
+  return model_cfg, params, step

@@ -5,6 +5,7 @@ import dataclasses
 import ml_collections
 
 from gpt_jax.model import ModelConfig
+from gpt_jax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -86,27 +87,27 @@ def validate(config) -> None:
       config.optim.grad_accum_steps, 'checkpoint.every_steps': config.checkpoint.every_steps}
   for name, value in positive.items():
     if value <= 0:
-      raise ValueError(f'config.{name} must be positive, got {value}')
+      raise ConfigError(f'config.{name} must be positive, got {value}')
   if model.emb_dim % model.num_heads:
-    raise ValueError(f'config.model.emb_dim ({model.emb_dim}) must be divisible by '
+    raise ConfigError(f'config.model.emb_dim ({model.emb_dim}) must be divisible by '
                      f'model.num_heads ({model.num_heads})')
   if model.num_heads % model.kv_heads:
-    raise ValueError(f'config.model.num_heads ({model.num_heads}) must be divisible by '
+    raise ConfigError(f'config.model.num_heads ({model.num_heads}) must be divisible by '
                      f'model.num_kv_heads ({model.kv_heads})')
   if model.position == 'rope' and model.head_dim % 2:
-    raise ValueError(f'rope needs an even head dim, got emb_dim/num_heads = {model.head_dim}')
+    raise ConfigError(f'rope needs an even head dim, got emb_dim/num_heads = {model.head_dim}')
   if config.data.seq_len > model.max_len:
-    raise ValueError(f'config.data.seq_len ({config.data.seq_len}) exceeds '
+    raise ConfigError(f'config.data.seq_len ({config.data.seq_len}) exceeds '
                      f'config.model.max_len ({model.max_len})')
   if config.data.batch_size % config.optim.grad_accum_steps:
-    raise ValueError(f'config.data.batch_size ({config.data.batch_size}) must be divisible by '
+    raise ConfigError(f'config.data.batch_size ({config.data.batch_size}) must be divisible by '
                      f'optim.grad_accum_steps ({config.optim.grad_accum_steps})')
   if not 0 <= model.dropout < 1:
-    raise ValueError(f'config.model.dropout must be in [0, 1), got {model.dropout}')
+    raise ConfigError(f'config.model.dropout must be in [0, 1), got {model.dropout}')
   if not config.data.text_files and not config.data.tfds_name:
-    raise ValueError('Set config.data.tfds_name or config.data.text_files')
+    raise ConfigError('Set config.data.tfds_name or config.data.text_files')
 
 
 def _choice(name, value, allowed):
   if value not in allowed:
-    raise ValueError(f'config.{name} must be one of {allowed}, got {value!r}')
+    raise ConfigError(f'config.{name} must be one of {allowed}, got {value!r}')

@@ -40,6 +40,7 @@ import tensorflow_datasets as tfds
 
 from gpt_jax import datasets  # Registers the pydoc_topics and text_files builders.
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.errors import ConfigError
 
 # ---------------------------------------------------------------------------
 # Documents
@@ -54,13 +55,13 @@ def _tfds_builder(data_config) -> tfds.core.DatasetBuilder:
     return tfds.builder('text_files', config=config, **kwargs)
   name = data_config.tfds_name
   if not name:
-    raise ValueError('Set data.tfds_name (e.g. "pydoc_topics") or data.text_files.')
+    raise ConfigError('Set data.tfds_name (e.g. "pydoc_topics") or data.text_files.')
   if name == 'pydoc_topics':
     kwargs['config'] = datasets.pydoc_topics.builder_config(data_config.val_fraction)
   try:
     return tfds.builder(name, **kwargs)
   except tfds.core.DatasetNotFoundError:
-    raise ValueError(f'data.tfds_name {name!r} is not a registered TFDS dataset.') from None
+    raise ConfigError(f'data.tfds_name {name!r} is not a registered TFDS dataset.') from None
 
 
 def open_texts(data_config, split: str) -> Iterator[str]:
@@ -70,7 +71,7 @@ def open_texts(data_config, split: str) -> Iterator[str]:
   builder.download_and_prepare(file_format='array_record')
   key = data_config.text_key
   if key not in builder.info.features:
-    raise ValueError(f'data.text_key {key!r} is not a feature of {builder.info.full_name}; '
+    raise ConfigError(f'data.text_key {key!r} is not a feature of {builder.info.full_name}; '
                      f'it has {list(builder.info.features)}.')
   source = builder.as_data_source(split=split)
 
@@ -144,7 +145,7 @@ def token_stream(data_config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
   if batch_size % process_count:
-    raise ValueError(f'data.batch_size ({batch_size}) must be divisible by the number '
+    raise ConfigError(f'data.batch_size ({batch_size}) must be divisible by the number '
                      f'of processes ({process_count}).')
   return batch_size // process_count
 
@@ -167,7 +168,7 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str
   # Leave room to shift every window by up to `window - 1` tokens.
   num_windows = (len(tokens) - window + 1) // window
   if num_windows < 1:
-    raise ValueError(f'Split {data.train_split!r} has {len(tokens)} tokens: too few for one '
+    raise ConfigError(f'Split {data.train_split!r} has {len(tokens)} tokens: too few for one '
                      f'training window of data.seq_len + 1 = {window} tokens.')
   logging.info('Train split: %d tokens, %d windows of %d tokens; one epoch = %.1f steps.',
                len(tokens), num_windows, window, num_windows / data.batch_size)
@@ -206,7 +207,7 @@ def make_eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
   window = data.seq_len + 1
   available = len(tokens) // (data.batch_size * window)
   if available == 0:
-    raise ValueError(
+    raise ConfigError(
         f'Split {data.val_split!r} has {len(tokens)} tokens: too few for one eval batch of '
         f'data.batch_size x (data.seq_len + 1) = {data.batch_size} x {window} tokens.')
   if available < num_batches:

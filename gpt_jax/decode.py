@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer, init_cache
 
 
@@ -65,10 +66,10 @@ class Generator:
              seed: int = 0) -> Iterator[np.ndarray]:
     """Yields the next token of every row, [batch], max_new_tokens times."""
     if not prompts or any(len(p) == 0 for p in prompts):
-      raise ValueError('Every prompt needs at least one token')
+      raise ConfigError('Every prompt needs at least one token')
     lengths = np.array([len(p) for p in prompts], np.int32)
     if lengths.max() + max_new_tokens > self.cfg.max_len:
-      raise ValueError(
+      raise ConfigError(
           f'Prompt of {lengths.max()} tokens + max_new_tokens={max_new_tokens} exceeds the '
           f"model's context of {self.cfg.max_len} tokens")
     padded_len = min(self.cfg.max_len, -(-int(lengths.max()) // 16) * 16)  # fewer compilations

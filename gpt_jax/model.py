@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from gpt_jax.errors import ConfigError
 
 Array = jax.Array
 # One layer's KV cache: {'k': [batch, max_len, kv_heads, head_dim], 'v': same}.
@@ -59,7 +60,7 @@ class ModelConfig:
     given = dict(model_config)
     unknown = sorted(set(given) - fields)
     if unknown:
-      raise ValueError(f'Unknown config.model fields: {unknown}; known: {sorted(fields)}')
+      raise ConfigError(f'Unknown config.model fields: {unknown}; known: {sorted(fields)}')
     return cls(**given)
 
 

@@ -8,15 +8,13 @@ Rebuilds the model from the workdir's config.json and tokenizer, restores only t
 greedy decoding.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from gpt_jax import checkpoint, decode, tokenizer as tokenizer_lib
-from gpt_jax.model import ModelConfig, Transformer
+from gpt_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir written by gpt_jax.train.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue ("" starts from end-of-text).')
@@ -29,20 +27,6 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the 
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 
 
-def load_model(workdir: str, step: int | None = None):
-  """(ModelConfig, params, tokenizer, step) from a workdir, parameters only."""
-  config = checkpoint.load_config(workdir)
-  model_cfg = ModelConfig.from_config(config.model)
-  tokenizer = tokenizer_lib.load(f'{workdir}/tokenizer')
-  abstract = nn.unbox(jax.eval_shape(
-      lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract_params = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract['params'])
-  params, step = checkpoint.restore_params(workdir, abstract_params, step)
-  return model_cfg, params, tokenizer, step
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -50,12 +34,13 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  model_cfg, params, tokenizer, _ = load_model(_WORKDIR.value, _STEP.value)
-  prompt = decode.encode_prompt(tokenizer, _PROMPT.value)
-  generator = decode.Generator(model_cfg, params)
   sampling = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                   seed=_SEED.value)
   try:
+    model_cfg, params, _ = checkpoint.load_model(_WORKDIR.value, _STEP.value)
+    tokenizer = tokenizer_lib.load(os.path.join(_WORKDIR.value, 'tokenizer'))
+    prompt = decode.encode_prompt(tokenizer, _PROMPT.value)
+    generator = decode.Generator(model_cfg, params)
     if _NUM_SAMPLES.value == 1:
       stream_one(generator, tokenizer, prompt, _MAX_NEW_TOKENS.value, sampling)
     else:
@@ -63,7 +48,7 @@ def main(argv):
                                        eos_id=tokenizer.eos_id, **sampling)
       for i, completion in enumerate(completions):
         print(f'--- sample {i} ---\n{_PROMPT.value}{tokenizer.decode(completion)}')
-  except ValueError as e:  # e.g. prompt longer than the context
+  except (ConfigError, FileNotFoundError) as e:  # e.g. a prompt longer than the context
     sys.exit(f'error: {e}')
 
 

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import flax.linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from gpt_jax.errors import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -43,7 +44,7 @@ def logical_rules(mesh_config) -> tuple[tuple[str, Any], ...]:
   for name, axes in overrides.items():
     for axis in (axes if isinstance(axes, tuple) else (axes,)):
       if axis is not None and axis not in MESH_AXES:
-        raise ValueError(f'config.mesh.rules: {name!r} maps to unknown mesh axis {axis!r}; '
+        raise ConfigError(f'config.mesh.rules: {name!r} maps to unknown mesh axis {axis!r}; '
                          f'mesh axes are {MESH_AXES}')
   table = dict(LOGICAL_RULES)
   table.update(overrides)
@@ -60,17 +61,17 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   """Resolves config.mesh.{data,fsdp,tensor}; one of them may be -1 (all remaining devices)."""
   sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+    raise ConfigError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}')
+    raise ConfigError(f'config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} '
+      raise ConfigError(f'config.mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} '
                        f'devices) do not divide the {num_devices} available devices')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} '
+    raise ConfigError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} '
                      f'devices but {num_devices} are available')
   return tuple(sizes)
 
@@ -95,7 +96,7 @@ def check_rules(logical_specs, rules) -> None:
           missing.setdefault(n, jax.tree_util.keystr(path))
   if missing:
     detail = ', '.join(f'{n!r} (used by {p})' for n, p in missing.items())
-    raise ValueError(f'No sharding rule for logical axis {detail}; add it to '
+    raise ConfigError(f'No sharding rule for logical axis {detail}; add it to '
                      'gpt_jax.sharding.LOGICAL_RULES or config.mesh.rules')
 
 
@@ -107,7 +108,7 @@ def check_divisible(abstract_tree, shardings) -> None:
       axes = axes if isinstance(axes, tuple) else (axes,)
       parts = math.prod(sharding.mesh.shape[a] for a in axes if a is not None)
       if dim % parts:
-        raise ValueError(
+        raise ConfigError(
             f'{jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}: dimension {dim} does '
             f'not divide over mesh axes {axes} of size {parts}; change the model dims or '
             'config.mesh')

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+from gpt_jax.errors import ConfigError
 
 _DESCRIPTION_FILE = 'tokenizer.json'
 _SPM_MODEL_FILE = 'spm.model'
@@ -86,7 +87,7 @@ class CharTokenizer(Tokenizer):
     try:
       return [self._ids[c] for c in text]
     except KeyError as e:
-      raise ValueError(
+      raise ConfigError(
           f'Character {e.args[0]!r} is not in the char tokenizer vocabulary '
           f'({self.vocab_size} characters, built from the training split).') from None
 
@@ -176,12 +177,12 @@ def build(data_config, train_texts: Iterable[str], directory: str) -> Tokenizer:
     for text in train_texts:
       chars.update(text)
     if not chars:
-      raise ValueError('The training split is empty: no characters for the char tokenizer.')
+      raise ConfigError('The training split is empty: no characters for the char tokenizer.')
     tokenizer = CharTokenizer(''.join(sorted(chars)))
   elif kind == 'byte':
     tokenizer = ByteTokenizer()
   else:
-    raise ValueError(f"Unknown data.tokenizer {kind!r}: use 'sentencepiece', 'char' or 'byte'.")
+    raise ConfigError(f"Unknown data.tokenizer {kind!r}: use 'sentencepiece', 'char' or 'byte'.")
   tokenizer.save(directory)
   return tokenizer
 
@@ -201,4 +202,4 @@ def load(directory: str) -> Tokenizer:
     return CharTokenizer(description['chars'])
   if kind == 'byte':
     return ByteTokenizer()
-  raise ValueError(f'{path} names an unknown tokenizer kind {kind!r}.')
+  raise ConfigError(f'{path} names an unknown tokenizer kind {kind!r}.')

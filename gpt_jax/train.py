@@ -9,6 +9,7 @@ config and workdir; running the same command again resumes from the latest check
 
 import math
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -25,6 +26,7 @@ from gpt_jax import checkpoint, data, decode, flops, optim, sharding
 from gpt_jax import config as config_lib
 from gpt_jax.metrics import MetricWriter
 from gpt_jax.model import ModelConfig, Transformer, count_params
+from gpt_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -107,7 +109,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   data_shards = mesh.shape['data'] * mesh.shape['fsdp']
   micro_batch = config.data.batch_size // config.optim.grad_accum_steps
   if micro_batch % data_shards:
-    raise ValueError(f'The micro-batch of {micro_batch} sequences (data.batch_size / '
+    raise ConfigError(f'The micro-batch of {micro_batch} sequences (data.batch_size / '
                      f'optim.grad_accum_steps) does not divide over data x fsdp = {data_shards} '
                      'devices')
   logging.info('Mesh %s on %d devices, %d processes', dict(mesh.shape), jax.device_count(),
@@ -118,7 +120,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if config.model.vocab_size == 0:
     config.model.vocab_size = tokenizer.vocab_size
   elif config.model.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f'config.model.vocab_size ({config.model.vocab_size}) is smaller than the '
+    raise ConfigError(f'config.model.vocab_size ({config.model.vocab_size}) is smaller than the '
                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
   checkpoint.save_config(workdir, config)
   train_iter = data.make_train_iterator(config, tokenizer, workdir)
@@ -162,6 +164,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       logging.info('Resuming from step %d in %s', start_step, workdir)
       state = checkpoint.restore(manager, start_step, abstract_state, train_iter)
 
+  writer = MetricWriter(workdir)
+  if eval_batches:
+    # A reference the model must beat: the entropy of the validation tokens' own frequencies.
+    counts = np.bincount(np.concatenate([b['targets'].ravel() for b in eval_batches]))
+    probs = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(probs * np.log(probs)).sum())
+    if is_main and start_step == 0:
+      writer.write(0, {'val_unigram_entropy': unigram_entropy})
   num_params = count_params(state.params)
   flops_per_token = flops.train_flops_per_token(model_cfg, config.data.seq_len)
   peak = flops.measure_matmul_peak(model_cfg.dtype) if config.train.measure_peak else 0.0
@@ -180,7 +190,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                                              batch_sharding))
 
   # ------------------------------------------------------------------ loop
-  writer = MetricWriter(workdir)
   tokens_per_step = config.data.batch_size * config.data.seq_len
   num_steps = config.train.num_steps
   progress = tqdm.tqdm(total=num_steps, initial=start_step, unit='step', dynamic_ncols=True,
@@ -242,7 +251,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -20,12 +20,13 @@ import json
 import os
 
 import tensorflow_datasets as tfds
+from gpt_jax.errors import ConfigError
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
   """nanoGPT's split: (first 1 - val_fraction of the characters, the rest)."""
   if not 0 <= val_fraction < 1:
-    raise ValueError(f'data.val_fraction must be in [0, 1), got {val_fraction}.')
+    raise ConfigError(f'data.val_fraction must be in [0, 1), got {val_fraction}.')
   cut = int(len(text) * (1 - val_fraction))
   return text[:cut], text[cut:]
 
@@ -69,7 +70,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     if not isinstance(self.builder_config, TextFilesConfig):
-      raise ValueError('text_files needs the files to read: pass '
+      raise ConfigError('text_files needs the files to read: pass '
                        "config=gpt_jax.datasets.text_files.builder_config(glob, val_fraction).")
     return {'train': self._generate_examples(part=0),
             'validation': self._generate_examples(part=1)}

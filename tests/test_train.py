@@ -1,0 +1,100 @@
+"""The real train and sample binaries, run as a user runs them (in subprocesses)."""
+
+import os
+
+import numpy as np
+import jax
+
+from conftest import read_metrics, run_module, train
+from gpt_jax import checkpoint
+
+
+def restore_params(workdir):
+  return checkpoint.load_model(workdir)[1]
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_loss_decreases_on_builtin_corpus_then_sample(tmp_path, tfds_dir):
+  workdir = str(tmp_path / 'run')
+  train(workdir, tfds_dir, **{'train.num_steps': 100, 'train.log_every': 20,
+                              'train.eval_every': 50, 'optim.warmup_steps': 10,
+                              'model.num_layers': 3})  # an override that must reach the model
+  losses = read_metrics(workdir, 'train_loss')
+  val = read_metrics(workdir, 'val_loss')
+  assert sorted(losses) == [20, 40, 60, 80, 100] and sorted(val) == [50, 100]
+  assert losses[100] < losses[20] - 0.4 and losses[100] < np.log(512) - 1.5, losses
+  unigram_entropy = read_metrics(workdir, 'val_unigram_entropy')[0]
+  assert val[100] < val[50] and val[100] < unigram_entropy - 0.3, (val, unigram_entropy)
+  for name in ('config.json', 'tokenizer/tokenizer.json', 'checkpoints/100', 'tensorboard'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  params = restore_params(workdir)
+  assert sorted(k for k in params if k.startswith('block_')) == ['block_0', 'block_1', 'block_2']
+  assert checkpoint.load_config(workdir).model.num_layers == 3
+
+  sample = lambda *flags: run_module('gpt_jax.sample', f'--workdir={workdir}',
+                                     '--prompt=The ', '--max_new_tokens=20', *flags).stdout
+  greedy = sample('--temperature=0')
+  assert greedy.startswith('The ') and len(greedy) > len('The \n')
+  assert sample('--temperature=0') == greedy
+  assert sample('--temperature=1', '--seed=3') == sample('--temperature=1', '--seed=3')
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tfds_dir):
+  common = {'train.log_every': 1, 'train.eval_every': 0, 'checkpoint.every_steps': 4,
+            'optim.decay_steps': 12, 'optim.warmup_steps': 2, 'model.dropout': 0.1,
+            'data.cache_dir': str(tmp_path / 'cache')}
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  train(straight, tfds_dir, **common, **{'train.num_steps': 12})
+  train(resumed, tfds_dir, **common, **{'train.num_steps': 6})  # stops after step 6
+  train(resumed, tfds_dir, **common, **{'train.num_steps': 12})  # resumes from step 6
+  assert read_metrics(resumed, 'train_loss') == read_metrics(straight, 'train_loss')
+  assert_trees_equal(restore_params(resumed), restore_params(straight))
+
+
+def test_eight_devices_match_one_device(tmp_path, tfds_dir):
+  """Data x FSDP x tensor parallel on 8 simulated devices: same losses as 1 device."""
+  common = {'train.num_steps': 5, 'train.log_every': 1, 'train.eval_every': 5,
+            'data.cache_dir': str(tmp_path / 'cache'), 'optim.warmup_steps': 1}
+  one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
+  train(one, tfds_dir, **common)
+  train(eight, tfds_dir, devices=8, **common,
+        **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
+  for key in ('train_loss', 'grad_norm', 'val_loss'):
+    expected, got = read_metrics(one, key), read_metrics(eight, key)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[s] for s in sorted(got)],
+                               [expected[s] for s in sorted(expected)], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(restore_params(one)), jax.tree.leaves(restore_params(eight))):
+    # atol: Adam divides by sqrt(v), so float32 rounding in a near-zero gradient moves a
+    # near-zero parameter by ~1e-6 however the devices split the sums.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path, tfds_dir):
+  common = {'train.num_steps': 3, 'train.log_every': 1, 'train.eval_every': 0,
+            'data.cache_dir': str(tmp_path / 'cache')}
+  full, accumulated = str(tmp_path / 'full'), str(tmp_path / 'accumulated')
+  train(full, tfds_dir, **common)
+  train(accumulated, tfds_dir, **common, **{'optim.grad_accum_steps': 4})
+  np.testing.assert_allclose(list(read_metrics(accumulated, 'train_loss').values()),
+                             list(read_metrics(full, 'train_loss').values()), rtol=1e-5)
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, tfds_dir):
+  workdir = str(tmp_path / 'run')
+  proc = train(workdir, tfds_dir, check=False, **{'model.num_layerz': 2})
+  assert proc.returncode != 0 and 'num_layerz' in proc.stderr
+  proc = train(workdir, tfds_dir, check=False, **{'model.emb_dim': 30})
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: config.model.emb_dim (30)')
+  proc = train(workdir, tfds_dir, check=False, devices=8, **{'mesh.data': 3})
+  assert 'error: config.mesh' in proc.stderr and 'Traceback' not in proc.stderr
+  proc = train(workdir, tfds_dir, check=False, **{'data.text_files': str(tmp_path / 'no*.txt'),
+                                                 'data.tfds_name': ''})
+  assert proc.returncode != 0 and 'no*.txt' in proc.stderr and 'Traceback' not in proc.stderr
+  proc = run_module('gpt_jax.sample', f'--workdir={tmp_path / "missing"}', check=False)
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: ') and 'missing' in proc.stderr
