@@ -12,6 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, grouped by concern. Model fields are documented in ModelConfig."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter init, data order and dropout all derive from it
+  c.init_from = ''  # a workdir whose latest parameters initialise this run ('' -> random)
 
   c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size

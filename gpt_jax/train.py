@@ -160,6 +160,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if start_step is None:
       start_step = 0
       state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=state_shardings)(rng)
+      if config.init_from:  # fine-tuning: parameters from another run, a fresh optimizer
+        params, init_step = checkpoint.restore_params(config.init_from, abstract_state.params)
+        logging.warning('Initialised parameters from %s (step %d)', config.init_from, init_step)
+        state = state.replace(params=params)
     else:
       logging.info('Resuming from step %d in %s', start_step, workdir)
       state = checkpoint.restore(manager, start_step, abstract_state, train_iter)
