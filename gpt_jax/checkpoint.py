@@ -1,13 +1,15 @@
 """Orbax checkpoints that describe themselves.
 
 A workdir holds `config.json` (the resolved config), `tokenizer/` and `checkpoints/<step>/` with
-three items: `params`, `opt_state` and `data` (the training data iterator's position). Sampling,
-evaluation and serving read `params` alone and rebuild the model from `config.json`.
+the items `params`, `opt_state`, `data` (the training data iterator's position) and
+`fingerprint` (checksums of the arrays, verified on restore). Sampling, evaluation and serving
+read `params` alone and rebuild the model from `config.json`.
 """
 
 import json
 import os
 
+from absl import logging
 import flax.linen as nn
 import grain
 import jax
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer
 
 CONFIG_FILE = 'config.json'
@@ -39,6 +42,23 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+# Model fields that decide the parameters' shapes and layout.
+_PARAMETER_FIELDS = ('vocab_size', 'max_len', 'num_layers', 'num_heads', 'num_kv_heads',
+                     'emb_dim', 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias',
+                     'tie_embeddings', 'param_dtype')
+
+
+def check_compatible(workdir: str, model_cfg: ModelConfig) -> None:
+  """The checkpoints in `workdir` hold parameters for `model_cfg`, or a ConfigError lists why not."""
+  saved = ModelConfig.from_config(load_config(workdir).model)
+  fields = [f for f in _PARAMETER_FIELDS if getattr(saved, f) != getattr(model_cfg, f)
+            and not (f == 'max_len' and saved.position == model_cfg.position == 'rope')]
+  if fields:
+    diff = ', '.join(f'model.{f}={getattr(saved, f)!r} there, {getattr(model_cfg, f)!r} here'
+                     for f in fields)
+    raise ConfigError(f'The checkpoints in {workdir} were written for a different model: {diff}')
+
+
 def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
   if checkpoint_config is None:
@@ -51,35 +71,125 @@ def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
   return ocp.CheckpointManager(directory, options=options)
 
 
+@jax.jit
+def fingerprint(tree):
+  """Two uint32 checksums per array (plain and position-weighted sums of its 32-bit words).
+
+  Saved with every checkpoint and compared after restoring: storage that silently flips bits in
+  array data (which the array format itself does not checksum) is caught. Computed on device,
+  so it works for arrays sharded over many hosts.
+  """
+  def words(x):
+    if x.dtype.itemsize == 2:
+      return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32).ravel()
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+
+  def checksum(x):
+    w = words(x)
+    weights = jnp.arange(w.size, dtype=jnp.uint32) * 2 + 1
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weights, dtype=jnp.uint32)])
+
+  return jax.tree.map(checksum, tree)
+
+
+def _fingerprint_json(tree) -> dict[str, list[int]]:
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(fingerprint(tree)))[0]
+  return {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in flat}
+
+
+class CorruptCheckpointError(ConfigError):
+  """A checkpoint's files cannot be read or do not hold what was written."""
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:
   """Starts saving (asynchronously if configured); Orbax commits each step atomically."""
   items = {'params': ocp.args.StandardSave(state.params),
-           'opt_state': ocp.args.StandardSave(state.opt_state)}
+           'opt_state': ocp.args.StandardSave(state.opt_state),
+           'fingerprint': ocp.args.JsonSave(_fingerprint_json(
+               {'params': state.params, 'opt_state': state.opt_state}))}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   manager.save(step, args=ocp.args.Composite(**items))
 
 
+def _verify(manager, step: int, restored: dict, saved_fingerprint: dict) -> None:
+  got = _fingerprint_json(restored)
+  bad = sorted(k for k, v in saved_fingerprint.items() if k in got and got[k] != v)
+  if bad:
+    raise CorruptCheckpointError(
+        f'{_step_dir(manager, step)}: {len(bad)} arrays differ from what was saved '
+        f'(first: {bad[0]})')
+
+
+def _step_dir(manager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
-  """Restores the train state into `abstract_state`'s shardings (and the data position)."""
+  """Restores and verifies the train state into `abstract_state`'s shardings (and data position)."""
   items = {'params': ocp.args.StandardRestore(abstract_state.params),
-           'opt_state': ocp.args.StandardRestore(abstract_state.opt_state)}
+           'opt_state': ocp.args.StandardRestore(abstract_state.opt_state),
+           'fingerprint': ocp.args.JsonRestore()}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # Orbax and TensorStore raise many types for unreadable files.
+    raise CorruptCheckpointError(f'{_step_dir(manager, step)} cannot be read: '
+                                 f'{_first_line(e)}') from e
+  _verify(manager, step, {'params': restored['params'], 'opt_state': restored['opt_state']},
+          {k: v for k, v in restored['fingerprint'].items()})
   step_array = jax.device_put(step, abstract_state.step.sharding)
   return abstract_state.replace(step=step_array, params=restored['params'],
                                 opt_state=restored['opt_state'])
 
 
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
+  """(state, step) from the newest checkpoint that reads back intact, or (None, None) if none.
+
+  An unreadable or corrupted checkpoint is moved to `<workdir>/corrupt_checkpoints/` with a
+  warning, and the one before it is tried. If checkpoints exist but none can be read, that is
+  an error: a run never silently starts over.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      return restore(manager, step, abstract_state, data_iterator), step
+    except CorruptCheckpointError as e:
+      logging.warning('%s; falling back to the previous checkpoint.', e)
+      if jax.process_index() == 0:
+        quarantine = os.path.join(os.path.dirname(str(manager.directory)), 'corrupt_checkpoints')
+        os.makedirs(quarantine, exist_ok=True)
+        os.replace(_step_dir(manager, step), os.path.join(quarantine, str(step)))
+      manager.reload()
+  if steps:
+    raise CorruptCheckpointError(
+        f'None of the checkpoints in {manager.directory} (steps {sorted(steps)}) can be read; '
+        'they were moved to corrupt_checkpoints/. Run again with --start_over to train from '
+        'step 0.')
+  return None, None
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
 def restore_params(workdir: str, abstract_params, step: int | None = None):
-  """The parameters alone (no optimizer state) of the latest (or given) checkpoint."""
+  """The parameters alone (no optimizer state) of the latest (or given) checkpoint, verified."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'Workdir {workdir} does not exist')
   manager = make_manager(workdir, read_only=True)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}')
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params)))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params), fingerprint=ocp.args.JsonRestore()))
+  except Exception as e:  # Orbax and TensorStore raise many types for unreadable files.
+    raise CorruptCheckpointError(f'{_step_dir(manager, step)} cannot be read: '
+                                 f'{_first_line(e)}') from e
+  saved = {k: v for k, v in (restored['fingerprint'] or {}).items() if k.startswith("['params']")}
+  _verify(manager, step, {'params': restored['params']}, saved)
   manager.close()
   return restored['params'], step
 

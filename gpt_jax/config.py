@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.sample_tokens = 200        # 0 disables the final sample
   c.train.measure_peak = True        # time a matmul at start-up for the MFU denominator
   c.train.progress_bar = True
+  c.train.on_nonfinite = 'halt'     # non-finite loss/gradient: 'halt' or 'skip' the update
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1: all devices not used by the other axes
@@ -77,6 +78,7 @@ def validate(config) -> None:
   _choice('model.norm', model.norm, ('layernorm', 'rmsnorm'))
   _choice('model.mlp', model.mlp, ('gelu', 'swiglu'))
   _choice('data.tokenizer', config.data.tokenizer, ('sentencepiece', 'char', 'byte'))
+  _choice('train.on_nonfinite', config.train.on_nonfinite, ('halt', 'skip'))
   for dtype_field in ('dtype', 'param_dtype'):
     _choice(f'model.{dtype_field}', getattr(model, dtype_field), ('float32', 'bfloat16', 'float16'))
   positive = {

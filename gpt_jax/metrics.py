@@ -9,11 +9,19 @@ import tensorboardX
 
 class MetricWriter:
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
+    """Appends to metrics.jsonl, first dropping events after `resume_step`: a run killed after
+    its last checkpoint logs those steps again when it resumes."""
     self.enabled = jax.process_index() == 0
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if os.path.exists(path):
+        kept = [row for row in read_metrics(workdir) if row['step'] <= resume_step]
+        with open(path + '.tmp', 'w') as f:
+          f.writelines(json.dumps(row) + '\n' for row in kept)
+        os.replace(path + '.tmp', path)
+      self._jsonl = open(path, 'a')
       self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -33,4 +41,11 @@ class MetricWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    # A line cut short by a kill is dropped.
+    rows = []
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass
+    return rows

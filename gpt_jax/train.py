@@ -9,6 +9,7 @@ config and workdir; running the same command again resumes from the latest check
 
 import math
 import os
+import signal
 import sys
 import time
 
@@ -35,6 +36,10 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for multi-host runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in a multi-host run.')
+_START_OVER = flags.DEFINE_bool(
+    'start_over', False, 'Move existing checkpoints aside and train from step 0 (needed when '
+    'none of them can be read).')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show tracebacks of errors in the input.')
 
 
 class TrainState(train_state.TrainState):
@@ -71,9 +76,16 @@ def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: i
       grads, losses = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
       loss = losses.mean()
-    metrics = {'train_loss': loss, 'grad_norm': optax.global_norm(grads),
-               'lr': schedule(state.step)}
-    return state.apply_gradients(grads=grads), metrics
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.apply_gradients(grads=grads)
+    # A non-finite loss or gradient leaves parameters and optimizer state as they were, so no
+    # NaN ever reaches a checkpoint; the loop halts or counts the skipped step.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                             state.replace(step=new_state.step))
+    metrics = {'train_loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+               'nonfinite': jnp.logical_not(finite).astype(jnp.int32)}
+    return new_state, metrics
 
   return train_step
 
@@ -96,7 +108,24 @@ def evaluate(eval_step, params, batches, to_global) -> float:
   return total / count
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+class StopRequest:
+  """SIGTERM or SIGINT asks the loop to checkpoint and stop; a second SIGINT aborts at once."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+
+  def restore(self):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
   # ------------------------------------------------------------------ config
   config_lib.validate(config)
@@ -122,6 +151,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   elif config.model.vocab_size < tokenizer.vocab_size:
     raise ConfigError(f'config.model.vocab_size ({config.model.vocab_size}) is smaller than the '
                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+  model_cfg = ModelConfig.from_config(config.model)
+  if start_over and is_main and os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
+    aside = os.path.join(workdir, f'checkpoints.before_start_over.{int(time.time())}')
+    os.replace(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), aside)
+    logging.warning('--start_over: moved the old checkpoints to %s', aside)
+  if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)) and os.path.exists(
+      os.path.join(workdir, checkpoint.CONFIG_FILE)):
+    checkpoint.check_compatible(workdir, model_cfg)
+  if config.init_from:
+    checkpoint.check_compatible(config.init_from, model_cfg)
   checkpoint.save_config(workdir, config)
   train_iter = data.make_train_iterator(config, tokenizer, workdir)
   eval_batches = (data.make_eval_batches(config, tokenizer, workdir, config.train.eval_batches)
@@ -133,7 +172,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             for k, v in local_batch.items()}
 
   # ------------------------------------------------------------------ state
-  model_cfg = ModelConfig.from_config(config.model)
   model = Transformer(model_cfg)
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
@@ -155,9 +193,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   # ------------------------------------------------------------------ checkpoint (resume)
   manager = checkpoint.make_manager(workdir, config.checkpoint)
-  start_step = manager.latest_step()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    if start_step is None:
+    state, start_step = checkpoint.restore_latest(manager, abstract_state, train_iter)
+    if state is None:
       start_step = 0
       state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=state_shardings)(rng)
       if config.init_from:  # fine-tuning: parameters from another run, a fresh optimizer
@@ -165,10 +203,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         logging.warning('Initialised parameters from %s (step %d)', config.init_from, init_step)
         state = state.replace(params=params)
     else:
-      logging.info('Resuming from step %d in %s', start_step, workdir)
-      state = checkpoint.restore(manager, start_step, abstract_state, train_iter)
+      logging.warning('Resuming from step %d in %s', start_step, workdir)
 
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=start_step)
   if eval_batches:
     # A reference the model must beat: the entropy of the validation tokens' own frequencies.
     counts = np.bincount(np.concatenate([b['targets'].ravel() for b in eval_batches]))
@@ -200,39 +237,64 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                        disable=not (is_main and config.train.progress_bar))
   last = {}
   timer_step, timer_start = start_step, time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    for step in range(start_step + 1, num_steps + 1):
-      state, metrics = train_step(state, to_global(next(train_iter)))
-      progress.update()
+  step = saved_step = start_step
+  skipped, first_skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # on device
+  stop = StopRequest()
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      for step in range(start_step + 1, num_steps + 1):
+        state, metrics = train_step(state, to_global(next(train_iter)))
+        # Counted on device: no host round trip per step.
+        first_skipped = jnp.where((first_skipped == 0) & (metrics['nonfinite'] > 0), step,
+                                  first_skipped)
+        skipped = skipped + metrics.pop('nonfinite')
+        progress.update()
 
-      if step % config.train.log_every == 0 or step == num_steps:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in metrics.values()):
-          raise FloatingPointError(f'Non-finite training metrics at step {step}: {metrics}')
-        elapsed = time.perf_counter() - timer_start
-        tokens_per_s = (step - timer_step) * tokens_per_step / elapsed
-        metrics['tokens_per_s'] = tokens_per_s
-        if peak:
-          metrics['mfu'] = tokens_per_s * flops_per_token / (peak * jax.device_count())
-        writer.write(step, metrics)
-        progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", tok_s=f'{tokens_per_s:,.0f}')
-        last.update(metrics)
-        timer_step, timer_start = step, time.perf_counter()
+        if step % config.train.log_every == 0 or step == num_steps:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          metrics['skipped_steps'] = int(skipped)
+          if metrics['skipped_steps'] and config.train.on_nonfinite == 'halt':
+            raise FloatingPointError(
+                f'Non-finite loss or gradient at step {int(first_skipped)} (and '
+                f'{metrics["skipped_steps"] - 1} later steps); their updates were not applied. '
+                f'The last checkpoint is step {saved_step}. Lower optim.lr, raise '
+                'optim.warmup_steps, or set train.on_nonfinite=skip.')
+          elapsed = time.perf_counter() - timer_start
+          tokens_per_s = (step - timer_step) * tokens_per_step / elapsed
+          metrics['tokens_per_s'] = tokens_per_s
+          if peak:
+            metrics['mfu'] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+          writer.write(step, metrics)
+          progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", tok_s=f'{tokens_per_s:,.0f}')
+          last.update(metrics)
+          timer_step, timer_start = step, time.perf_counter()
 
-      if config.train.eval_every and (step % config.train.eval_every == 0 or step == num_steps):
-        val_loss = evaluate(eval_step, state.params, eval_batches, to_global)
-        writer.write(step, {'val_loss': val_loss, 'val_perplexity': math.exp(min(val_loss, 50))})
-        progress.write(f'step {step}: val_loss {val_loss:.4f}') if is_main else None
-        last['val_loss'] = val_loss
-        timer_start = time.perf_counter()  # keep evaluation out of tokens/s
+        if config.train.eval_every and (step % config.train.eval_every == 0 or step == num_steps):
+          val_loss = evaluate(eval_step, state.params, eval_batches, to_global)
+          writer.write(step, {'val_loss': val_loss,
+                              'val_perplexity': math.exp(min(val_loss, 50))})
+          progress.write(f'step {step}: val_loss {val_loss:.4f}') if is_main else None
+          last['val_loss'] = val_loss
+          timer_start = time.perf_counter()  # keep evaluation out of tokens/s
 
-      if step % config.checkpoint.every_steps == 0 or step == num_steps:
-        checkpoint.save(manager, step, state, train_iter)
-
-  manager.wait_until_finished()
-  manager.close()
-  progress.close()
-  writer.close()
+        stopping = stop.signal_name or manager.reached_preemption(step)
+        if step % config.checkpoint.every_steps == 0 or step == num_steps or stopping:
+          checkpoint.save(manager, step, state, train_iter)
+          saved_step = step
+        if stopping:
+          break
+    manager.wait_until_finished()
+  finally:
+    stop.restore()
+    manager.close()
+    progress.close()
+    writer.close()
+  if stop.signal_name or step < num_steps:
+    reason = stop.signal_name or 'a preemption notice'
+    if is_main:
+      print(f'Stopped at step {step} on {reason}; checkpoint saved in {workdir}. Run the same '
+            'command to resume.', flush=True)
+    return last
 
   # ------------------------------------------------------------------ sample
   if config.train.sample_tokens and is_main:
@@ -256,8 +318,10 @@ def main(argv):
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, FileNotFoundError) as e:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
+  except (ConfigError, FileNotFoundError, FloatingPointError) as e:
+    if _VERBOSE.value:
+      raise
     sys.exit(f'error: {e}')
 
 
