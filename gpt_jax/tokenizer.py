@@ -1,6 +1,7 @@
-"""Tokenizers: sentencepiece (trained on the corpus), character-level and byte-level.
+"""Tokenizers: sentencepiece (trained on the corpus), character-level, byte-level, GPT-2 BPE.
 
-All three give an exact text round trip: `decode(encode(text)) == text`.
+All give an exact text round trip: `decode(encode(text)) == text` (GPT-2 BPE: for text without
+its special `<|endoftext|>` string).
 
 A tokenizer lives in a directory: `tokenizer.json` names its kind, plus whatever
 files that kind needs (`spm.model` for sentencepiece). `build` trains one and saves
@@ -19,6 +20,9 @@ from gpt_jax.errors import ConfigError
 
 _DESCRIPTION_FILE = 'tokenizer.json'
 _SPM_MODEL_FILE = 'spm.model'
+GPT2_VOCAB_FILE = 'vocab.json'
+GPT2_MERGES_FILE = 'merges.txt'
+GPT2_EOS = '<|endoftext|>'
 # sentencepiece drops training sentences longer than `max_sentence_length` bytes
 # (default 4192). We cut lines into chunks of at most this many characters, which
 # stays under the limit even when every character takes 4 UTF-8 bytes.
@@ -115,6 +119,58 @@ class ByteTokenizer(Tokenizer):
     _write_description(directory, {'kind': 'byte'})
 
 
+class GPT2BPETokenizer(Tokenizer):
+  """GPT-2's byte-level BPE from its `vocab.json` + `merges.txt` (as Hugging Face ships them).
+
+  Encodes exactly as transformers' GPT2Tokenizer (no prefix space; `<|endoftext|>` is EOS).
+  Kept as the two files' bytes, so `save` writes back exactly what was loaded.
+  """
+
+  def __init__(self, vocab_json: bytes, merges_txt: bytes):
+    import tokenizers  # Only this tokenizer kind needs it.
+    self.vocab_json, self.merges_txt = vocab_json, merges_txt
+    vocab = json.loads(vocab_json.decode('utf-8'))
+    lines = merges_txt.decode('utf-8').splitlines()
+    if lines and lines[0].startswith('#version'):
+      lines = lines[1:]
+    merges = [tuple(line.split(' ')) for line in lines if line]
+    self._tok = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab=vocab, merges=merges, continuing_subword_prefix='', end_of_word_suffix='',
+        fuse_unk=False))
+    self._tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    self._tok.decoder = tokenizers.decoders.ByteLevel()
+    self.eos_id = vocab.get(GPT2_EOS)
+    if self.eos_id is not None:
+      self._tok.add_special_tokens([tokenizers.AddedToken(GPT2_EOS, special=True)])
+    self.vocab_size = max(vocab.values()) + 1
+
+  @classmethod
+  def from_files(cls, directory: str) -> 'GPT2BPETokenizer':
+    files = []
+    for name in (GPT2_VOCAB_FILE, GPT2_MERGES_FILE):
+      path = os.path.join(directory, name)
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f'GPT-2 BPE tokenizer file {path} not found.')
+      with open(path, 'rb') as f:
+        files.append(f.read())
+    return cls(*files)
+
+  def encode(self, text):
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids):
+    # The byte-level decoder replaces incomplete UTF-8 with U+FFFD; EOS (special) is skipped.
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def save(self, directory):
+    _write_description(directory, {'kind': 'gpt2_bpe', 'vocab': GPT2_VOCAB_FILE,
+                                   'merges': GPT2_MERGES_FILE})
+    for name, content in ((GPT2_VOCAB_FILE, self.vocab_json),
+                          (GPT2_MERGES_FILE, self.merges_txt)):
+      with open(os.path.join(directory, name), 'wb') as f:
+        f.write(content)
+
+
 def _spm_sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
   """Lines of `texts`, cut to sentencepiece's sentence limit, `max_chars` in all.
 
@@ -202,4 +258,6 @@ def load(directory: str) -> Tokenizer:
     return CharTokenizer(description['chars'])
   if kind == 'byte':
     return ByteTokenizer()
+  if kind == 'gpt2_bpe':
+    return GPT2BPETokenizer.from_files(directory)
   raise ConfigError(f'{path} names an unknown tokenizer kind {kind!r}.')
