@@ -192,6 +192,16 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
                         max_chars: int) -> SentencePieceTokenizer:
   """Trains a BPE sentencepiece model in memory whose encoding is lossless."""
   model = io.BytesIO()
+  try:
+    _train_spm(texts, max_chars, vocab_size, model)
+  except RuntimeError as e:  # e.g. a corpus too small for the vocabulary asked for
+    message = str(e).strip().splitlines()[-1]
+    raise ConfigError(f'sentencepiece training with data.vocab_size={vocab_size} failed: '
+                      f'{message}') from None
+  return SentencePieceTokenizer(model.getvalue())
+
+
+def _train_spm(texts, max_chars, vocab_size, model):
   spm.SentencePieceTrainer.train(
       sentence_iterator=_spm_sentences(texts, max_chars),
       model_writer=model,
@@ -212,7 +222,6 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
       num_threads=os.cpu_count() or 1,
       minloglevel=2,  # sentencepiece logs every step to stderr otherwise.
   )
-  return SentencePieceTokenizer(model.getvalue())
 
 
 def build(data_config, train_texts: Iterable[str], directory: str) -> Tokenizer:

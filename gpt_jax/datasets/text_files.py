@@ -45,6 +45,8 @@ def builder_config(pattern: str, val_fraction: float) -> TextFilesConfig:
   if not files:
     raise FileNotFoundError(f'data.text_files matches no files: {pattern!r}')
   identity = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+  if not any(size for _, size, _ in identity):
+    raise ConfigError(f'data.text_files: every file matching {pattern!r} is empty')
   digest = hashlib.sha256(json.dumps([identity, val_fraction]).encode()).hexdigest()
   return TextFilesConfig(
       name=digest[:16],
@@ -77,6 +79,11 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, part):
     for index, path in enumerate(self.builder_config.files):
-      with open(path, encoding='utf-8') as f:
-        text = f.read()
+      with open(path, 'rb') as f:
+        data = f.read()
+      try:
+        text = data.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise ConfigError(f'{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r})'
+                          ) from None
       yield index, {'text': split_text(text, self.builder_config.val_fraction)[part]}
