@@ -24,23 +24,32 @@ def tfds_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tensorflow_datasets'))
 
 
-def run_module(module: str, *args: str, devices: int = 1, check: bool = True,
-               timeout: int = 300) -> subprocess.CompletedProcess:
+def module_env(devices: int = 1) -> dict[str, str]:
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   env['JAX_PLATFORMS'] = 'cpu'
-  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+  return env
+
+
+def run_module(module: str, *args: str, devices: int = 1, check: bool = True,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=module_env(devices),
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f'{module} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
   return proc
 
 
-def train(workdir, tfds_dir, config='configs/default.py', devices=1, check=True, **overrides):
+def train_args(workdir, tfds_dir, config='configs/default.py', **overrides) -> list[str]:
   flags = {**TINY, 'data.tfds_data_dir': tfds_dir, **overrides}
-  args = [f'--config={config}', f'--workdir={workdir}']
-  args += [f'--config.{k}={v}' for k, v in flags.items()]
-  return run_module('gpt_jax.train', *args, devices=devices, check=check)
+  return ([f'--config={config}', f'--workdir={workdir}'] +
+          [f'--config.{k}={v}' for k, v in flags.items()])
+
+
+def train(workdir, tfds_dir, config='configs/default.py', devices=1, check=True, extra_flags=(),
+          **overrides):
+  return run_module('gpt_jax.train', *train_args(workdir, tfds_dir, config, **overrides),
+                    *extra_flags, devices=devices, check=check)
 
 
 def read_metrics(workdir, key):

@@ -1,0 +1,196 @@
+"""Never lose a run: kills, signals, corrupted checkpoints, non-finite steps, bad input."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import jax
+import pytest
+
+from conftest import REPO, module_env, read_metrics, run_module, train, train_args
+from gpt_jax import checkpoint
+
+# Dropout on: the resumed run must also reproduce the per-step randomness.
+RUN = {'train.num_steps': 16, 'train.log_every': 1, 'train.eval_every': 0,
+       'checkpoint.every_steps': 4, 'optim.warmup_steps': 2, 'model.dropout': 0.1}
+
+
+def start_train(workdir, tfds_dir, **overrides) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, '-m', 'gpt_jax.train', *train_args(workdir, tfds_dir, **overrides)],
+      cwd=REPO, env=module_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(workdir) -> int:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  return max(read_metrics(workdir, 'train_loss'), default=0) if os.path.exists(path) else 0
+
+
+def saving_in_progress(workdir) -> bool:
+  """Orbax writes a step into a temporary directory and renames it when complete."""
+  return any('tmp' in name for name in os.listdir(os.path.join(workdir, 'checkpoints'))
+             if os.path.isdir(os.path.join(workdir, 'checkpoints')))
+
+
+def wait_for(proc, condition, timeout=120):
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, f'exited early:\n{proc.communicate()[1][-3000:]}'
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.002)
+
+
+def params_of(workdir):
+  return checkpoint.load_model(workdir)[1]
+
+
+def assert_same_run(workdir, reference):
+  assert read_metrics(workdir, 'train_loss') == read_metrics(reference, 'train_loss')
+  for a, b in zip(jax.tree.leaves(params_of(workdir)), jax.tree.leaves(params_of(reference)),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, tfds_dir):
+  workdir = str(tmp_path_factory.mktemp('straight') / 'run')
+  train(workdir, tfds_dir, **RUN)
+  return workdir
+
+
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tfds_dir, straight):
+  workdir = str(tmp_path / 'killed')
+  kill_points = [lambda: logged_steps(workdir) >= 3,
+                 lambda: logged_steps(workdir) >= 6 and saving_in_progress(workdir)]
+  for condition in kill_points:
+    proc = start_train(workdir, tfds_dir, **RUN)
+    wait_for(proc, condition)
+    proc.kill()
+    proc.wait()
+  train(workdir, tfds_dir, **RUN)
+  assert_same_run(workdir, straight)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tfds_dir, straight):
+  workdir = str(tmp_path / 'terminated')
+  proc = start_train(workdir, tfds_dir, **RUN)
+  wait_for(proc, lambda: logged_steps(workdir) >= 5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err[-2000:]
+  stopped = int(out.split('Stopped at step ')[1].split()[0])
+  assert 5 <= stopped < 16 and 'on SIGTERM' in out
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(stopped)))
+  train(workdir, tfds_dir, **RUN)
+  assert_same_run(workdir, straight)
+
+
+def test_second_sigint_aborts_at_once():
+  from gpt_jax.train import StopRequest
+  stop = StopRequest()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.signal_name == 'SIGINT'  # the first asks for a checkpoint and a clean stop
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    stop.restore()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def corrupt_latest(workdir) -> str:
+  """Flips bytes in the middle of the latest checkpoint's largest parameter file."""
+  step_dir = os.path.join(workdir, 'checkpoints', str(checkpoint.make_manager(
+      workdir, read_only=True).latest_step()))
+  files = glob.glob(os.path.join(step_dir, 'params', '**', 'd', '*'), recursive=True)
+  target = max(files, key=os.path.getsize)
+  with open(target, 'r+b') as f:
+    f.seek(os.path.getsize(target) // 2)
+    f.write(b'\xde\xad\xbe\xef' * 4)
+  return step_dir
+
+
+def test_corrupted_checkpoint_falls_back_to_previous(tmp_path, tfds_dir, straight):
+  workdir = str(tmp_path / 'corrupted')
+  train(workdir, tfds_dir, **RUN)
+  bad = corrupt_latest(workdir)
+  proc = run_module('gpt_jax.sample', f'--workdir={workdir}', '--max_new_tokens=5', check=False)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'error: {bad}: 1 arrays differ from what was saved (first: '
+      f"{proc.stderr.split('(first: ')[1].split(')')[0]})")
+  # Training falls back to step 12, says so, and redoes steps 13-16 exactly.
+  proc = train(workdir, tfds_dir, **RUN)
+  assert f'{bad}: 1 arrays differ' in proc.stderr and 'Resuming from step 12' in proc.stderr
+  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', '16'))
+  assert_same_run(workdir, straight)
+
+
+def test_unreadable_checkpoints_never_restart_silently(tmp_path, tfds_dir):
+  workdir = str(tmp_path / 'all_bad')
+  train(workdir, tfds_dir, **{**RUN, 'train.num_steps': 4})
+  corrupt_latest(workdir)
+  proc = train(workdir, tfds_dir, check=False, **RUN)
+  last_line = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode != 0 and '--start_over' in last_line and 'steps [4]' in last_line
+  train(workdir, tfds_dir, extra_flags=['--start_over'], **{**RUN, 'train.num_steps': 2})
+  assert sorted(read_metrics(workdir, 'train_loss')) == [1, 2]
+
+
+def test_incompatible_model_config_is_named(tmp_path, tfds_dir):
+  workdir = str(tmp_path / 'run')
+  train(workdir, tfds_dir, **{**RUN, 'train.num_steps': 4})
+  proc = train(workdir, tfds_dir, check=False, **{**RUN, 'model.emb_dim': 32,
+                                                  'model.num_layers': 3})
+  last_line = proc.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('error: The checkpoints in') and 'Traceback' not in proc.stderr
+  assert 'model.num_layers=2 there, 3 here' in last_line and 'model.emb_dim=64 there' in last_line
+
+
+@pytest.mark.parametrize('mode', ['halt', 'skip'])
+def test_nonfinite_steps_halt_or_skip_and_never_reach_a_checkpoint(tmp_path, tfds_dir, mode):
+  workdir = str(tmp_path / mode)
+  # An absurd learning rate: the first update sends activations to inf, the loss to NaN.
+  proc = train(workdir, tfds_dir, check=False, **{
+      **RUN, 'train.num_steps': 6, 'optim.lr': 1e30, 'optim.warmup_steps': 0,
+      'optim.grad_clip': 0, 'train.on_nonfinite': mode})
+  if mode == 'halt':
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        'error: Non-finite loss or gradient at step 2')
+  else:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_metrics(workdir, 'skipped_steps')[6] == 5
+    params = params_of(workdir)
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, tfds_dir):
+  def error_of(**overrides):
+    workdir = tmp_path / f'run{len(list(tmp_path.iterdir()))}'
+    proc = train(str(workdir), tfds_dir, check=False, devices=8, **overrides)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith('error: ')
+    return last_line
+
+  proc = train(str(tmp_path / 'run'), tfds_dir, check=False, **{'train.num_steps': 'abc'})
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert 'Flags parsing error: flag --config.train.num_steps=abc' in proc.stderr
+  assert 'dimension 4 does not divide over mesh axes' in error_of(
+      **{'mesh.tensor': 8, 'mesh.data': 1})
+  assert 'does not divide over data x fsdp = 4' in error_of(
+      **{'data.batch_size': 6, 'mesh.data': 4, 'mesh.tensor': 2})
+  empty, latin1, tiny = tmp_path / 'empty.txt', tmp_path / 'latin1.txt', tmp_path / 'tiny.txt'
+  empty.write_text('')
+  latin1.write_bytes('caf\xe9 au lait\n'.encode('latin-1') * 100)
+  tiny.write_text('a small corpus\n' * 40)
+  assert 'is empty' in error_of(**{'data.text_files': str(empty), 'data.tfds_name': ''})
+  assert f'{latin1} is not UTF-8 text' in error_of(
+      **{'data.text_files': str(latin1), 'data.tfds_name': ''})
+  assert 'sentencepiece training with data.vocab_size=512 failed' in error_of(
+      **{'data.text_files': str(tiny), 'data.tfds_name': ''})
