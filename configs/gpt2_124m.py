@@ -26,7 +26,7 @@ def get_config():
   config.model.emb_dim = 768
   config.model.mlp_dim = 3072
   config.model.dropout = 0.0
-  config.model.dtype = 'bfloat16'
+  config.model.compute_dtype = 'bfloat16'
 
   config.optim.lr = 6e-4
   config.optim.warmup_steps = 2000

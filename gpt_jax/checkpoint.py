@@ -18,7 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from gpt_jax.errors import ConfigError
-from gpt_jax.model import ModelConfig, Transformer
+from gpt_jax.model import ModelConfig, Transformer, unstack_layers
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -197,6 +197,8 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
 def load_model(workdir: str, step: int | None = None):
   """(ModelConfig, params on the first device, step) from a workdir; no optimizer state.
 
+  Scanned layers come back as per-layer parameters (and a config saying so), ready to decode.
+
   The checkpoint may have been written by any number of devices and processes.
   """
   model_cfg = ModelConfig.from_config(load_config(workdir).model)
@@ -206,4 +208,5 @@ def load_model(workdir: str, step: int | None = None):
   abstract_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract['params'])
   params, step = restore_params(workdir, abstract_params, step)
+  model_cfg, params = unstack_layers(model_cfg, params)
   return model_cfg, params, step

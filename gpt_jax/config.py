@@ -79,7 +79,8 @@ def validate(config) -> None:
   _choice('model.mlp', model.mlp, ('gelu', 'swiglu'))
   _choice('data.tokenizer', config.data.tokenizer, ('sentencepiece', 'char', 'byte'))
   _choice('train.on_nonfinite', config.train.on_nonfinite, ('halt', 'skip'))
-  for dtype_field in ('dtype', 'param_dtype'):
+  _choice('model.remat', model.remat, ('none', 'full', 'dots_saveable'))
+  for dtype_field in ('compute_dtype', 'param_dtype'):
     _choice(f'model.{dtype_field}', getattr(model, dtype_field), ('float32', 'bfloat16', 'float16'))
   positive = {
       'model.num_layers': model.num_layers, 'model.num_heads': model.num_heads,

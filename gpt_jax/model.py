@@ -43,8 +43,10 @@ class ModelConfig:
   tie_embeddings: bool = True    # output projection = token embedding transposed
   dropout: float = 0.0
   param_dtype: str = 'float32'
-  dtype: str = 'float32'         # compute dtype of matmuls and activations
-  remat: bool = False            # recompute each block in the backward pass to save memory
+  compute_dtype: str = 'float32'  # matmul inputs (accumulated in float32) and activations
+  remat: str = 'none'            # backward pass: 'none' | 'full' (recompute each block) |
+                                 # 'dots_saveable' (keep matmul outputs, recompute the rest)
+  scan_layers: bool = False      # one nn.scan over the blocks: compile time independent of depth
 
   @property
   def kv_heads(self) -> int:
@@ -84,14 +86,15 @@ def _dense(einsum_str: str, shape: tuple[int, ...], names: tuple[str, ...], cfg:
   bias_names = tuple(n for axis, n in zip(kernel_axes, names) if axis in out_axes)
   return nn.Einsum(
       shape=shape, einsum_str=einsum_str, use_bias=cfg.use_bias,
-      dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      preferred_element_type=jnp.float32,
       kernel_init=_init(stddev, names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_names),
       name=name)
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
-  kwargs = dict(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype),
+  kwargs = dict(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.compute_dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype), name=name,
                 scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)))
   if cfg.norm == 'layernorm':
@@ -170,14 +173,19 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
   cfg: ModelConfig
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, positions, cache, deterministic):
-    y, cache = Attention(self.cfg, name='attn')(make_norm(self.cfg, 'ln_1')(x), positions, cache,
-                                                  deterministic)
+  def __call__(self, x, positions, cache):
+    cfg, deterministic = self.cfg, self.deterministic
+    y, cache = Attention(cfg, name='attn')(make_norm(cfg, 'ln_1')(x), positions, cache,
+                                           deterministic)
     x = x + y
-    x = x + Mlp(self.cfg, name='mlp')(make_norm(self.cfg, 'ln_2')(x), deterministic)
+    x = x + Mlp(cfg, name='mlp')(make_norm(cfg, 'ln_2')(x), deterministic)
     return _constrain(x, ('batch', 'length', 'act_embed')), cache
+
+
+REMAT_POLICIES = {'full': None, 'dots_saveable': jax.checkpoint_policies.dots_saveable}
 
 
 class Transformer(nn.Module):
@@ -190,32 +198,48 @@ class Transformer(nn.Module):
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    embed = nn.Embed(cfg.vocab_size, cfg.emb_dim, dtype=jnp.dtype(cfg.dtype),
+    embed = nn.Embed(cfg.vocab_size, cfg.emb_dim, dtype=jnp.dtype(cfg.compute_dtype),
                      param_dtype=jnp.dtype(cfg.param_dtype),
                      embedding_init=_init(0.02, ('vocab', 'embed')), name='wte')
-    x = embed(tokens)
+    x = embed(tokens).astype(jnp.float32)  # the residual stream stays float32 in any precision
     if cfg.position == 'learned':
       wpe = self.param('wpe', _init(0.02, ('position', 'embed')), (cfg.max_len, cfg.emb_dim),
                        jnp.dtype(cfg.param_dtype))
-      x = x + jnp.take(wpe, positions, axis=0).astype(x.dtype)
+      x = x + jnp.take(wpe, positions, axis=0).astype(jnp.float32)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = _constrain(x, ('batch', 'length', 'act_embed'))
 
-    block_cls = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
-    new_cache = [] if cache is not None else None
-    for i in range(cfg.num_layers):
-      x, layer_cache = block_cls(cfg, name=f'block_{i}')(
-          x, positions, None if cache is None else cache[i], deterministic)
+    block_cls = Block
+    if cfg.remat != 'none':
+      block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
       if cache is not None:
-        new_cache.append(layer_cache)
+        raise ValueError('Decode with per-layer parameters: see unstack_layers')
+      # Parameters get a leading layer axis ('layers' in the sharding rules).
+      blocks = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True,
+                                                                           'dropout': True},
+                       in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = blocks(cfg, deterministic, name='blocks')(x, positions, None)
+      new_cache = None
+    else:
+      new_cache = [] if cache is not None else None
+      for i in range(cfg.num_layers):
+        x, layer_cache = block_cls(cfg, deterministic, name=f'block_{i}')(
+            x, positions, None if cache is None else cache[i])
+        if cache is not None:
+          new_cache.append(layer_cache)
     x = make_norm(cfg, 'ln_f')(x)
 
     if cfg.tie_embeddings:
-      logits = embed.attend(x)
+      dtype = jnp.dtype(cfg.compute_dtype)
+      logits = jnp.einsum('bte,ve->btv', x.astype(dtype), embed.embedding.astype(dtype),
+                          preferred_element_type=jnp.float32)
     else:
-      logits = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                               param_dtype=jnp.dtype(cfg.param_dtype),
-                               kernel_init=_init(0.02, ('embed', 'vocab')), name='lm_head')(x)
+      logits = nn.Einsum((cfg.emb_dim, cfg.vocab_size), 'bte,ev->btv', use_bias=False,
+                         dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                         preferred_element_type=jnp.float32,
+                         kernel_init=_init(0.02, ('embed', 'vocab')), name='lm_head')(x)
     logits = _constrain(logits, ('batch', 'length', 'act_vocab'))
     return logits.astype(jnp.float32), new_cache
 
@@ -223,9 +247,21 @@ class Transformer(nn.Module):
 def init_cache(cfg: ModelConfig, batch_size: int, dtype: Any = None) -> list[LayerCache]:
   """An empty KV cache for `batch_size` sequences of up to `cfg.max_len` tokens."""
   shape = (batch_size, cfg.max_len, cfg.kv_heads, cfg.head_dim)
-  dtype = jnp.dtype(dtype or cfg.dtype)
+  dtype = jnp.dtype(dtype or cfg.compute_dtype)
   return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
           for _ in range(cfg.num_layers)]
+
+
+def unstack_layers(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
+  """Scanned parameters ('blocks', with a leading layer axis) -> per-layer 'block_i' (for decoding,
+  conversion and inspection); other parameters are returned unchanged."""
+  if not cfg.scan_layers:
+    return cfg, params
+  params = dict(params)
+  stacked = params.pop('blocks')
+  for i in range(cfg.num_layers):
+    params[f'block_{i}'] = jax.tree.map(lambda x: x[i], stacked)
+  return dataclasses.replace(cfg, scan_layers=False), params
 
 
 def count_params(params) -> int:

@@ -28,6 +28,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('mlp', 'tensor'),
     ('position', None),
     ('norm', None),
+    ('layers', None),  # the stacked-layer axis of scanned parameters
     # activations
     ('batch', ('data', 'fsdp')),
     ('length', None),

@@ -26,7 +26,7 @@ import tqdm
 from gpt_jax import checkpoint, data, decode, flops, optim, sharding
 from gpt_jax import config as config_lib
 from gpt_jax.metrics import MetricWriter
-from gpt_jax.model import ModelConfig, Transformer, count_params
+from gpt_jax.model import ModelConfig, Transformer, count_params, unstack_layers
 from gpt_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -215,7 +215,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
       writer.write(0, {'val_unigram_entropy': unigram_entropy})
   num_params = count_params(state.params)
   flops_per_token = flops.train_flops_per_token(model_cfg, config.data.seq_len)
-  peak = flops.measure_matmul_peak(model_cfg.dtype) if config.train.measure_peak else 0.0
+  peak = flops.measure_matmul_peak(model_cfg.compute_dtype) if config.train.measure_peak else 0.0
   if is_main:
     print(f'{num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, '
           f'{flops_per_token / 1e6:.1f} MFLOP/token'
@@ -298,7 +298,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
 
   # ------------------------------------------------------------------ sample
   if config.train.sample_tokens and is_main:
-    generator = decode.Generator(model_cfg, jax.device_get(state.params))
+    generator = decode.Generator(*unstack_layers(model_cfg, jax.device_get(state.params)))
     prompt = decode.encode_prompt(tokenizer, config.train.sample_prompt)
     new_tokens = config.train.sample_tokens
     new_tokens = min(new_tokens, model_cfg.max_len - len(prompt))
