@@ -1,13 +1,18 @@
-r"""Generate text from a trained workdir.
+r"""Generate text from a workdir (trained, or converted from Hugging Face).
 
   python -m gpt_jax.sample --workdir=runs/default --prompt="The " --max_new_tokens=200 \
-      --temperature=0.8 --top_k=50 --seed=0
+      --temperature=0.8 --top_k=50 --top_p=0.95 --repetition_penalty=1.1 --seed=0
+  python -m gpt_jax.sample --workdir=runs/default --prompt="The " --prompt="In Python, " \
+      --num_samples=2 --stop='\n\n'
 
 Rebuilds the model from the workdir's config.json and tokenizer, restores only the parameters
 (no optimizer state) of the latest checkpoint, and decodes with a KV cache. Temperature 0 is
-greedy decoding.
+greedy decoding. One sample streams to the terminal as it is generated (whole characters
+only); several prompts (repeat --prompt) and --num_samples each decode together in one batch.
+A sample ends at end-of-text, at --max_new_tokens, or before a --stop string.
 """
 
+import codecs
 import os
 import sys
 
@@ -16,58 +21,80 @@ from absl import app, flags, logging
 from gpt_jax import checkpoint, decode, tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir written by gpt_jax.train.')
-_PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue ("" starts from end-of-text).')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate per sample.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0: all).')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1.0: off).')
-_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Independent samples of the prompt.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same text.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The binary's flags (defined only when run, so the module imports beside other binaries)."""
+  flags.DEFINE_string('workdir', None, 'A workdir written by gpt_jax.train or convert.from_hf.')
+  flags.DEFINE_multi_string('prompt', [''], 'Text to continue ("": from end-of-text); repeat '
+                            'the flag for a batch of prompts.')
+  flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate per sample.')
+  flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
+  flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0: all).')
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass, in (0, 1] (1.0: off).')
+  flags.DEFINE_float('repetition_penalty', 1.0, 'Penalise tokens already in the text (> 1 '
+                     'discourages repeats, as Hugging Face; 1.0: off).')
+  flags.DEFINE_integer('num_samples', 1, 'Independent samples of each prompt.')
+  flags.DEFINE_multi_string('stop', [], 'End a sample before this text (repeatable; escapes '
+                            'such as \\n are read).')
+  flags.DEFINE_bool('truncate_prompt', False, 'Drop the start of a prompt that does not fit the '
+                    'context with --max_new_tokens, instead of an error.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same text.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+
+
+def check_flags(f) -> None:
+  """ConfigError naming the first flag out of range (before anything is loaded)."""
+  if not f.workdir:
+    raise ConfigError('--workdir is required')
+  if f.max_new_tokens <= 0:
+    raise ConfigError(f'--max_new_tokens must be positive, got {f.max_new_tokens}')
+  if f.num_samples <= 0:
+    raise ConfigError(f'--num_samples must be positive, got {f.num_samples}')
+  try:
+    decode.check_sampling(f.temperature, f.top_k, f.top_p, f.repetition_penalty)
+  except ConfigError as e:
+    raise ConfigError(f'--{e}') from None
+  if not os.path.isdir(f.workdir):
+    raise FileNotFoundError(f'Workdir {f.workdir} does not exist')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  sampling = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                  seed=_SEED.value)
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.ERROR)
   try:
-    model_cfg, params, _ = checkpoint.load_model(_WORKDIR.value, _STEP.value)
-    tokenizer = tokenizer_lib.load(os.path.join(_WORKDIR.value, 'tokenizer'))
-    prompt = decode.encode_prompt(tokenizer, _PROMPT.value)
+    check_flags(FLAGS)
+    checkpoint.load_config(FLAGS.workdir)  # a clear error before the tokenizer's
+    tokenizer = tokenizer_lib.load(os.path.join(FLAGS.workdir, 'tokenizer'))
+    model_cfg, params, _ = checkpoint.load_model(FLAGS.workdir, FLAGS.step)
     generator = decode.Generator(model_cfg, params)
-    if _NUM_SAMPLES.value == 1:
-      stream_one(generator, tokenizer, prompt, _MAX_NEW_TOKENS.value, sampling)
+    stop = [codecs.decode(s.encode('latin-1', 'backslashreplace'), 'unicode_escape')
+            for s in FLAGS.stop]
+    prompts = FLAGS.prompt
+    pieces = decode.stream_text(
+        generator, tokenizer, prompts, FLAGS.max_new_tokens, stop=stop,
+        num_samples=FLAGS.num_samples, truncate=FLAGS.truncate_prompt, seed=FLAGS.seed,
+        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+        repetition_penalty=FLAGS.repetition_penalty)
+    if len(prompts) * FLAGS.num_samples == 1:
+      sys.stdout.write(prompts[0])
+      for _, piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+      sys.stdout.write('\n')
     else:
-      completions = generator.generate([prompt] * _NUM_SAMPLES.value, _MAX_NEW_TOKENS.value,
-                                       eos_id=tokenizer.eos_id, **sampling)
-      for i, completion in enumerate(completions):
-        print(f'--- sample {i} ---\n{_PROMPT.value}{tokenizer.decode(completion)}')
+      texts = [''] * (len(prompts) * FLAGS.num_samples)
+      for row, piece in pieces:
+        texts[row] += piece
+      for row, text in enumerate(texts):
+        print(f'--- sample {row} ---\n{prompts[row // FLAGS.num_samples]}{text}')
   except (ConfigError, FileNotFoundError) as e:  # e.g. a prompt longer than the context
     sys.exit(f'error: {e}')
 
 
-def stream_one(generator, tokenizer, prompt, max_new_tokens, sampling):
-  """Prints the continuation as it is generated (whole characters only)."""
-  sys.stdout.write(_PROMPT.value)
-  tokens, printed = [], ''
-  for (token,) in generator.stream([prompt], max_new_tokens, **sampling):
-    if token == tokenizer.eos_id:
-      break
-    tokens.append(int(token))
-    text = tokenizer.decode(tokens)
-    # A multi-byte character split across tokens decodes to U+FFFD until its last byte arrives.
-    if not text.endswith('\ufffd'):
-      sys.stdout.write(text[len(printed):])
-      sys.stdout.flush()
-      printed = text
-  sys.stdout.write(tokenizer.decode(tokens)[len(printed):] + '\n')
-
-
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -133,7 +133,7 @@ def model_fields_from_hf(hf: dict) -> dict:
       norm_eps=hf.get('layer_norm_epsilon', 1e-5), mlp='gelu', use_bias=True,
       tie_embeddings=hf.get('tie_word_embeddings', True),
       dropout=0.0,  # HF's are for training; set config.model.dropout when fine-tuning
-      param_dtype='float32', dtype='float32', remat=False)
+      param_dtype='float32')
 
 
 def check_gpt2_layout(model) -> None:

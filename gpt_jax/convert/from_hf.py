@@ -26,9 +26,14 @@ from gpt_jax import config as config_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
-_HF_DIR = flags.DEFINE_string('hf_dir', None, 'A local Hugging Face GPT-2 folder.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The gpt_jax workdir to write (new or empty).')
-_STEP = flags.DEFINE_integer('step', 0, 'Checkpoint step to write the parameters at.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The binary's flags (defined only when run, so the module imports beside other binaries)."""
+  flags.DEFINE_string('hf_dir', None, 'A local Hugging Face GPT-2 folder.')
+  flags.DEFINE_string('workdir', None, 'The gpt_jax workdir to write (new or empty).')
+  flags.DEFINE_integer('step', 0, 'Checkpoint step to write the parameters at.')
 
 # Buffers that old transformers versions saved with the weights (the causal mask).
 _BUFFER_SUFFIXES = ('.attn.bias', '.attn.masked_bias')
@@ -150,20 +155,21 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   try:
-    if not _HF_DIR.value or not _WORKDIR.value:
+    if not FLAGS.hf_dir or not FLAGS.workdir:
       raise ConfigError('--hf_dir and --workdir are required')
-    config, params, tokenizer = convert_checkpoint(_HF_DIR.value, _WORKDIR.value, _STEP.value)
+    config, params, tokenizer = convert_checkpoint(FLAGS.hf_dir, FLAGS.workdir, FLAGS.step)
   except (ConfigError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   n = sum(x.size for x in jax.tree.leaves(params))
   m = config.model
-  print(f'Wrote {_WORKDIR.value}: GPT-2 with {n / 1e6:.1f}M parameters ({m.num_layers} layers x '
+  print(f'Wrote {FLAGS.workdir}: GPT-2 with {n / 1e6:.1f}M parameters ({m.num_layers} layers x '
         f'{m.emb_dim}, {m.num_heads} heads, context {m.max_len}, vocabulary {m.vocab_size}) '
-        f'at step {_STEP.value}')
+        f'at step {FLAGS.step}')
   if tokenizer is None:
-    print(f'note: {_HF_DIR.value} has no vocab.json + merges.txt, so the workdir has no '
+    print(f'note: {FLAGS.hf_dir} has no vocab.json + merges.txt, so the workdir has no '
           'tokenizer/; gpt_jax.sample and gpt_jax.eval need one (copy a tokenizer/ in).')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -19,10 +19,16 @@ from absl import app, flags, logging
 from gpt_jax import checkpoint, convert
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
+from gpt_jax.model import unstack_layers
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A gpt_jax workdir (trained or converted).')
-_OUT = flags.DEFINE_string('out', None, 'The Hugging Face folder to write.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The binary's flags (defined only when run, so the module imports beside other binaries)."""
+  flags.DEFINE_string('workdir', None, 'A gpt_jax workdir (trained or converted).')
+  flags.DEFINE_string('out', None, 'The Hugging Face folder to write.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 
 
 def export(workdir: str, out: str, step: int | None = None) -> tuple[dict, str]:
@@ -33,7 +39,8 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[dict, str]:
   convert.check_gpt2_layout(model)
   tokenizer_dir = os.path.join(workdir, 'tokenizer')
   tokenizer = tokenizer_lib.load(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
-  _, params, _ = checkpoint.load_model(workdir, step)
+  model_cfg, params, _ = checkpoint.load_model(workdir, step)
+  _, params = unstack_layers(model_cfg, params)  # a scan_layers model: one block_i per layer
   tensors = convert.params_to_hf(params, model)
 
   from safetensors.numpy import save_file
@@ -61,14 +68,15 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   try:
-    if not _WORKDIR.value or not _OUT.value:
+    if not FLAGS.workdir or not FLAGS.out:
       raise ConfigError('--workdir and --out are required')
-    hf_config, note = export(_WORKDIR.value, _OUT.value, _STEP.value)
+    hf_config, note = export(FLAGS.workdir, FLAGS.out, FLAGS.step)
   except (ConfigError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
-  print(f'Wrote {_OUT.value}: GPT2LMHeadModel ({hf_config["n_layer"]} layers x '
+  print(f'Wrote {FLAGS.out}: GPT2LMHeadModel ({hf_config["n_layer"]} layers x '
         f'{hf_config["n_embd"]}, vocabulary {hf_config["vocab_size"]}); {note}')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

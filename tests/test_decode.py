@@ -1,0 +1,158 @@
+"""Decoding: batches, EOS and stop strings, per-request lengths, determinism, streaming text,
+compilation reuse, and the sample binary's one-line errors."""
+
+import dataclasses
+import os
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import run_module
+from gpt_jax import checkpoint, config as config_lib, decode
+from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.convert import from_hf
+from gpt_jax.decode import PAD, Generator
+from gpt_jax.errors import ConfigError
+from gpt_jax.model import ModelConfig, Transformer
+from gpt_jax.sample import check_flags
+
+CFG = ModelConfig(vocab_size=257, max_len=64, num_layers=1, num_heads=4, emb_dim=32, mlp_dim=64)
+PROMPTS = [[1, 2, 3], list(range(10, 27)), [9]]
+
+
+@pytest.fixture(scope='module')
+def generator():
+  params = nn.unbox(Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  return Generator(CFG, params['params'])
+
+
+def collect(stream):
+  """Rows of a token stream, PAD dropped."""
+  steps = np.stack(list(stream), axis=1)
+  return [[int(t) for t in row if t != PAD] for row in steps]
+
+
+def test_sampling_is_deterministic_and_stream_equals_generate(generator):
+  sampling = dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3)
+  a = generator.generate(PROMPTS, 12, num_samples=2, seed=3, **sampling)
+  assert len(a) == 6 and all(len(row) == 12 for row in a)
+  assert a == generator.generate(PROMPTS, 12, num_samples=2, seed=3, **sampling)
+  assert a == collect(generator.stream(PROMPTS, 12, num_samples=2, seed=3, **sampling))
+  assert a != generator.generate(PROMPTS, 12, num_samples=2, seed=4, **sampling)
+  assert a[0] != a[1]  # two samples of one prompt differ
+  greedy = generator.generate(PROMPTS, 12, temperature=0)
+  assert greedy == collect(generator.stream(PROMPTS, 12, temperature=0))
+  assert greedy == generator.generate(PROMPTS, 12, temperature=0, repetition_penalty=1.0)
+
+
+def test_eos_and_per_request_max_new_tokens(generator):
+  greedy = generator.generate(PROMPTS, 10, temperature=0)
+  eos = greedy[0][4]
+  first_eos = [row.index(eos) + 1 if eos in row else 10 for row in greedy]
+  out = generator.generate(PROMPTS, 10, temperature=0, eos_id=eos)
+  assert out == [row[:n] for row, n in zip(greedy, first_eos)]
+  assert out[0][-1] == eos
+  limits = [3, 7, 5]
+  out = generator.generate(PROMPTS, limits, temperature=0)
+  assert out == [row[:n] for row, n in zip(greedy, limits)]
+  steps = list(generator.stream(PROMPTS, limits, temperature=0))
+  assert len(steps) == 7 and list(steps[5]) == [PAD, greedy[1][5], PAD]
+
+
+def test_context_limit_error_or_truncation(generator):
+  with pytest.raises(ConfigError, match="exceeds the model's context of 64 tokens.*keeps its "
+                                        'last 54'):
+    generator.generate([list(range(1, 61))], 10)
+  with pytest.raises(ConfigError, match='max_new_tokens must be positive'):
+    generator.generate([[1]], 0)
+  with pytest.raises(ConfigError, match=r'top_p must be in \(0, 1\]'):
+    generator.generate([[1]], 4, top_p=0)
+  long_prompt = list(range(1, 61))
+  assert (generator.generate([long_prompt], 10, temperature=0, truncate=True)
+          == generator.generate([long_prompt[-54:]], 10, temperature=0))
+
+
+def test_compiles_once_per_batch_and_length_bucket(generator):
+  gen = Generator(CFG, generator.params)
+  for n, prompt_len, temperature, seed in ((5, 3, 0.7, 0), (4, 12, 1.3, 1), (2, 1, 0.5, 2)):
+    gen.generate([[7] * prompt_len, [8] * 5], n, temperature=temperature, top_p=0.9, seed=seed)
+  assert gen._generate._cache_size() == 1  # same rows, buckets (16, 16) and mode
+  gen.generate([[7] * 20, [8] * 5], 4, temperature=0.7, top_p=0.9)  # prompt bucket 32
+  assert gen._generate._cache_size() == 2
+
+
+class _ScriptedGenerator:
+  """Streams given token rows, as Generator.stream would (PAD after a row ends)."""
+
+  def __init__(self, rows):
+    self.rows = rows
+
+  def stream(self, prompts, max_new_tokens, *, eos_id, num_samples, **_):
+    width = max(len(r) for r in self.rows)
+    for t in range(width):
+      yield np.array([r[t] if t < len(r) else PAD for r in self.rows])
+
+
+def test_stream_text_whole_characters_and_stop_strings():
+  tok = tokenizer_lib.ByteTokenizer()
+  text = 'héllo wörld 😀 a STx STOP never'
+  rows = [tok.encode(text), tok.encode('中文') + [tok.eos_id, 65]]
+  pieces = list(decode.stream_text(_ScriptedGenerator(rows), tok, ['', ''], 99,
+                                   stop=['STOP']))
+  assert all('\ufffd' not in piece for _, piece in pieces)
+  assert ''.join(p for r, p in pieces if r == 0) == 'héllo wörld 😀 a STx '
+  assert ''.join(p for r, p in pieces if r == 1) == '中文'
+  assert len([p for r, p in pieces if r == 0]) > 10  # streamed, not at the end
+  texts = decode.generate_text(_ScriptedGenerator(rows), tok, ['', ''], 99, stop=['wör', 'x'])
+  assert texts == ['héllo ', '中文']
+
+
+def _workdir(path, generator, tokenizer) -> str:
+  config = config_lib.base_config()
+  config.model.update(dataclasses.asdict(CFG))
+  checkpoint.save_config(str(path), config)
+  if tokenizer:
+    tokenizer.save(os.path.join(path, 'tokenizer'))
+  from_hf.write_params(str(path), 0, generator.params)
+  return str(path)
+
+
+def test_sample_binary_streams_and_fails_in_one_line(generator, tmp_path):
+  workdir = _workdir(tmp_path / 'w', generator, tokenizer_lib.ByteTokenizer())
+  proc = run_module('gpt_jax.sample', f'--workdir={workdir}', '--prompt=café ',
+                    '--max_new_tokens=20', '--temperature=0')
+  expected = tokenizer_lib.ByteTokenizer().decode(
+      generator.generate([list('café '.encode())], 20, temperature=0, eos_id=256)[0])
+  assert proc.stdout == 'café ' + expected + '\n'
+
+  no_tokenizer = _workdir(tmp_path / 'no_tok', generator, None)
+  proc = run_module('gpt_jax.sample', f'--workdir={no_tokenizer}', check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      f'error: No tokenizer in {no_tokenizer}/tokenizer: {no_tokenizer}/tokenizer/tokenizer.json '
+      'is missing.']
+  proc = run_module('gpt_jax.sample', f'--workdir={workdir}', '--top_p=1.5', check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == ['error: --top_p must be in (0, 1] (1: off), got 1.5']
+
+
+@pytest.mark.parametrize('flag, message', [
+    (dict(max_new_tokens=0), '--max_new_tokens must be positive, got 0'),
+    (dict(temperature=-0.5), '--temperature must be >= 0'),
+    (dict(top_p=0.0), r'--top_p must be in \(0, 1\]'),
+    (dict(top_p=1.01), r'--top_p must be in \(0, 1\]'),
+    (dict(num_samples=0), '--num_samples must be positive'),
+    (dict(repetition_penalty=0.0), '--repetition_penalty must be > 0'),
+    (dict(workdir=''), '--workdir is required'),
+])
+def test_sample_flag_validation(flag, message, tmp_path):
+  flags = dict(workdir=str(tmp_path), max_new_tokens=10, temperature=0.8, top_k=0, top_p=1.0,
+               num_samples=1, repetition_penalty=1.0)
+  with pytest.raises(ConfigError, match=message):
+    check_flags(types.SimpleNamespace(**{**flags, **flag}))
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    check_flags(types.SimpleNamespace(**{**flags, 'workdir': str(tmp_path / 'missing')}))
