@@ -55,6 +55,26 @@ def loss_fn(model: Transformer, params, batch, dropout_rng):
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
 
 
+def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules):
+  """(init_state(rng) -> TrainState, the abstract TrainState with each leaf's sharding).
+
+  Shardings come from the parameters' logical names and the rules; a name without a rule, or a
+  dimension that does not divide over its mesh axes, is an error here, before any compilation.
+  """
+  def boxed_state(rng):
+    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  boxed = jax.eval_shape(boxed_state, jax.random.key(0))
+  logical_specs = nn.get_partition_spec(boxed)
+  sharding.check_rules(logical_specs.params, rules)
+  shardings = sharding.logical_to_shardings(logical_specs, mesh, rules)
+  abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  sharding.check_divisible(abstract.params, shardings.params)
+  return (lambda rng: nn.unbox(boxed_state(rng))), abstract
+
+
 def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: int):
 
   def train_step(state: TrainState, batch):
@@ -176,20 +196,9 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
 
-  def init_state(rng):
-    dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)
-    params = model.init(rng, dummy)['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-
+  init_state, abstract_state = sharded_state(model, tx, config.data.seq_len, mesh, rules)
+  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   rng = jax.random.key(config.seed)
-  boxed = jax.eval_shape(init_state, rng)
-  logical_specs = nn.get_partition_spec(boxed)
-  sharding.check_rules(logical_specs.params, rules)
-  state_shardings = sharding.logical_to_shardings(logical_specs, mesh, rules)
-  abstract_state = jax.tree.map(
-      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-      nn.unbox(boxed), state_shardings)
-  sharding.check_divisible(abstract_state.params, state_shardings.params)
 
   # ------------------------------------------------------------------ checkpoint (resume)
   manager = checkpoint.make_manager(workdir, config.checkpoint)
@@ -197,7 +206,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     state, start_step = checkpoint.restore_latest(manager, abstract_state, train_iter)
     if state is None:
       start_step = 0
-      state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=state_shardings)(rng)
+      state = jax.jit(init_state, out_shardings=state_shardings)(rng)
       if config.init_from:  # fine-tuning: parameters from another run, a fresh optimizer
         params, init_step = checkpoint.restore_params(config.init_from, abstract_state.params)
         logging.warning('Initialised parameters from %s (step %d)', config.init_from, init_step)
@@ -226,7 +235,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     train_step = jax.jit(
         make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed),
         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-        donate_argnums=0)
+        donate_argnums=0)  # the old state's buffers are reused for the new one
     eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params,
                                                              batch_sharding))
 
