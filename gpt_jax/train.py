@@ -18,6 +18,7 @@ import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 import numpy as np
 import optax
@@ -165,7 +166,12 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
                jax.process_count())
 
   # ------------------------------------------------------------------ data
-  tokenizer = data.prepare_tokenizer(config, workdir)
+  # Process 0 builds the dataset, tokenizer and token cache; the others then read them.
+  if is_main:
+    tokenizer = data.prepare_tokenizer(config, workdir)
+  multihost_utils.sync_global_devices('tokenizer ready')
+  if not is_main:
+    tokenizer = data.prepare_tokenizer(config, workdir)
   if config.model.vocab_size == 0:
     config.model.vocab_size = tokenizer.vocab_size
   elif config.model.vocab_size < tokenizer.vocab_size:
@@ -182,6 +188,11 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   if config.init_from:
     checkpoint.check_compatible(config.init_from, model_cfg)
   checkpoint.save_config(workdir, config)
+  for split, needed in ((config.data.train_split, True), (config.data.val_split,
+                                                         bool(config.train.eval_every))):
+    if needed and is_main:
+      data.token_stream(config.data, tokenizer, workdir, split)
+  multihost_utils.sync_global_devices('token streams ready')
   train_iter = data.make_train_iterator(config, tokenizer, workdir)
   eval_batches = (data.make_eval_batches(config, tokenizer, workdir, config.train.eval_batches)
                   if config.train.eval_every else [])
@@ -306,8 +317,11 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     return last
 
   # ------------------------------------------------------------------ sample
+  if config.train.sample_tokens:
+    # Every process takes part in gathering the sharded parameters; process 0 samples.
+    params = multihost_utils.process_allgather(state.params, tiled=True)
   if config.train.sample_tokens and is_main:
-    generator = decode.Generator(*unstack_layers(model_cfg, jax.device_get(state.params)))
+    generator = decode.Generator(*unstack_layers(model_cfg, params))
     prompt = decode.encode_prompt(tokenizer, config.train.sample_prompt)
     new_tokens = config.train.sample_tokens
     new_tokens = min(new_tokens, model_cfg.max_len - len(prompt))

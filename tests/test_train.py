@@ -1,11 +1,14 @@
 """The real train and sample binaries, run as a user runs them (in subprocesses)."""
 
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import jax
 
-from conftest import read_metrics, run_module, train
+from conftest import REPO, module_env, read_metrics, run_module, train, train_args
 from gpt_jax import checkpoint
 
 
@@ -55,23 +58,40 @@ def test_resume_equals_uninterrupted_run(tmp_path, tfds_dir):
   assert_trees_equal(restore_params(resumed), restore_params(straight))
 
 
-def test_eight_devices_match_one_device(tmp_path, tfds_dir):
-  """Data x FSDP x tensor parallel on 8 simulated devices: same losses as 1 device."""
+def test_two_hosts_and_eight_devices_match_one_device(tmp_path, tfds_dir):
+  """The same config on 1 device, on 8 devices in one process (data x fsdp x tensor = 2x2x2),
+  and on 2 processes of 4 devices each (jax.distributed over 127.0.0.1): the same losses."""
   common = {'train.num_steps': 5, 'train.log_every': 1, 'train.eval_every': 5,
             'data.cache_dir': str(tmp_path / 'cache'), 'optim.warmup_steps': 1}
-  one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
+  mesh = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
+  one, eight, hosts = str(tmp_path / 'one'), str(tmp_path / 'eight'), str(tmp_path / 'hosts')
   train(one, tfds_dir, **common)
-  train(eight, tfds_dir, devices=8, **common,
-        **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
-  for key in ('train_loss', 'grad_norm', 'val_loss'):
-    expected, got = read_metrics(one, key), read_metrics(eight, key)
-    assert sorted(got) == sorted(expected)
-    np.testing.assert_allclose([got[s] for s in sorted(got)],
-                               [expected[s] for s in sorted(expected)], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(restore_params(one)), jax.tree.leaves(restore_params(eight))):
-    # atol: Adam divides by sqrt(v), so float32 rounding in a near-zero gradient moves a
-    # near-zero parameter by ~1e-6 however the devices split the sums.
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  train(eight, tfds_dir, devices=8, **common, **mesh)
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  args = train_args(hosts, tfds_dir, **common, **mesh)
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'gpt_jax.train', *args, f'--coordinator_address=127.0.0.1:{port}',
+       '--num_processes=2', f'--process_id={i}'], cwd=REPO, env=module_env(devices=4),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for proc in procs:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+  for workdir in (eight, hosts):
+    for key in ('train_loss', 'grad_norm', 'val_loss'):
+      expected, got = read_metrics(one, key), read_metrics(workdir, key)
+      assert sorted(got) == sorted(expected)
+      np.testing.assert_allclose([got[s] for s in sorted(got)],
+                                 [expected[s] for s in sorted(expected)], rtol=1e-5)
+    # Written by 8 devices (in 1 or 2 processes), restored on 1: a resharding restore.
+    for a, b in zip(jax.tree.leaves(restore_params(one)), jax.tree.leaves(restore_params(workdir))):
+      # atol: Adam divides by sqrt(v), so float32 rounding in a near-zero gradient moves a
+      # near-zero parameter by ~1e-6 however the devices split the sums.
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  sample = run_module('gpt_jax.sample', f'--workdir={hosts}', '--prompt=The ',
+                      '--max_new_tokens=8', '--temperature=0', devices=2)
+  assert sample.stdout.startswith('The ')
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path, tfds_dir):
