@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.sample_tokens = 200        # 0 disables the final sample
   c.train.measure_peak = True        # time a matmul at start-up for the MFU denominator
   c.train.progress_bar = True
+  c.train.compilation_cache = True   # reuse compiled steps across restarts (<workdir>/jax_cache)
   c.train.on_nonfinite = 'halt'     # non-finite loss/gradient: 'halt' or 'skip' the update
 
   c.mesh = ml_collections.ConfigDict()

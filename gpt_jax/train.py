@@ -152,6 +152,10 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   config_lib.validate(config)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  if config.train.compilation_cache:
+    # Persistent across restarts: a resumed or preempted run skips recompiling its steps.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)

@@ -1,5 +1,7 @@
 """The model in isolation: causality, layouts, KV-cache decoding, sharding rules."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import pytest
 
 from gpt_jax import sharding
 from gpt_jax.decode import Generator, sample_logits
-from gpt_jax.model import ModelConfig, Transformer
+from gpt_jax.model import ModelConfig, Transformer, unstack_layers
 
 GPT2 = dict()
 LLAMA = dict(position='rope', norm='rmsnorm', mlp='swiglu', num_kv_heads=2, use_bias=False,
@@ -100,3 +102,34 @@ def test_mesh_shape_resolution_and_errors():
     sharding.mesh_shape(mesh(data=3, fsdp=2), 8)
   with pytest.raises(ValueError, match='do not divide the 8 available devices'):
     sharding.mesh_shape(mesh(data=-1, fsdp=3), 8)
+
+
+def test_remat_and_scan_change_nothing_numerically():
+  base = ModelConfig(vocab_size=61, max_len=32, num_layers=3, num_heads=4, emb_dim=32, mlp_dim=64)
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 61)
+  scanned_cfg = dataclasses.replace(base, scan_layers=True)
+  scanned = nn.unbox(Transformer(scanned_cfg).init(jax.random.key(0), tokens)['params'])
+  assert scanned['blocks']['attn']['query']['kernel'].shape == (3, 32, 4, 8)  # layer axis first
+  loop_cfg, params = unstack_layers(scanned_cfg, scanned)
+  assert loop_cfg == base and 'block_2' in params
+  np.testing.assert_allclose(Transformer(scanned_cfg).apply({'params': scanned}, tokens)[0],
+                             Transformer(base).apply({'params': params}, tokens)[0], atol=1e-5)
+
+  def grads(cfg):
+    return jax.grad(lambda p: Transformer(cfg).apply({'params': p}, tokens)[0].std())(params)
+  reference = grads(base)
+  for policy in ('full', 'dots_saveable'):
+    for a, b in zip(jax.tree.leaves(grads(dataclasses.replace(base, remat=policy))),
+                    jax.tree.leaves(reference)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_logits():
+  cfg, model, params = make(GPT2, compute_dtype='bfloat16')
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, 61)
+  logits, _ = model.apply({'params': params}, tokens)
+  reference, _ = Transformer(dataclasses.replace(cfg, compute_dtype='float32')).apply(
+      {'params': params}, tokens)
+  assert logits.dtype == jnp.float32
+  assert 0 < float(jnp.abs(logits - reference).max()) < 0.05  # bf16 inputs, float32 sums

@@ -34,6 +34,8 @@ def test_loss_decreases_on_builtin_corpus_then_sample(tmp_path, tfds_dir):
   assert val[100] < val[50] and val[100] < unigram_entropy - 0.3, (val, unigram_entropy)
   for name in ('config.json', 'tokenizer/tokenizer.json', 'checkpoints/100', 'tensorboard'):
     assert os.path.exists(os.path.join(workdir, name)), name
+  # The compiled train step is in the persistent cache, for the next restart.
+  assert any(f.startswith('jit_train_step') for f in os.listdir(os.path.join(workdir, 'jax_cache')))
   params = restore_params(workdir)
   assert sorted(k for k in params if k.startswith('block_')) == ['block_0', 'block_1', 'block_2']
   assert checkpoint.load_config(workdir).model.num_layers == 3
@@ -118,3 +120,13 @@ def test_bad_input_gives_one_line_errors(tmp_path, tfds_dir):
   assert proc.returncode != 0 and 'no*.txt' in proc.stderr and 'Traceback' not in proc.stderr
   proc = run_module('gpt_jax.sample', f'--workdir={tmp_path / "missing"}', check=False)
   assert proc.stderr.strip().splitlines()[-1].startswith('error: ') and 'missing' in proc.stderr
+
+
+def test_bfloat16_compute_trains_like_float32(tmp_path, tfds_dir):
+  common = {'train.num_steps': 60, 'train.log_every': 20, 'train.eval_every': 60,
+            'optim.warmup_steps': 10, 'data.cache_dir': str(tmp_path / 'cache')}
+  f32, bf16 = str(tmp_path / 'f32'), str(tmp_path / 'bf16')
+  train(f32, tfds_dir, **common)
+  train(bf16, tfds_dir, **common, **{'model.compute_dtype': 'bfloat16'})
+  assert read_metrics(bf16, 'train_loss')[60] < read_metrics(bf16, 'train_loss')[20]
+  assert abs(read_metrics(bf16, 'val_loss')[60] - read_metrics(f32, 'val_loss')[60]) < 0.05
