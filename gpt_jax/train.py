@@ -37,6 +37,11 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for multi-host runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in a multi-host run.')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'],
+    'Call jax.distributed.initialize() (cluster auto-detection: Cloud TPU, SLURM, Open MPI). '
+    'auto: when a multi-process SLURM or Open MPI job is detected, or --coordinator_address is '
+    'given.')
 _START_OVER = flags.DEFINE_bool(
     'start_over', False, 'Move existing checkpoints aside and train from step 0 (needed when '
     'none of them can be read).')
@@ -335,6 +340,10 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   return last
 
 
+def _multiprocess_job() -> bool:
+  return any(int(os.environ.get(var, '1')) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -344,6 +353,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value == 'on' or (_DISTRIBUTED.value == 'auto' and _multiprocess_job()):
+    jax.distributed.initialize()  # jax detects the coordinator, process count and id
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
   except (ConfigError, FileNotFoundError, FloatingPointError) as e:
