@@ -66,6 +66,7 @@ def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
   else:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=checkpoint_config.keep,
+        cleanup_tmp_directories=True,  # what a killed or failed save left behind
         enable_async_checkpointing=checkpoint_config.async_save,
         read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(directory, options=options)
@@ -101,6 +102,25 @@ class CorruptCheckpointError(ConfigError):
   """A checkpoint's files cannot be read or do not hold what was written."""
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, no permission); older ones are intact."""
+
+
+def _write_error(manager, e: Exception) -> CheckpointWriteError:
+  reason = str(e).strip().splitlines()[0].rsplit(': ', 1)[-1]  # e.g. 'No space left on device'
+  return CheckpointWriteError(
+      f'Writing a checkpoint to {manager.directory} failed: {reason}. The newest complete '
+      f'checkpoint is step {manager.latest_step()}.')
+
+
+def wait_until_saved(manager: ocp.CheckpointManager) -> None:
+  """Blocks until the pending save is committed; a failed write becomes CheckpointWriteError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # Orbax re-raises the writer thread's error, whatever its type.
+    raise _write_error(manager, e) from e
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:
   """Starts saving (asynchronously if configured); Orbax commits each step atomically."""
   items = {'params': ocp.args.StandardSave(state.params),
@@ -109,7 +129,10 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -
                {'params': state.params, 'opt_state': state.opt_state}))}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-  manager.save(step, args=ocp.args.Composite(**items))
+  try:
+    manager.save(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # the previous save's failure surfaces here too
+    raise _write_error(manager, e) from e
 
 
 def _verify(manager, step: int, restored: dict, saved_fingerprint: dict) -> None:

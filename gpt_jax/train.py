@@ -312,7 +312,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
           saved_step = step
         if stopping:
           break
-    manager.wait_until_finished()
+    checkpoint.wait_until_saved(manager)
   finally:
     stop.restore()
     manager.close()
@@ -361,6 +361,12 @@ def main(argv):
     if _VERBOSE.value:
       raise
     sys.exit(f'error: {e}')
+  except checkpoint.CheckpointWriteError as e:
+    if _VERBOSE.value:
+      raise
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    # Skip interpreter teardown: Orbax's failed writer threads would print tracebacks after it.
+    os._exit(1)
 
 
 if __name__ == '__main__':

@@ -194,3 +194,26 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tfds_dir):
       **{'data.text_files': str(latin1), 'data.tfds_name': ''})
   assert 'sentencepiece training with data.vocab_size=512 failed' in error_of(
       **{'data.text_files': str(tiny), 'data.tfds_name': ''})
+
+
+def test_disk_full_at_checkpoint_time_stops_cleanly(tmp_path, tfds_dir):
+  """A 3 MB filesystem holds one checkpoint of this model but not two."""
+  if subprocess.run(['unshare', '-rm', 'true'], capture_output=True).returncode != 0:
+    pytest.skip('needs unshare (user and mount namespaces) to mount a small tmpfs')
+  small = tmp_path / 'small'
+  small.mkdir()
+  workdir = small / 'run'
+  args = train_args(str(workdir), tfds_dir, **{
+      **RUN, 'train.num_steps': 12, 'train.compilation_cache': False,
+      'data.cache_dir': str(tmp_path / 'cache')})
+  restore = (f'from gpt_jax import checkpoint; '
+             f'print("restored step", checkpoint.load_model("{workdir}")[2])')
+  script = (f'mount -t tmpfs -o size=3m tmpfs {small} && '
+            f'{sys.executable} -m gpt_jax.train {" ".join(args)}; echo "exit code $?"; '
+            f"{sys.executable} -c '{restore}'")
+  proc = subprocess.run(['unshare', '-rm', 'sh', '-c', script], cwd=REPO, env=module_env(),
+                        capture_output=True, text=True, timeout=300)
+  error = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert error == [f'error: Writing a checkpoint to {workdir}/checkpoints failed: No space left '
+                   "on device [os_error_code='28']. The newest complete checkpoint is step 4."]
+  assert 'exit code 1' in proc.stdout and 'restored step 4' in proc.stdout, proc.stdout
