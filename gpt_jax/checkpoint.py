@@ -8,6 +8,7 @@ read `params` alone and rebuild the model from `config.json`.
 
 import json
 import os
+import time
 
 from absl import logging
 import flax.linen as nn
@@ -31,6 +32,23 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     with open(tmp, 'w') as f:
       f.write(config.to_json(indent=2))
     os.replace(tmp, os.path.join(workdir, CONFIG_FILE))  # atomic: never a half-written config
+
+
+def prepare_workdir(workdir: str, config, model_cfg: ModelConfig, start_over: bool) -> None:
+  """Checks that the workdir's (and init_from's) checkpoints fit `model_cfg`, then saves config.
+
+  With `start_over`, existing checkpoints are first moved aside, never deleted.
+  """
+  checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
+  if start_over and jax.process_index() == 0 and os.path.isdir(checkpoints):
+    aside = f'{checkpoints}.before_start_over.{int(time.time())}'
+    os.replace(checkpoints, aside)
+    logging.warning('--start_over: moved the old checkpoints to %s', aside)
+  if os.path.isdir(checkpoints) and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    check_compatible(workdir, model_cfg)
+  if config.init_from:
+    check_compatible(config.init_from, model_cfg)
+  save_config(workdir, config)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -187,16 +187,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     raise ConfigError(f'config.model.vocab_size ({config.model.vocab_size}) is smaller than the '
                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
   model_cfg = ModelConfig.from_config(config.model)
-  if start_over and is_main and os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
-    aside = os.path.join(workdir, f'checkpoints.before_start_over.{int(time.time())}')
-    os.replace(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), aside)
-    logging.warning('--start_over: moved the old checkpoints to %s', aside)
-  if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)) and os.path.exists(
-      os.path.join(workdir, checkpoint.CONFIG_FILE)):
-    checkpoint.check_compatible(workdir, model_cfg)
-  if config.init_from:
-    checkpoint.check_compatible(config.init_from, model_cfg)
-  checkpoint.save_config(workdir, config)
+  checkpoint.prepare_workdir(workdir, config, model_cfg, start_over)
   for split, needed in ((config.data.train_split, True), (config.data.val_split,
                                                          bool(config.train.eval_every))):
     if needed and is_main:
