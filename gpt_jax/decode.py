@@ -218,8 +218,9 @@ class Generator:
     tokens = np.zeros((len(prompts), _bucket(int(lengths.max()), context)), np.int32)
     for row, prompt in enumerate(prompts):
       tokens[row, :len(prompt)] = prompt
-    mode = _Mode(greedy=temperature == 0, top_k=int(top_k) if temperature else 0,
-                 top_p=bool(temperature) and top_p < 1.0, penalty=repetition_penalty != 1.0)
+    sampled = temperature != 0
+    mode = _Mode(greedy=not sampled, top_k=min(int(top_k), self.cfg.vocab_size) if sampled else 0,
+                 top_p=sampled and top_p < 1.0, penalty=repetition_penalty != 1.0)
     dynamic = (np.int32(PAD if eos_id is None else eos_id), np.int32(seed),
                np.float32(temperature or 1.0), np.float32(top_p), np.float32(repetition_penalty))
     return _Request(tokens, lengths, max_new, _bucket(int((lengths + max_new).max()), context),

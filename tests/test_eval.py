@@ -76,4 +76,5 @@ def test_eval_text_files_and_errors(workdir, tmp_path):
     eval_lib.evaluate(workdir, seq_len=64)
   proc = run_module('gpt_jax.eval', f'--workdir={tmp_path / "missing"}', check=False)
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines() == [f'error: Workdir {tmp_path / "missing"} does not exist']
+  missing = tmp_path / 'missing'
+  assert proc.stderr.strip().splitlines() == [f'error: Workdir {missing} does not exist']

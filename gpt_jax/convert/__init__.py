@@ -5,16 +5,17 @@
 
 The mapping, per block i (HF keys under `transformer.`; GPT-2's Conv1D stores weights [in, out]):
 
-  h.i.ln_1.{weight,bias}       block_i/ln_1/{scale,bias}
-  h.i.attn.c_attn.weight       block_i/attn/{query,key,value}/kernel  [emb, 3*emb] -> 3 x [emb, heads, head_dim]
-  h.i.attn.c_attn.bias         block_i/attn/{query,key,value}/bias    [3*emb] -> 3 x [heads, head_dim]
-  h.i.attn.c_proj.{weight,bias} block_i/attn/out/{kernel,bias}        [emb, emb] -> [heads, head_dim, emb]
-  h.i.ln_2.{weight,bias}       block_i/ln_2/{scale,bias}
-  h.i.mlp.c_fc.{weight,bias}   block_i/mlp/fc_in/{kernel,bias}        [emb, mlp]
-  h.i.mlp.c_proj.{weight,bias} block_i/mlp/fc_out/{kernel,bias}       [mlp, emb]
-  wte.weight, wpe.weight       wte/embedding, wpe
-  ln_f.{weight,bias}           ln_f/{scale,bias}
-  lm_head.weight (untied only) lm_head/kernel (transposed)
+  h.i.ln_1.{weight,bias}        block_i/ln_1/{scale,bias}
+  h.i.attn.c_attn.weight        block_i/attn/{query,key,value}/kernel: [emb, 3*emb] split
+                                into 3 x [emb, heads, head_dim]
+  h.i.attn.c_attn.bias          block_i/attn/{query,key,value}/bias: 3 x [heads, head_dim]
+  h.i.attn.c_proj.{weight,bias} block_i/attn/out/{kernel,bias}: [emb, emb] = [heads, head_dim, emb]
+  h.i.ln_2.{weight,bias}        block_i/ln_2/{scale,bias}
+  h.i.mlp.c_fc.{weight,bias}    block_i/mlp/fc_in/{kernel,bias}: [emb, mlp]
+  h.i.mlp.c_proj.{weight,bias}  block_i/mlp/fc_out/{kernel,bias}: [mlp, emb]
+  wte.weight, wpe.weight        wte/embedding, wpe
+  ln_f.{weight,bias}            ln_f/{scale,bias}
+  lm_head.weight (untied only)  lm_head/kernel (transposed)
 
 Both directions are pure reshapes and transposes of float32 arrays, so a round trip is
 bit-identical and logits agree with transformers' to float32 rounding.

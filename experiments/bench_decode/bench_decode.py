@@ -1,0 +1,126 @@
+r"""Greedy decoding speed, gpt_jax against Hugging Face transformers, on the same GPT-2 weights.
+
+  python experiments/bench_decode/bench_decode.py            # full run (a few minutes on 2 cores)
+  python experiments/bench_decode/bench_decode.py --quick    # fewer tokens and repeats
+
+A randomly initialised GPT-2 124M (`GPT2LMHeadModel(GPT2Config())`, float32) is converted in
+memory with gpt_jax.convert; both sides decode 128 new tokens greedily after a 16-token random
+prompt, at batch 1 and 8, timed end to end (prefill included) as the best of several runs after
+a warm-up (which compiles ours). transformers runs `generate(do_sample=False, use_cache=True)`.
+
+Batch 1 is memory-bound: every new token reads every parameter once. The bound is parameter
+bytes per token over a measured copy bandwidth (2 x bytes / time of copying a 1 GiB float32
+array, the best of numpy and a jitted XLA copy); the table gives the fraction of it reached.
+"""
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
+from gpt_jax import convert, decode  # noqa: E402
+from gpt_jax.model import ModelConfig  # noqa: E402
+
+
+def copy_bandwidth(num_bytes: int, repeats: int) -> float:
+  """Bytes/s moved (read + write) copying a float32 array: best of numpy and XLA."""
+  src = np.random.default_rng(0).random(num_bytes // 4, dtype=np.float32)
+  dst = np.empty_like(src)
+  best_np = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+  x = jnp.asarray(src)
+  copy = jax.jit(lambda x: x * 1.0000001)  # reads and writes every element; not elided
+  copy(x).block_until_ready()
+  best_jax = min(_timed(lambda: copy(x).block_until_ready()) for _ in range(repeats))
+  return 2 * num_bytes / min(best_np, best_jax)
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true', help='32 new tokens, 1 timed run each')
+  parser.add_argument('--batch_sizes', default='1,8')
+  parser.add_argument('--new_tokens', type=int, default=128)
+  parser.add_argument('--prompt_len', type=int, default=16)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--bf16', action='store_true', help='also time ours with bfloat16 params')
+  args = parser.parse_args()
+  new_tokens = 32 if args.quick else args.new_tokens
+  repeats = 1 if args.quick else args.repeats
+
+  torch.manual_seed(0)
+  hf_config = transformers.GPT2Config()
+  hf = transformers.GPT2LMHeadModel(hf_config).eval()
+  model = convert.model_fields_from_hf(hf_config.to_dict())
+  tensors = {k.removeprefix('transformer.'): v.detach().numpy()
+             for k, v in hf.state_dict().items()}
+  params = jax.tree.map(jnp.asarray, convert.hf_to_params(tensors, model))
+  cfg = ModelConfig(**model)
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  param_bytes = 4 * num_params
+
+  bandwidth = copy_bandwidth(1 << 30, max(repeats, 2))
+  bound = bandwidth / param_bytes
+  print(f'{datetime.date.today()}  jax {jax.__version__}, torch {torch.__version__}, transformers '
+        f'{transformers.__version__}, {os.cpu_count()} CPUs, torch threads '
+        f'{torch.get_num_threads()}')
+  print(f'GPT-2 124M shape: {num_params / 1e6:.1f}M params, {param_bytes / 1e6:.0f} MB float32; '
+        f'copy bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 bound {bound:.1f} tokens/s')
+  print(f'{new_tokens} new tokens after {args.prompt_len} prompt tokens, greedy, best of '
+        f'{repeats}\n')
+
+  variants = [('float32', decode.Generator(cfg, params))]
+  if args.bf16:
+    cfg16 = ModelConfig(**{**model, 'param_dtype': 'bfloat16', 'compute_dtype': 'bfloat16'})
+    variants.append(('bfloat16', decode.Generator(
+        cfg16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))))
+
+  rows = []
+  rng = np.random.default_rng(0)
+  for batch in [int(b) for b in args.batch_sizes.split(',')]:
+    prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len))
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    def run_hf():
+      with torch.no_grad():
+        return hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                           pad_token_id=0)[:, args.prompt_len:].numpy()
+
+    theirs = run_hf()  # warm-up
+    t_hf = min(_timed(run_hf) for _ in range(repeats))
+    print(f'  batch {batch}: transformers {batch * new_tokens / t_hf:.1f} tokens/s', flush=True)
+    for name, generator in variants:
+      run = lambda: generator.generate(prompts.tolist(), new_tokens, temperature=0)
+      ours = run()  # compiles
+      t_ours = min(_timed(run) for _ in range(repeats))
+      same = np.mean(np.asarray(ours) == theirs) if name == 'float32' else float('nan')
+      rows.append((batch, name, batch * new_tokens / t_ours, batch * new_tokens / t_hf, same))
+      print(f'  batch {batch}: gpt_jax {name} {rows[-1][2]:.1f} tokens/s', flush=True)
+
+  print()
+  print('| batch | params | gpt_jax tokens/s | transformers tokens/s | ratio | bandwidth bound '
+        '| fraction of bound | same greedy tokens |')
+  print('|---|---|---|---|---|---|---|---|')
+  for batch, name, ours, theirs, same in rows:
+    b1 = batch == 1
+    print(f'| {batch} | {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | '
+          f'{f"{bound:.1f}" if b1 else "-"} | {f"{ours / bound:.0%}" if b1 else "-"} | '
+          f'{"-" if same != same else f"{same:.0%}"} |')
+
+
+if __name__ == '__main__':
+  main()
