@@ -153,6 +153,16 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -
     raise _write_error(manager, e) from e
 
 
+def save_params(workdir: str, step: int, params) -> None:
+  """Writes `checkpoints/<step>/` with parameters alone (e.g. converted weights), synchronously."""
+  manager = make_manager(workdir)
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      fingerprint=ocp.args.JsonSave(_fingerprint_json({'params': params}))))
+  wait_until_saved(manager)
+  manager.close()
+
+
 def _verify(manager, step: int, restored: dict, saved_fingerprint: dict) -> None:
   got = _fingerprint_json(restored)
   bad = sorted(k for k, v in saved_fingerprint.items() if k in got and got[k] != v)

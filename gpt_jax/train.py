@@ -9,6 +9,7 @@ config and workdir; running the same command again resumes from the latest check
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -176,6 +177,10 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
 
   # ------------------------------------------------------------------ data
   # Process 0 builds the dataset, tokenizer and token cache; the others then read them.
+  own_tokenizer, init_tokenizer = (os.path.join(d, 'tokenizer') for d in (workdir,
+                                                                         config.init_from))
+  if is_main and config.init_from and not os.path.isdir(own_tokenizer):
+    shutil.copytree(init_tokenizer, own_tokenizer)  # fine-tuning keeps the model's vocabulary
   if is_main:
     tokenizer = data.prepare_tokenizer(config, workdir)
   multihost_utils.sync_global_devices('tokenizer ready')

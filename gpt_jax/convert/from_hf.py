@@ -19,7 +19,6 @@ import sys
 from absl import app, flags, logging
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from gpt_jax import checkpoint, convert
 from gpt_jax import config as config_lib
@@ -98,18 +97,6 @@ def _check_tensors(tensors: dict, model: dict) -> None:
     raise ConfigError(f'The checkpoint has weights a GPT-2 does not: {unexpected[:3]}')
 
 
-def write_params(workdir: str, step: int, params) -> None:
-  """`checkpoints/<step>/params` (and its fingerprint), as gpt_jax.train writes them."""
-  manager = checkpoint.make_manager(workdir)
-  items = {'params': ocp.args.StandardSave(params)}
-  if hasattr(checkpoint, '_fingerprint_json'):  # checksums verified by restore_params
-    items['fingerprint'] = ocp.args.JsonSave({
-        k: v for k, v in checkpoint._fingerprint_json({'params': params}).items()})
-  manager.save(step, args=ocp.args.Composite(**items))
-  manager.wait_until_finished()
-  manager.close()
-
-
 def convert_checkpoint(hf_dir: str, workdir: str, step: int = 0):
   """Writes the workdir; returns (config, params)."""
   hf_config = read_hf_config(hf_dir)
@@ -142,7 +129,7 @@ def convert_checkpoint(hf_dir: str, workdir: str, step: int = 0):
     if os.path.isdir(tokenizer_dir):
       shutil.rmtree(tokenizer_dir)
     tokenizer.save(tokenizer_dir)
-  write_params(workdir, step, params)
+  checkpoint.save_params(workdir, step, params)
   checkpoint.save_config(workdir, config)  # last: a workdir with a config is complete
   with open(os.path.join(workdir, 'converted_from.json'), 'w') as f:
     json.dump({'hf_dir': os.path.abspath(hf_dir), 'hf_config': hf_config}, f, indent=2)
