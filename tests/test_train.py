@@ -47,6 +47,16 @@ def test_loss_decreases_on_builtin_corpus_then_sample(tmp_path, tfds_dir):
   assert sample('--temperature=0') == greedy
   assert sample('--temperature=1', '--seed=3') == sample('--temperature=1', '--seed=3')
 
+  # Fine-tuning from it starts where it ended, not from scratch.
+  tuned = str(tmp_path / 'tuned')
+  run_module('gpt_jax.train', f'--config=configs/finetune.py:{workdir}', f'--workdir={tuned}',
+             f'--config.data.tfds_data_dir={tfds_dir}', '--config.train.num_steps=2',
+             '--config.train.log_every=1', '--config.train.eval_every=0',
+             '--config.train.measure_peak=False', '--config.train.sample_tokens=0',
+             '--config.train.progress_bar=False')
+  assert read_metrics(tuned, 'train_loss')[1] < losses[100] + 0.3
+  assert checkpoint.load_config(tuned).model.num_layers == 3
+
 
 def test_resume_equals_uninterrupted_run(tmp_path, tfds_dir):
   common = {'train.log_every': 1, 'train.eval_every': 0, 'checkpoint.every_steps': 4,
