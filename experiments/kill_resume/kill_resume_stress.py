@@ -69,11 +69,8 @@ def main():
   root = tempfile.mkdtemp(prefix='kill_resume_')
   tfds_dir, cache_dir = os.path.join(root, 'tfds'), os.path.join(root, 'cache')
 
-  start = time.time()
   reference_dir = os.path.join(root, 'uninterrupted')
-  run(train_command(reference_dir, tfds_dir, cache_dir))
-  duration = time.time() - start
-  run(train_command(os.path.join(root, 'warm'), tfds_dir, cache_dir))  # caches warm for timing
+  run(train_command(reference_dir, tfds_dir, cache_dir))  # also warms the dataset caches
   start = time.time()
   run(train_command(os.path.join(root, 'timed'), tfds_dir, cache_dir))
   duration = time.time() - start
@@ -82,9 +79,12 @@ def main():
 
   identical = []
   for trial in range(args.kills):
-    workdir = os.path.join(root, f'trial_{trial}')
-    delay = rng.uniform(0.5, duration)
-    finished = run(train_command(workdir, tfds_dir, cache_dir), kill_after=delay)
+    finished, attempt = True, 0
+    while finished:  # a run that ends before its kill time was not killed: draw again
+      workdir = os.path.join(root, f'trial_{trial}_{attempt}')
+      delay = rng.uniform(0.5, duration)
+      finished = run(train_command(workdir, tfds_dir, cache_dir), kill_after=delay)
+      attempt += 1
     restarts = 0
     while not finished:
       finished = run(train_command(workdir, tfds_dir, cache_dir))
