@@ -14,7 +14,6 @@ import pytest
 from conftest import run_module
 from gpt_jax import checkpoint, config as config_lib, decode
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.convert import from_hf
 from gpt_jax.decode import PAD, Generator
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer
@@ -117,7 +116,7 @@ def _workdir(path, generator, tokenizer) -> str:
   checkpoint.save_config(str(path), config)
   if tokenizer:
     tokenizer.save(os.path.join(path, 'tokenizer'))
-  from_hf.write_params(str(path), 0, generator.params)
+  checkpoint.save_params(str(path), 0, generator.params)
   return str(path)
 
 
