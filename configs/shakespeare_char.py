@@ -4,7 +4,8 @@
       --config.data.text_files=/path/to/tinyshakespeare.txt
 
 Char-level, 4 layers, 4 heads, emb 128, context 64, batch 12, 2000 steps, lr 1e-3 decayed to
-1e-4 at step 2000, no dropout; split as nanoGPT: first 90% of the text train, last 10% validation.
+1e-4 at step 2000, no dropout, no biases (nanoGPT's default); split as nanoGPT: first 90% of the
+text train, last 10% validation.
 nanoGPT's README reports val loss ~1.88 for this configuration on CPU.
 """
 
@@ -26,6 +27,7 @@ def get_config():
   config.model.emb_dim = 128
   config.model.mlp_dim = 512
   config.model.dropout = 0.0
+  config.model.use_bias = False  # nanoGPT's train.py default (bias = False): no Dense/LN biases
 
   config.optim.lr = 1e-3
   config.optim.warmup_steps = 100
