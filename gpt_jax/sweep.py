@@ -9,9 +9,9 @@ A sweep file (`experiments/<name>/sweep.py`) defines
   def get_sweep():                              # one dict of config overrides per point
     return sweep.product({'optim.lr': [1e-3, 3e-3], 'model.num_layers': [2, 4]})
 
-BASE_CONFIG is a path relative to the current directory (run from the repository root) or to
-the sweep file's folder; `path.py:arg` passes `arg` to `get_config`. `product` and `zip` below
-make grids in one line.
+BASE_CONFIG is a path relative to the sweep file's folder or, failing that, to the current
+directory (the repository root); `path.py:arg` passes `arg` to `get_config`. `product` and `zip`
+below make grids in one line.
 
 Each point trains in `<root>/<name>`, the name made from its overrides
 (`num_layers=4,lr=0.001`), by `python -m gpt_jax.train --config=BASE_CONFIG --workdir=...
@@ -148,12 +148,12 @@ def load_sweep(path: str) -> tuple[str, list[Point]]:
     raise ValueError(f'{path} must define BASE_CONFIG and get_sweep()')
   base = module.BASE_CONFIG
   file_part = base.split(':', 1)[0]
-  if not os.path.isabs(file_part) and not os.path.isfile(file_part):
-    beside = os.path.join(os.path.dirname(path), file_part)
-    if not os.path.isfile(beside):
-      raise FileNotFoundError(f'BASE_CONFIG {base!r} of {path} is neither relative to the '
-                              'current directory nor to the sweep file')
+  beside = os.path.join(os.path.dirname(path), file_part)
+  if not os.path.isabs(file_part) and os.path.isfile(beside):
     base = os.path.relpath(beside) + base[len(file_part):]
+  elif not os.path.isfile(file_part):
+    raise FileNotFoundError(f'BASE_CONFIG {base!r} of {path} is neither relative to the sweep '
+                            'file nor to the current directory')
   points = [dict(p) for p in module.get_sweep()]
   if not points:
     raise ValueError(f'get_sweep() of {path} returned no points')
