@@ -1,0 +1,235 @@
+r"""Training-step speed: gpt_jax's jitted train step against a plain PyTorch GPT, in one run.
+
+  python experiments/benchmarks/bench_train.py                  # baby, 10M, GPT-2 124M shapes
+  python experiments/benchmarks/bench_train.py --quick          # baby only, few steps (< 1 min)
+  python experiments/benchmarks/bench_train.py --shapes=baby,10m --json=/tmp/bench.json
+
+For each shape and precision, both sides train on the same random token batches:
+- ours: the real step (`train.sharded_state` + `train.make_train_step` + `optim.make_optimizer`
+  from the base config: AdamW, warmup-cosine, global-norm clipping, non-finite guard), jitted
+  with shardings and donation on a one-device mesh, as `gpt_jax.train` runs it. bf16 rows set
+  `model.compute_dtype='bfloat16'` (float32 parameters, optimizer and residual stream).
+- reference: the model of ../shared/peers/torch_gpt.py (same GPT-2 layout, tied embeddings),
+  torch AdamW with weight decay on matrices only, grad-norm clipping. It is timed at
+  torch.set_num_threads(2) and (1): on two cores shared with other jobs, 2 threads can be several
+  times slower than 1 (each OpenMP barrier waits for a descheduled thread). bf16 rows run its forward under torch.autocast('cpu', torch.bfloat16).
+Timed blocks alternate (ours, torch 2T, torch 1T, ours, ...) so that load from other processes falls
+on both; the step time is the median over blocks of the block's mean step time. Compile time is
+ours' `lower().compile()`; "first step" is each side's first call, unwarmed. Model FLOPs are
+`flops.train_flops_per_token` (6N plus attention); MFU is against `flops.measure_matmul_peak`
+for the row's dtype, measured in this process just before the row.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, '..', '..'))
+sys.path.insert(0, os.path.join(HERE, '..', '..', '..', 'shared', 'peers'))
+from gpt_jax import config as config_lib, flops, optim, sharding, train  # noqa: E402
+from gpt_jax.model import ModelConfig, Transformer, count_params  # noqa: E402
+import torch_gpt  # noqa: E402
+
+# name: (layers, heads, emb, context, batch, vocab, steps per timed block, timed blocks per side)
+SHAPES = {
+    'baby': (4, 4, 128, 64, 12, 65, 20, 5),
+    '10m': (6, 6, 384, 256, 8, 1024, 2, 4),
+    '124m': (12, 12, 768, 256, 4, 50304, 1, 2),
+}
+
+
+# ---------------------------------------------------------------------------------- gpt_jax side
+
+class Ours:
+  def __init__(self, shape, dtype: str, num_batches: int):
+    layers, heads, emb, ctx, batch, vocab, _, _ = shape
+    config = config_lib.base_config()
+    config.model.update({'num_layers': layers, 'num_heads': heads, 'emb_dim': emb,
+                         'mlp_dim': 4 * emb, 'max_len': ctx, 'vocab_size': vocab,
+                         'dropout': 0.0, 'compute_dtype': dtype})
+    config.mesh.data = 1
+    self.model_cfg = ModelConfig.from_config(config.model)
+    model = Transformer(self.model_cfg)
+    num_steps = 1000
+    schedule = optim.learning_rate_schedule(config.optim, num_steps)
+    tx = optim.make_optimizer(config.optim, num_steps)
+    self.mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    self.rules = sharding.logical_rules(config.mesh)
+    init, abstract = train.sharded_state(model, tx, ctx, self.mesh, self.rules)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    rng = np.random.default_rng(0)
+    self.batches = []
+    for _ in range(num_batches):
+      tokens = rng.integers(0, vocab, size=(batch, ctx + 1), dtype=np.int32)
+      self.batches.append({k: jax.make_array_from_process_local_data(batch_sharding, v)
+                           for k, v in (('inputs', tokens[:, :-1]), ('targets', tokens[:, 1:]))})
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      self.state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+      jitted = jax.jit(train.make_train_step(model, schedule, 1, 0),
+                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                       donate_argnums=0)
+      start = time.perf_counter()
+      self.step_fn = jitted.lower(self.state, self.batches[0]).compile()
+      self.compile_s = time.perf_counter() - start
+    self.num_params = count_params(self.state.params)
+    self.i = 0
+
+  def steps(self, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      self.state, metrics = self.step_fn(self.state, self.batches[self.i % len(self.batches)])
+      self.i += 1
+    jax.block_until_ready((self.state, metrics))
+    self.last_loss = float(metrics['train_loss'])
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------- torch side
+
+class Reference:
+  def __init__(self, shape, dtype: str, num_batches: int):
+    layers, heads, emb, ctx, batch, vocab, _, _ = shape
+    torch.manual_seed(0)
+    self.model = torch_gpt.GPT(vocab, ctx, layers, heads, emb)
+    self.num_params = sum(p.numel() for p in self.model.parameters())
+    params = list(self.model.parameters())
+    base = config_lib.base_config().optim
+    self.opt = torch.optim.AdamW(
+        [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': base.weight_decay},
+         {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+        lr=base.lr, betas=(base.b1, base.b2), eps=base.eps)
+    self.autocast = dtype == 'bfloat16'
+    rng = np.random.default_rng(0)
+    self.batches = []
+    for _ in range(num_batches):
+      tokens = torch.from_numpy(rng.integers(0, vocab, size=(batch, ctx + 1)))
+      self.batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    self.i = 0
+
+  def steps(self, n: int, threads: int = 2) -> float:
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    for _ in range(n):
+      x, y = self.batches[self.i % len(self.batches)]
+      self.i += 1
+      with torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.autocast):
+        loss = self.model(x, y)
+      self.opt.zero_grad(set_to_none=True)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+      self.opt.step()
+    self.last_loss = float(loss.detach())
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------- benchmark
+
+def bench(name: str, dtype: str, quick: bool, torch_threads: list[int]) -> dict:
+  shape = SHAPES[name]
+  layers, heads, emb, ctx, batch, vocab, block_steps, blocks = shape
+  if quick:
+    block_steps, blocks = 5, 3
+  peak = flops.measure_matmul_peak(dtype)
+  ours = Ours(shape, dtype, num_batches=4)
+  ref = Reference(shape, dtype, num_batches=4)
+  first_ours = ours.steps(1)
+  first_ref = ref.steps(1, torch_threads[0])
+  ours.steps(1)  # warm-up
+  for t in torch_threads:
+    ref.steps(1, t)
+  times_ours, times_ref = [], {t: [] for t in torch_threads}
+  for _ in range(blocks):
+    times_ours.append(ours.steps(block_steps) / block_steps)
+    for t in torch_threads:
+      times_ref[t].append(ref.steps(block_steps, t) / block_steps)
+  step_ours = statistics.median(times_ours)
+  step_ref = {t: statistics.median(v) for t, v in times_ref.items()}
+  best_threads = min(step_ref, key=step_ref.get)
+  tokens = batch * ctx
+  flops_per_step = flops.train_flops_per_token(ours.model_cfg, ctx) * tokens
+  row = {
+      'shape': name, 'dtype': dtype, 'layers': layers, 'heads': heads, 'emb': emb,
+      'context': ctx, 'batch': batch, 'vocab': vocab,
+      'params_ours': ours.num_params, 'params_torch': ref.num_params,
+      'timed_steps_per_side': block_steps * blocks,
+      'step_s_ours': step_ours, 'block_step_s_ours': times_ours,
+      'tokens_per_s_ours': tokens / step_ours,
+      'compile_s_ours': ours.compile_s, 'first_step_s_ours': first_ours,
+      'first_step_s_torch': first_ref,
+      'model_flops_per_step': flops_per_step, 'peak_flops': peak,
+      'mfu_ours': flops_per_step / step_ours / peak,
+      'loss_ours': ours.last_loss, 'loss_torch': ref.last_loss,
+      'torch_best_threads': best_threads,
+      'speedup_vs_best_torch': step_ref[best_threads] / step_ours,
+      'mfu_best_torch': flops_per_step / step_ref[best_threads] / peak,
+  }
+  for t in torch_threads:
+    row[f'step_s_torch_{t}t'] = step_ref[t]
+    row[f'block_step_s_torch_{t}t'] = times_ref[t]
+    row[f'tokens_per_s_torch_{t}t'] = tokens / step_ref[t]
+    row[f'speedup_vs_torch_{t}t'] = step_ref[t] / step_ours
+  return row
+
+
+def table(rows, torch_threads) -> str:
+  head = ['shape', 'dtype', 'params', 'gpt_jax ms/step']
+  head += [f'torch {t}T ms/step' for t in torch_threads]
+  head += ['gpt_jax tok/s'] + [f'torch {t}T tok/s' for t in torch_threads]
+  head += [f'ratio vs {t}T' for t in torch_threads]
+  head += ['compile s', 'peak GFLOP/s', 'MFU gpt_jax', 'MFU best torch']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for r in rows:
+    cells = [r['shape'], r['dtype'], f"{r['params_ours'] / 1e6:.2f}M",
+             f"{1e3 * r['step_s_ours']:.1f}"]
+    cells += [f"{1e3 * r[f'step_s_torch_{t}t']:.1f}" for t in torch_threads]
+    cells += [f"{r['tokens_per_s_ours']:,.0f}"]
+    cells += [f"{r[f'tokens_per_s_torch_{t}t']:,.0f}" for t in torch_threads]
+    cells += [f"{r[f'speedup_vs_torch_{t}t']:.2f}x" for t in torch_threads]
+    cells += [f"{r['compile_s_ours']:.1f}", f"{r['peak_flops'] / 1e9:.0f}",
+              f"{100 * r['mfu_ours']:.0f}%", f"{100 * r['mfu_best_torch']:.0f}%"]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true', help='baby shape only, 3 blocks of 5 steps')
+  parser.add_argument('--shapes', default='baby,10m,124m', help=f'comma list of {list(SHAPES)}')
+  parser.add_argument('--dtypes', default='float32,bfloat16', help='float32 and/or bfloat16')
+  parser.add_argument('--torch_threads', default='2,1',
+                      help='torch.set_num_threads values to time the reference at (alternating)')
+  parser.add_argument('--json', default='', help='write the rows here as JSON')
+  args = parser.parse_args()
+  torch_threads = [int(t) for t in args.torch_threads.split(',')]
+  shapes = ['baby'] if args.quick else args.shapes.split(',')
+  dtypes = ['float32'] if args.quick else args.dtypes.split(',')
+  started = time.time()
+  rows = []
+  for name in shapes:
+    for dtype in dtypes:
+      row = bench(name, dtype, args.quick, torch_threads)
+      rows.append(row)
+      print(json.dumps({k: v for k, v in row.items() if not k.startswith('block_')}), flush=True)
+  print(table(rows, torch_threads))
+  if args.json:
+    meta = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+            'argv': sys.argv[1:], 'torch_threads': torch_threads, 'load_average': os.getloadavg(), 'jax': jax.__version__,
+            'torch': torch.__version__, 'wall_s': time.time() - started}
+    with open(args.json, 'w') as f:
+      json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
