@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 from absl import app, flags, logging
@@ -34,7 +33,7 @@ import numpy as np
 import optax
 import tqdm
 
-from gpt_jax import checkpoint, data
+from gpt_jax import checkpoint, cli, data
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import Transformer
@@ -153,17 +152,14 @@ def evaluate(workdir: str, split: str = '', text_files: str = '', seq_len: int =
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.ERROR)
-  try:
+  cli.quiet_logs(logging.ERROR)
+  with cli.one_line_errors():
     if not FLAGS.workdir:
       raise ConfigError('--workdir is required')
     if FLAGS.seq_len < 0 or FLAGS.batch_size < 0:
       raise ConfigError('--seq_len and --batch_size must be positive (0: from the config)')
     result = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.text_files, FLAGS.seq_len,
                       FLAGS.batch_size, FLAGS.step, FLAGS.tfds_data_dir, FLAGS.progress_bar)
-  except (ConfigError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
   print(f"{result['dataset']} {result['split']} (step {result['step']}): loss "
         f"{result['loss']:.4f}, perplexity {result['perplexity']:.2f}, bits/byte "
         f"{result['bits_per_byte']:.4f} over {result['tokens']:,} tokens, {result['bytes']:,} "

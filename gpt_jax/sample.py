@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags, logging
 
-from gpt_jax import checkpoint, decode, tokenizer as tokenizer_lib
+from gpt_jax import checkpoint, cli, decode, tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -63,9 +63,8 @@ def check_flags(f) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.ERROR)
-  try:
+  cli.quiet_logs(logging.ERROR)
+  with cli.one_line_errors():  # e.g. a prompt longer than the context
     check_flags(FLAGS)
     checkpoint.load_config(FLAGS.workdir)  # a clear error before the tokenizer's
     tokenizer = tokenizer_lib.load(os.path.join(FLAGS.workdir, 'tokenizer'))
@@ -91,8 +90,6 @@ def main(argv):
         texts[row] += piece
       for row, text in enumerate(texts):
         print(f'--- sample {row} ---\n{prompts[row // FLAGS.num_samples]}{text}')
-  except (ConfigError, FileNotFoundError) as e:  # e.g. a prompt longer than the context
-    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

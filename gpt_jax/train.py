@@ -25,7 +25,7 @@ import numpy as np
 import optax
 import tqdm
 
-from gpt_jax import checkpoint, data, decode, flops, optim, sharding
+from gpt_jax import checkpoint, cli, data, decode, flops, optim, sharding
 from gpt_jax import config as config_lib
 from gpt_jax.metrics import MetricWriter
 from gpt_jax.model import ModelConfig, Transformer, count_params, unstack_layers
@@ -46,7 +46,6 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _START_OVER = flags.DEFINE_bool(
     'start_over', False, 'Move existing checkpoints aside and train from step 0 (needed when '
     'none of them can be read).')
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show tracebacks of errors in the input.')
 
 
 class TrainState(train_state.TrainState):
@@ -345,21 +344,15 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('--config and --workdir are required')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  cli.quiet_logs()
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _DISTRIBUTED.value == 'on' or (_DISTRIBUTED.value == 'auto' and _multiprocess_job()):
     jax.distributed.initialize()  # jax detects the coordinator, process count and id
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
-  except (ConfigError, FileNotFoundError, FloatingPointError) as e:
-    if _VERBOSE.value:
-      raise
-    sys.exit(f'error: {e}')
+    with cli.one_line_errors(FloatingPointError):
+      train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
   except checkpoint.CheckpointWriteError as e:
-    if _VERBOSE.value:
-      raise
     print(f'error: {e}', file=sys.stderr, flush=True)
     # Skip interpreter teardown: Orbax's failed writer threads would print tracebacks after it.
     os._exit(1)

@@ -9,7 +9,6 @@ estimated separately: per layer and token, about 34·emb + 5·heads·seq bytes i
 """
 
 import argparse
-import math
 
 import flax.linen as nn
 import jax

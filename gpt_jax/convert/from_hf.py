@@ -14,13 +14,12 @@ a workdir like a training run's: `config.json` (base config with the model field
 import json
 import os
 import shutil
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 import jax
 import numpy as np
 
-from gpt_jax import checkpoint, convert
+from gpt_jax import checkpoint, cli, convert
 from gpt_jax import config as config_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
@@ -139,14 +138,11 @@ def convert_checkpoint(hf_dir: str, workdir: str, step: int = 0):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
+  cli.quiet_logs()
+  with cli.one_line_errors():
     if not FLAGS.hf_dir or not FLAGS.workdir:
       raise ConfigError('--hf_dir and --workdir are required')
     config, params, tokenizer = convert_checkpoint(FLAGS.hf_dir, FLAGS.workdir, FLAGS.step)
-  except (ConfigError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
   n = sum(x.size for x in jax.tree.leaves(params))
   m = config.model
   print(f'Wrote {FLAGS.workdir}: GPT-2 with {n / 1e6:.1f}M parameters ({m.num_layers} layers x '

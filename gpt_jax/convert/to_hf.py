@@ -12,11 +12,10 @@ grouped-query attention, no biases) is refused: transformers' GPT2LMHeadModel ca
 import json
 import os
 import shutil
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from gpt_jax import checkpoint, convert
+from gpt_jax import checkpoint, cli, convert
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import unstack_layers
@@ -65,14 +64,11 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[dict, str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
+  cli.quiet_logs()
+  with cli.one_line_errors():
     if not FLAGS.workdir or not FLAGS.out:
       raise ConfigError('--workdir and --out are required')
     hf_config, note = export(FLAGS.workdir, FLAGS.out, FLAGS.step)
-  except (ConfigError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
   print(f'Wrote {FLAGS.out}: GPT2LMHeadModel ({hf_config["n_layer"]} layers x '
         f'{hf_config["n_embd"]}, vocabulary {hf_config["vocab_size"]}); {note}')
 
