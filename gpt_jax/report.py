@@ -275,21 +275,20 @@ def write_report(root: str, out: str | None = None) -> dict[str, str]:
              if all(_numeric(run['config'].get(f)) for run in runs)
              and len({run['config'][f] for run in runs}) > 1]
   for field in numeric:
-    # Fields that move together with `field` (zipped sweep axes) do not split it into lines.
-    others = [o for o in fields if o != field and not _determined_by(runs, field, o)]
+    # The fields crossed with `field` (a product grid) split it into lines; fields that move
+    # together with it (zipped sweep axes) do not.
+    others = [o for o in fields if o != field and _crossed(runs, field, o)]
     paths[f'sweep_{field}'] = os.path.join(out, f'sweep_{field}.png')
     plot_sweep(paths[f'sweep_{field}'], runs, field, others)
   return paths
 
 
-def _determined_by(runs: Sequence[dict], field: str, other: str) -> bool:
-  """True when each value of `field` comes with a single value of `other` (a zipped axis)."""
-  seen = {}
-  for run in runs:
-    value = json.dumps(run['config'].get(other), sort_keys=True)
-    if seen.setdefault(json.dumps(run['config'].get(field)), value) != value:
-      return False
-  return True
+def _crossed(runs: Sequence[dict], field: str, other: str) -> bool:
+  """True when every value of `field` occurs with every value of `other` (and both vary)."""
+  key = lambda run, f: json.dumps(run['config'].get(f), sort_keys=True)
+  pairs = {(key(run, field), key(run, other)) for run in runs}
+  a, b = {p[0] for p in pairs}, {p[1] for p in pairs}
+  return len(a) > 1 and len(b) > 1 and len(pairs) == len(a) * len(b)
 
 
 def main(argv):
