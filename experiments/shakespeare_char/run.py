@@ -16,7 +16,6 @@ loss over 200 batches of 12 x 64 from the train split, with the final parameters
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -182,8 +181,8 @@ def table(results: list[dict], date: str) -> str:
     lines.append(f"| {r['label']} | {r['params']:,} | {r['final_train_loss']:.4f} | "
                  f"{r['final_val_loss']:.4f} | {r['wall_s']:.0f} s | {r['tokens_per_s']:,.0f} | "
                  f"{r.get('load', float('nan')):.1f} | `{r['command']}` |")
-  return '\n'.join(lines) + f'\n\nMeasured {date} on {platform.node() or "this machine"} ' \
-      f'({os.cpu_count()} CPU cores, shared with other work).'
+  return '\n'.join(lines) + (f'\n\nMeasured {date}, one run after another on the same '
+                             f'{os.cpu_count()} CPU cores, shared with other work.')
 
 
 def write_readme(markdown: str) -> None:
