@@ -21,6 +21,8 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from gpt_jax import cli
+
 # Folders inside a workdir that never hold another run.
 _NOT_RUNS = {'checkpoints', 'tensorboard', 'tokenizer', 'data_cache', 'corrupt_checkpoints'}
 # Model fields that decide the parameters' shapes.
@@ -296,10 +298,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if flags.FLAGS.root is None:
     raise app.UsageError('--root is required')
-  try:
+  cli.quiet_logs()
+  with cli.one_line_errors():
     paths = write_report(flags.FLAGS.root, flags.FLAGS.out)
-  except FileNotFoundError as e:
-    raise SystemExit(f'error: {e}') from None
   with open(paths['markdown']) as f:
     print(f.read(), end='')
   print('\n'.join(f'wrote {p}' for p in paths.values()))

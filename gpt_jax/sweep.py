@@ -43,6 +43,7 @@ from typing import Any
 
 from absl import app, flags
 
+from gpt_jax import cli
 from gpt_jax.errors import ConfigError
 
 Point = dict[str, Any]
@@ -291,10 +292,9 @@ def main(parsed: tuple[list[str], list[str]]):
   f = flags.FLAGS
   if f.sweep is None or f.root is None:
     raise app.UsageError('--sweep and --root are required')
-  try:
+  cli.quiet_logs()
+  with cli.one_line_errors(ValueError, RuntimeError):
     run_sweep(f.sweep, f.root, extra_args, f.dry_run, f.keep_going)
-  except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
-    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
