@@ -1,6 +1,6 @@
 r"""Generate text from a workdir (trained, or converted from Hugging Face).
 
-  python -m gpt_jax.sample --workdir=runs/default --prompt="The " --max_new_tokens=200 \
+  python -m gpt_jax.sample --workdir=runs/default --prompt="The " --max_new_tokens=100 \
       --temperature=0.8 --top_k=50 --top_p=0.95 --repetition_penalty=1.1 --seed=0
   python -m gpt_jax.sample --workdir=runs/default --prompt="The " --prompt="In Python, " \
       --num_samples=2 --stop='\n\n'
@@ -29,7 +29,7 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'A workdir written by gpt_jax.train or convert.from_hf.')
   flags.DEFINE_multi_string('prompt', [''], 'Text to continue ("": from end-of-text); repeat '
                             'the flag for a batch of prompts.')
-  flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate per sample.')
+  flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate per sample.')
   flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
   flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0: all).')
   flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass, in (0, 1] (1.0: off).')
