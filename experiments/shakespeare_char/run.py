@@ -50,7 +50,7 @@ def _timed(command: list[str], log_path: str) -> tuple[float, str, float]:
   """(wall seconds, stdout, machine load) of a command; its output is kept in `log_path`.
 
   The load is the 5-minute load average when the command ends: how many processes wanted the
-  2 cores meanwhile (other people's work included), which the wall time depends on.
+  2 cores meanwhile (other work included), which the wall time depends on.
   """
   print('$', shlex.join(command), flush=True)
   start = time.perf_counter()
