@@ -176,20 +176,26 @@ def _step_dir(manager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
-  """Restores and verifies the train state into `abstract_state`'s shardings (and data position)."""
-  items = {'params': ocp.args.StandardRestore(abstract_state.params),
-           'opt_state': ocp.args.StandardRestore(abstract_state.opt_state),
-           'fingerprint': ocp.args.JsonRestore()}
-  if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+def _read(manager: ocp.CheckpointManager, step: int, items: dict) -> dict:
+  """Restores `items` of a step with its fingerprint, and checks the arrays against it."""
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **items, fingerprint=ocp.args.JsonRestore()))
   except Exception as e:  # Orbax and TensorStore raise many types for unreadable files.
     raise CorruptCheckpointError(f'{_step_dir(manager, step)} cannot be read: '
                                  f'{_first_line(e)}') from e
-  _verify(manager, step, {'params': restored['params'], 'opt_state': restored['opt_state']},
-          {k: v for k, v in restored['fingerprint'].items()})
+  arrays = {k: restored[k] for k in ('params', 'opt_state') if k in items}
+  _verify(manager, step, arrays, restored['fingerprint'] or {})
+  return restored
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
+  """Restores and verifies the train state into `abstract_state`'s shardings (and data position)."""
+  items = {'params': ocp.args.StandardRestore(abstract_state.params),
+           'opt_state': ocp.args.StandardRestore(abstract_state.opt_state)}
+  if data_iterator is not None:
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = _read(manager, step, items)
   step_array = jax.device_put(step, abstract_state.step.sharding)
   return abstract_state.replace(step=step_array, params=restored['params'],
                                 opt_state=restored['opt_state'])
@@ -233,14 +239,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}')
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params), fingerprint=ocp.args.JsonRestore()))
-  except Exception as e:  # Orbax and TensorStore raise many types for unreadable files.
-    raise CorruptCheckpointError(f'{_step_dir(manager, step)} cannot be read: '
-                                 f'{_first_line(e)}') from e
-  saved = {k: v for k, v in (restored['fingerprint'] or {}).items() if k.startswith("['params']")}
-  _verify(manager, step, {'params': restored['params']}, saved)
+  restored = _read(manager, step, {'params': ocp.args.StandardRestore(abstract_params)})
   manager.close()
   return restored['params'], step
 
