@@ -143,11 +143,15 @@ def token_stream(data_config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
 # ---------------------------------------------------------------------------
 
 
-def _local_batch_size(batch_size: int, process_count: int) -> int:
+def _process_share(batch_size: int, process_index: int | None,
+                   process_count: int | None) -> tuple[int, int, int]:
+  """(process index, process count, rows per process); None means this JAX process's."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
   if batch_size % process_count:
     raise ConfigError(f'data.batch_size ({batch_size}) must be divisible by the number '
                      f'of processes ({process_count}).')
-  return batch_size // process_count
+  return process_index, process_count, batch_size // process_count
 
 
 def _split_window(window: np.ndarray) -> dict[str, np.ndarray]:
@@ -160,9 +164,8 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str
                         process_count: int | None = None) -> grain.DatasetIterator:
   """An endless, checkpointable iterator over this process's share of training batches."""
   data = config.data
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  local_batch = _local_batch_size(data.batch_size, process_count)
+  process_index, process_count, local_batch = _process_share(data.batch_size, process_index,
+                                                             process_count)
   tokens = token_stream(data, tokenizer, workdir, data.train_split)
   window = data.seq_len + 1
   # Leave room to shift every window by up to `window - 1` tokens.
@@ -200,9 +203,8 @@ def make_eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
                       process_count: int | None = None) -> list[dict[str, np.ndarray]]:
   """The first `num_batches` batches of the validation split, in order, this process's rows."""
   data = config.data
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  local_batch = _local_batch_size(data.batch_size, process_count)
+  process_index, process_count, local_batch = _process_share(data.batch_size, process_index,
+                                                             process_count)
   tokens = token_stream(data, tokenizer, workdir, data.val_split)
   window = data.seq_len + 1
   available = len(tokens) // (data.batch_size * window)
