@@ -8,7 +8,12 @@ Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `kv_heads
 `gpt_jax/sharding.py` maps these names to mesh axes; this file never names a mesh axis.
 
 The forward pass is pure: `Transformer(cfg).apply({'params': params}, tokens, ...)`. For decoding,
-an explicit KV cache (see `init_cache`) goes in and the updated cache comes out.
+an explicit KV cache (see `init_cache`) goes in and the updated cache comes out. Packed sequences
+pass `segment_ids` (attention stays within a segment) and per-segment `positions`.
+
+LoRA (`LoraConfig`, rank > 0) adds a low-rank update scale * x A B beside each target projection,
+as parameters `<name>_lora_a` / `<name>_lora_b` next to it (B starts at zero, so an adapted model
+starts equal to its base); `gpt_jax/lora.py` splits, trains and merges them.
 """
 
 import dataclasses
@@ -66,6 +71,26 @@ class ModelConfig:
     return cls(**given)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters. Field names equal the keys of `config.lora`; rank 0 means none."""
+  rank: int = 0
+  alpha: float = 16.0            # the update is scaled by alpha / rank
+  dropout: float = 0.0           # on the adapter's input
+  targets: tuple[str, ...] = ('query', 'key', 'value', 'out')  # also: fc_in, fc_gate, fc_out
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def adapts(self, name: str) -> bool:
+    return self.rank > 0 and name in self.targets
+
+
+LORA_TARGETS = ('query', 'key', 'value', 'out', 'fc_in', 'fc_gate', 'fc_out')
+NO_LORA = LoraConfig()
+
+
 def _constrain(x: Array, names: tuple[str, ...]) -> Array:
   """Shards an activation by logical names; a name without a rule is an error."""
   return nn.with_logical_constraint(x, names, fallback=nn.spmd.RulesFallback.RAISE_ERROR)
@@ -93,6 +118,40 @@ def _dense(einsum_str: str, shape: tuple[int, ...], names: tuple[str, ...], cfg:
       name=name)
 
 
+def _project(module: nn.Module, x: Array, einsum_str: str, shape: tuple[int, ...],
+             names: tuple[str, ...], name: str, lora: LoraConfig, deterministic: bool,
+             stddev: float = 0.02) -> Array:
+  """`_dense(...)(x)` named `name` inside `module`, plus its LoRA update when `name` is a target.
+
+  Kernels are laid out input axes first, then output axes; A takes the input axes to the rank,
+  B the rank to the output axes.
+  """
+  cfg = module.cfg
+  y = _dense(einsum_str, shape, names, cfg, stddev=stddev, name=name)(x)
+  if not lora.adapts(name):
+    return y
+  x_axes, kernel_axes = einsum_str.split('->')[0].split(',')
+  y_axes = einsum_str.split('->')[1]
+  n_in = sum(axis in x_axes for axis in kernel_axes)
+  in_axes, out_axes = kernel_axes[:n_in], kernel_axes[n_in:]
+  dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+  fan_in = 1
+  for size in shape[:n_in]:
+    fan_in *= size
+  a = module.param(f'{name}_lora_a', _init(fan_in ** -0.5, names[:n_in] + ('lora_rank',)),
+                   shape[:n_in] + (lora.rank,), param_dtype)
+  b = module.param(f'{name}_lora_b', nn.with_logical_partitioning(
+      nn.initializers.zeros, ('lora_rank',) + names[n_in:]), (lora.rank,) + shape[n_in:],
+                   param_dtype)
+  x = nn.Dropout(lora.dropout)(x, deterministic=deterministic)
+  batch_axes = x_axes.replace(in_axes, '')
+  low_rank = jnp.einsum(f'{x_axes},{in_axes}r->{batch_axes}r', x.astype(dtype), a.astype(dtype),
+                        preferred_element_type=jnp.float32)
+  update = jnp.einsum(f'{batch_axes}r,r{out_axes}->{y_axes}', low_rank.astype(dtype),
+                      b.astype(dtype), preferred_element_type=jnp.float32)
+  return y + lora.scale * update
+
+
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
   kwargs = dict(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.compute_dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype), name=name,
@@ -115,18 +174,20 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  lora: LoraConfig = NO_LORA
 
   @nn.compact
-  def __call__(self, x, positions, cache: LayerCache | None, deterministic: bool):
-    cfg = self.cfg
+  def __call__(self, x, positions, segment_ids, cache: LayerCache | None, deterministic: bool):
+    cfg, lora = self.cfg, self.lora
     out_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2's scaled init of residual projections
     e, d = cfg.emb_dim, cfg.head_dim
-    q = _dense('bte,ehd->bthd', (e, cfg.num_heads, d), ('embed', 'heads', 'head_dim'), cfg,
-               name='query')(x)
-    k = _dense('bte,ehd->bthd', (e, cfg.kv_heads, d), ('embed', 'kv_heads', 'head_dim'), cfg,
-               name='key')(x)
-    v = _dense('bte,ehd->bthd', (e, cfg.kv_heads, d), ('embed', 'kv_heads', 'head_dim'), cfg,
-               name='value')(x)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    # Projections accumulate in float32; attention itself runs in the compute dtype.
+    q, k, v = (_project(self, x, 'bte,ehd->bthd', (e, heads, d), ('embed', head_name, 'head_dim'),
+                        name, lora, deterministic).astype(dtype)
+               for name, heads, head_name in (('query', cfg.num_heads, 'heads'),
+                                              ('key', cfg.kv_heads, 'kv_heads'),
+                                              ('value', cfg.kv_heads, 'kv_heads')))
     if cfg.position == 'rope':
       q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
     q = _constrain(q, ('batch', 'length', 'act_heads', 'head_dim'))
@@ -134,6 +195,8 @@ class Attention(nn.Module):
     if cache is None:
       # Training / full forward: plain causal attention over this sequence.
       mask = (positions[:, None, :, None] >= positions[:, None, None, :])
+      if segment_ids is not None:  # packed sequences: attend within one's own segment only
+        mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     else:
       # Decoding: write this step's keys/values into their positions' slots, then attend to every
       # slot at or before the query's position. Slots past it may hold stale padding: masked.
@@ -145,43 +208,48 @@ class Attention(nn.Module):
       mask = slots[None, None, None, :] <= positions[:, None, :, None]
     y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
     y = _constrain(y, ('batch', 'length', 'act_heads', 'head_dim'))
-    y = _dense('bthd,hde->bte', (cfg.num_heads, d, e), ('heads', 'head_dim', 'embed'), cfg,
-               stddev=out_std, name='out')(y)
-    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    y = _project(self, y, 'bthd,hde->bte', (cfg.num_heads, d, e), ('heads', 'head_dim', 'embed'),
+                 'out', lora, deterministic, stddev=out_std)
+    # In the compute dtype, so that the backward pass through this branch runs in it too.
+    y = nn.Dropout(cfg.dropout)(y.astype(dtype), deterministic=deterministic)
     return y, cache
 
 
 class Mlp(nn.Module):
   cfg: ModelConfig
+  lora: LoraConfig = NO_LORA
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    cfg = self.cfg
+    cfg, lora = self.cfg, self.lora
     out_std = 0.02 / (2 * cfg.num_layers) ** 0.5
-    h = _dense('bte,em->btm', (cfg.emb_dim, cfg.mlp_dim), ('embed', 'mlp'), cfg, name='fc_in')(x)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    shape, names = (cfg.emb_dim, cfg.mlp_dim), ('embed', 'mlp')
+    h = _project(self, x, 'bte,em->btm', shape, names, 'fc_in', lora, deterministic).astype(dtype)
     if cfg.mlp == 'swiglu':
-      gate = _dense('bte,em->btm', (cfg.emb_dim, cfg.mlp_dim), ('embed', 'mlp'), cfg,
-                    name='fc_gate')(x)
-      h = nn.silu(gate) * h
+      gate = _project(self, x, 'bte,em->btm', shape, names, 'fc_gate', lora, deterministic)
+      h = nn.silu(gate.astype(dtype)) * h
     else:
       h = nn.gelu(h, approximate=True)
     h = _constrain(h, ('batch', 'length', 'act_mlp'))
-    y = _dense('btm,me->bte', (cfg.mlp_dim, cfg.emb_dim), ('mlp', 'embed'), cfg, stddev=out_std,
-               name='fc_out')(h)
-    return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    y = _project(self, h, 'btm,me->bte', (cfg.mlp_dim, cfg.emb_dim), ('mlp', 'embed'), 'fc_out',
+                 lora, deterministic, stddev=out_std)
+    return nn.Dropout(cfg.dropout)(y.astype(dtype), deterministic=deterministic)
 
 
 class Block(nn.Module):
   cfg: ModelConfig
   deterministic: bool = True
+  lora: LoraConfig = NO_LORA
 
   @nn.compact
-  def __call__(self, x, positions, cache):
+  def __call__(self, x, positions, segment_ids, cache):
     cfg, deterministic = self.cfg, self.deterministic
-    y, cache = Attention(cfg, name='attn')(make_norm(cfg, 'ln_1')(x), positions, cache,
-                                           deterministic)
-    x = x + y
-    x = x + Mlp(cfg, name='mlp')(make_norm(cfg, 'ln_2')(x), deterministic)
+    y, cache = Attention(cfg, self.lora, name='attn')(make_norm(cfg, 'ln_1')(x), positions,
+                                                      segment_ids, cache, deterministic)
+    x = x + y.astype(jnp.float32)
+    x = x + Mlp(cfg, self.lora, name='mlp')(make_norm(cfg, 'ln_2')(x),
+                                            deterministic).astype(jnp.float32)
     return _constrain(x, ('batch', 'length', 'act_embed')), cache
 
 
@@ -189,12 +257,18 @@ REMAT_POLICIES = {'full': None, 'dots_saveable': jax.checkpoint_policies.dots_sa
 
 
 class Transformer(nn.Module):
-  """tokens [batch, length] -> (logits [batch, length, vocab] float32, updated cache or None)."""
+  """tokens [batch, length] -> (logits [batch, length, vocab] float32, updated cache or None).
+
+  positions default to 0..length-1; segment_ids [batch, length] (packed sequences) restrict
+  attention to equal ids.
+  """
   cfg: ModelConfig
+  lora: LoraConfig = NO_LORA
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None,
-               cache: list[LayerCache] | None = None, deterministic: bool = True):
+               cache: list[LayerCache] | None = None, deterministic: bool = True,
+               segment_ids: Array | None = None):
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -218,15 +292,16 @@ class Transformer(nn.Module):
       # Parameters get a leading layer axis ('layers' in the sharding rules).
       blocks = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True,
                                                                            'dropout': True},
-                       in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                       in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                        metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = blocks(cfg, deterministic, name='blocks')(x, positions, None)
+      x, _ = blocks(cfg, deterministic, self.lora, name='blocks')(x, positions, segment_ids,
+                                                                  None)
       new_cache = None
     else:
       new_cache = [] if cache is not None else None
       for i in range(cfg.num_layers):
-        x, layer_cache = block_cls(cfg, deterministic, name=f'block_{i}')(
-            x, positions, None if cache is None else cache[i])
+        x, layer_cache = block_cls(cfg, deterministic, self.lora, name=f'block_{i}')(
+            x, positions, segment_ids, None if cache is None else cache[i])
         if cache is not None:
           new_cache.append(layer_cache)
     x = make_norm(cfg, 'ln_f')(x)

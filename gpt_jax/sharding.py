@@ -29,6 +29,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('position', None),
     ('norm', None),
     ('layers', None),  # the stacked-layer axis of scanned parameters
+    ('lora_rank', None),  # the inner axis of LoRA adapters: small, replicated
     # activations
     ('batch', ('data', 'fsdp')),
     ('length', None),
