@@ -7,6 +7,10 @@ A tokenizer lives in a directory: `tokenizer.json` names its kind, plus whatever
 files that kind needs (`spm.model` for sentencepiece). `build` trains one and saves
 it there; `load` reads it back. The training run keeps it at `<workdir>/tokenizer/`,
 so sampling and evaluation rebuild the exact same tokenizer from the workdir alone.
+
+Special tokens (e.g. a chat template's role markers) are added on top of any kind with
+`add_special_tokens`: they take the ids after the base vocabulary, are listed in
+`tokenizer.json`, and never come out of `encode` (user text cannot forge them).
 """
 
 import abc
@@ -171,6 +175,48 @@ class GPT2BPETokenizer(Tokenizer):
         f.write(content)
 
 
+class WithSpecialTokens(Tokenizer):
+  """A base tokenizer plus named special tokens at ids base.vocab_size, base.vocab_size + 1, ..."""
+
+  def __init__(self, base: Tokenizer, names: Sequence[str]):
+    self.base, self.names = base, tuple(names)
+    self.vocab_size = base.vocab_size + len(self.names)
+    self.eos_id = base.eos_id
+    self._ids = {name: base.vocab_size + i for i, name in enumerate(self.names)}
+
+  def special_id(self, name: str) -> int:
+    return self._ids[name]
+
+  def encode(self, text):
+    return self.base.encode(text)
+
+  def decode(self, ids):
+    return self.base.decode([i for i in ids if i < self.base.vocab_size])
+
+  def save(self, directory):
+    self.base.save(directory)
+    path = os.path.join(directory, _DESCRIPTION_FILE)
+    with open(path) as f:
+      description = json.load(f)
+    description['special_tokens'] = list(self.names)
+    _write_description(directory, description)
+
+
+def add_special_tokens(tokenizer: Tokenizer, names: Sequence[str]) -> WithSpecialTokens:
+  """`tokenizer` with `names` as special tokens (those it has already keep their ids)."""
+  if isinstance(tokenizer, WithSpecialTokens):
+    new = [n for n in names if n not in tokenizer.names]
+    return WithSpecialTokens(tokenizer.base, tokenizer.names + tuple(new))
+  return WithSpecialTokens(tokenizer, names)
+
+
+def special_token_id(tokenizer: Tokenizer, name: str) -> int | None:
+  """The id of special token `name`, or None if `tokenizer` does not have it."""
+  if isinstance(tokenizer, WithSpecialTokens) and name in tokenizer.names:
+    return tokenizer.special_id(name)
+  return None
+
+
 def _spm_sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
   """Lines of `texts`, cut to sentencepiece's sentence limit, `max_chars` in all.
 
@@ -259,6 +305,13 @@ def load(directory: str) -> Tokenizer:
     raise FileNotFoundError(f'No tokenizer in {directory}: {path} is missing.')
   with open(path) as f:
     description = json.load(f)
+  base = _load_base(directory, description, path)
+  if description.get('special_tokens'):
+    return WithSpecialTokens(base, description['special_tokens'])
+  return base
+
+
+def _load_base(directory: str, description: dict, path: str) -> Tokenizer:
   kind = description['kind']
   if kind == 'sentencepiece':
     with open(os.path.join(directory, description['model']), 'rb') as f:
