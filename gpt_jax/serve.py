@@ -1,0 +1,468 @@
+r"""An OpenAI-compatible HTTP server for a workdir: batched, streaming, robust to bad requests.
+
+  python -m gpt_jax.serve --workdir=runs/default --host=127.0.0.1 --port=8000 [--quantize=int8]
+
+  from openai import OpenAI
+  client = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='unused')
+  client.completions.create(model='default', prompt='The ', max_tokens=50, temperature=0)
+  client.chat.completions.create(model='default', messages=[{'role': 'user', 'content': 'Hi'}])
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (the chat template of
+gpt_jax/chat_template.py; a model without its tokens answers 400), GET /v1/models, GET /health.
+Request fields: prompt / messages, max_tokens (max_completion_tokens), temperature, top_p, n,
+stop, seed, stream (Server-Sent Events ending with `data: [DONE]`), stream_options.include_usage.
+Responses carry `usage` token counts.
+
+Requests arriving together share the jitted decode: gpt_jax/serving.py's engine batches every
+choice of every request over --slots cache rows (continuous batching), and a choice's tokens do
+not depend on what else is in the batch. Bad requests (malformed JSON, missing fields, wrong
+types, values out of range, prompt + max_tokens beyond the context, an unknown model) get a 4xx
+with an OpenAI-style body {"error": {"message", "type", "param", "code"}}; a client that
+disconnects mid-stream frees its slots.
+"""
+
+import asyncio
+import json
+import os
+import secrets
+import time
+import uuid
+from typing import Any
+
+from absl import app as absl_app, flags, logging
+import fastapi
+from fastapi import exceptions as fastapi_exceptions
+from fastapi import responses
+import pydantic
+from starlette import exceptions as starlette_exceptions
+import uvicorn
+
+from gpt_jax import checkpoint, chat_template, cli, decode, quantize, serving
+from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.errors import ConfigError
+
+FLAGS = flags.FLAGS
+MAX_N = 16     # choices per request
+MAX_STOP = 4   # stop strings per request (as OpenAI)
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'A workdir written by gpt_jax.train, finetune or '
+                      'convert.from_hf.')
+  flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on.')
+  flags.DEFINE_integer('port', 8000, 'Port to listen on.')
+  flags.DEFINE_string('model_name', '', 'The model id clients send (default: the workdir\'s '
+                      'folder name).')
+  flags.DEFINE_enum('quantize', 'none', quantize.MODES, 'Weights: float as trained, or int8 '
+                    '(weight-only, per-channel scales; about 4x less parameter memory).')
+  flags.DEFINE_integer('slots', 16, 'Sequences decoded together (KV cache rows).')
+  flags.DEFINE_integer('max_waiting', 1024, 'Choices that may wait for a slot; beyond, 429.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+
+
+# -------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+  """An error answered with an OpenAI-style body."""
+
+  def __init__(self, status: int, message: str, param: str | None = None,
+               code: str | None = None, kind: str = 'invalid_request_error'):
+    super().__init__(message)
+    self.status, self.message, self.param, self.code, self.kind = (status, message, param, code,
+                                                                   kind)
+
+
+def error_body(message: str, kind: str = 'invalid_request_error', param: str | None = None,
+               code: str | None = None) -> dict:
+  return {'error': {'message': message, 'type': kind, 'param': param, 'code': code}}
+
+
+def _validation_error(exc: fastapi_exceptions.RequestValidationError) -> APIError:
+  """The first problem pydantic found, as one sentence naming the field."""
+  errors = exc.errors()
+  if not errors:
+    return APIError(400, 'Invalid request body.')
+  first = errors[0]
+  if first.get('type') == 'json_invalid':
+    detail = (first.get('ctx') or {}).get('error', '')
+    return APIError(400, f'The request body is not valid JSON ({detail}).', code='invalid_json')
+  loc = [str(part) for part in first.get('loc', ()) if part != 'body']
+  param = loc[0] if loc else None  # the request's field (nested places are in the message)
+  if first.get('type') == 'missing':
+    return APIError(400, f"Missing required parameter: '{param}'.", param, 'missing_required')
+  if first.get('type') == 'model_attributes_type' or not loc:
+    return APIError(400, 'The request body must be a JSON object.', None, 'invalid_type')
+  value = first.get('input')
+  shown = json.dumps(value)[:80] if _jsonable(value) else repr(value)[:80]
+  return APIError(400, f"Invalid value for '{param}': {first.get('msg')} (got {shown}).", param,
+                  'invalid_value')
+
+
+def _jsonable(value) -> bool:
+  try:
+    json.dumps(value)
+    return True
+  except (TypeError, ValueError):
+    return False
+
+
+# -------------------------------------------------------------------- request bodies
+
+
+class _Request(pydantic.BaseModel):
+  # strict: "5" is not a number, "true" not a boolean (as OpenAI's API).
+  model_config = pydantic.ConfigDict(strict=True, extra='ignore')
+  model: str
+  max_tokens: int | None = pydantic.Field(None, ge=1)
+  temperature: float = pydantic.Field(1.0, ge=0.0, le=2.0)
+  top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+  n: int = pydantic.Field(1, ge=1, le=MAX_N)
+  stop: str | list[str] | None = None
+  seed: int | None = None
+  stream: bool = False
+  stream_options: dict[str, bool] | None = None
+  user: str | None = None
+
+  @pydantic.field_validator('stop')
+  @classmethod
+  def _stop(cls, value):
+    if isinstance(value, list) and len(value) > MAX_STOP:
+      raise ValueError(f'at most {MAX_STOP} stop sequences')
+    return value
+
+  def stops(self) -> list[str]:
+    if self.stop is None:
+      return []
+    return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+  def include_usage(self) -> bool:
+    return bool(self.stream_options and self.stream_options.get('include_usage'))
+
+
+class CompletionRequest(_Request):
+  prompt: str | list[str] | list[int] | list[list[int]]
+  max_tokens: int | None = pydantic.Field(16, ge=1)
+  echo: bool = False
+
+
+class ChatRequest(_Request):
+  messages: list[Any]
+  max_completion_tokens: int | None = pydantic.Field(None, ge=1)
+
+
+# -------------------------------------------------------------------- the server
+
+
+class Server:
+  """The model, its tokenizer and the engine; builds one response per request."""
+
+  def __init__(self, engine: serving.Engine, tokenizer, model_name: str,
+               max_waiting: int = 1024):
+    self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+    self.context = engine.context
+    self.max_waiting = max_waiting
+    self.created = int(time.time())
+    self.chat = chat_template.has_chat_tokens(tokenizer)
+    self.vocab_size = engine.cfg.vocab_size
+
+  # ------------------------------------------------ checks
+
+  def check_model(self, name: str) -> None:
+    if name != self.model_name:
+      raise APIError(404, f"The model '{name}' does not exist; this server serves "
+                     f"'{self.model_name}' (GET /v1/models).", 'model', 'model_not_found')
+
+  def check_length(self, prompt: list[int], max_tokens: int, param: str,
+                   prompt_param: str) -> None:
+    if len(prompt) + max_tokens > self.context:
+      raise APIError(400, f"This model's maximum context length is {self.context} tokens. "
+                     f'However, you requested {len(prompt) + max_tokens} tokens '
+                     f'({len(prompt)} in the {prompt_param}, {max_tokens} for the completion). '
+                     f'Please reduce the {prompt_param} or {param}.',
+                     prompt_param if len(prompt) >= self.context else param,
+                     'context_length_exceeded')
+
+  def check_capacity(self, choices: int) -> None:
+    if self.engine.waiting + choices > self.max_waiting:
+      raise APIError(429, f'The server is busy ({self.engine.waiting} choices waiting for a '
+                     'slot); retry later.', None, 'server_busy', 'rate_limit_error')
+
+  def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, str):
+      prompts = [decode.encode_prompt(self.tokenizer, prompt)]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+      prompts = [list(prompt)]
+    elif prompt and all(isinstance(p, list) for p in prompt):
+      prompts = [list(p) for p in prompt]
+    else:
+      prompts = [decode.encode_prompt(self.tokenizer, p) for p in prompt]
+    if not prompts:
+      raise APIError(400, "'prompt' must not be an empty list.", 'prompt', 'invalid_value')
+    for p in prompts:
+      if not p:
+        raise APIError(400, "A token list in 'prompt' needs at least one token.", 'prompt', 'invalid_value')
+      bad = [t for t in p if not 0 <= t < self.vocab_size]
+      if bad:
+        raise APIError(400, f"Token id {bad[0]} in 'prompt' is outside the vocabulary [0, "
+                       f'{self.vocab_size}).', 'prompt', 'invalid_value')
+    return prompts
+
+  def chat_prompt(self, req: ChatRequest) -> list[int]:
+    if not self.chat:
+      raise APIError(400, f"The model '{self.model_name}' has no chat template: its tokenizer "
+                     'lacks the chat tokens (fine-tune it for chat with gpt_jax.finetune), so '
+                     'use /v1/completions.', 'messages', 'chat_template_missing')
+    try:
+      messages = chat_template.check_messages(req.messages)
+    except chat_template.ConversationError as e:
+      raise APIError(400, f"Invalid 'messages': {e}.", 'messages', 'invalid_value') from None
+    return chat_template.render(self.tokenizer, messages, add_generation_prompt=True).tokens
+
+  # ------------------------------------------------ generation
+
+  def start(self, prompts: list[list[int]], max_tokens: list[int], req: _Request,
+            end_ids: frozenset) -> tuple[asyncio.Queue, list[serving.Sequence]]:
+    """Submits n choices per prompt; events (choice, kind, value) arrive on the queue:
+    ('text', piece), then ('finish', (finish_reason, completion tokens)) or ('error', message)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    seed = req.seed if req.seed is not None else secrets.randbits(31)
+
+    def put(event):
+      try:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+      except RuntimeError:  # the event loop is gone (shutdown)
+        pass
+
+    seqs = []
+    for i, prompt in enumerate(prompts):
+      for j in range(req.n):
+        choice = i * req.n + j
+        text = decode._RowText(self.tokenizer, req.stops())  # pylint: disable=protected-access
+        seqs.append(serving.Sequence(
+            prompt, max_tokens[i], self._on_token(choice, text, end_ids, put),
+            self._on_finish(choice, text, put), end_ids=end_ids, temperature=req.temperature,
+            top_p=req.top_p, seed=seed, row=j))
+    for seq in seqs:
+      self.engine.submit(seq)
+    return queue, seqs
+
+  @staticmethod
+  def _on_token(choice, text, end_ids, put):
+    def on_token(token: int) -> bool:
+      piece = text.finish() if token in end_ids else text.add(token)
+      if piece:
+        put((choice, 'text', piece))
+      return text.done
+    return on_token
+
+  @staticmethod
+  def _on_finish(choice, text, put):
+    def on_finish(reason: str, error: str | None) -> None:
+      if reason == 'error':
+        put((choice, 'error', error))
+        return
+      stopped = text.done
+      piece = text.finish()
+      if piece:
+        put((choice, 'text', piece))
+      put((choice, 'finish', 'stop' if stopped or reason == 'stop' else reason))
+    return on_finish
+
+
+def _usage(prompts, seqs) -> dict:
+  prompt_tokens = sum(len(p) for p in prompts)  # each prompt counted once, whatever n
+  completion = sum(s.generated for s in seqs)
+  return {'prompt_tokens': prompt_tokens, 'completion_tokens': completion,
+          'total_tokens': prompt_tokens + completion}
+
+
+def create_app(server: Server) -> fastapi.FastAPI:
+  api = fastapi.FastAPI(title='gpt_jax', docs_url=None, redoc_url=None)
+
+  @api.exception_handler(APIError)
+  async def _api_error(_, exc: APIError):
+    return responses.JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code),
+                                  status_code=exc.status)
+
+  @api.exception_handler(fastapi_exceptions.RequestValidationError)
+  async def _invalid(_, exc):
+    e = _validation_error(exc)
+    return responses.JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=400)
+
+  @api.exception_handler(starlette_exceptions.HTTPException)
+  async def _http(request: fastapi.Request, exc):
+    message = {404: f'Unknown URL {request.method} {request.url.path}.',
+               405: f'Method {request.method} is not allowed for {request.url.path}.'}
+    return responses.JSONResponse(
+        error_body(message.get(exc.status_code, str(exc.detail)), 'invalid_request_error', None,
+                   {404: 'unknown_url', 405: 'method_not_allowed'}.get(exc.status_code)),
+        status_code=exc.status_code)
+
+  @api.get('/health')
+  async def health():
+    return {'status': 'ok', 'model': server.model_name, 'slots': server.engine.slots,
+            'busy_slots': server.engine.busy_slots, 'waiting': server.engine.waiting,
+            'steps': server.engine.steps}
+
+  @api.get('/v1/models')
+  async def models():
+    return {'object': 'list', 'data': [_model_card(server)]}
+
+  @api.get('/v1/models/{name}')
+  async def model(name: str):
+    server.check_model(name)
+    return _model_card(server)
+
+  @api.post('/v1/completions')
+  async def completions(req: CompletionRequest):
+    server.check_model(req.model)
+    prompts = server.completion_prompts(req)
+    for p in prompts:
+      server.check_length(p, req.max_tokens, 'max_tokens', 'prompt')
+    server.check_capacity(len(prompts) * req.n)
+    queue, seqs = server.start(prompts, [req.max_tokens] * len(prompts), req,
+                               _end_ids(server.tokenizer, chat=False))
+    return await _respond('text_completion', 'cmpl', prompts, queue, seqs, req, server)
+
+  @api.post('/v1/chat/completions')
+  async def chat_completions(req: ChatRequest):
+    server.check_model(req.model)
+    prompt = server.chat_prompt(req)
+    requested = req.max_completion_tokens or req.max_tokens
+    param = 'max_completion_tokens' if req.max_completion_tokens else 'max_tokens'
+    max_tokens = requested or max(1, server.context - len(prompt))
+    server.check_length(prompt, max_tokens, param, 'messages')
+    server.check_capacity(req.n)
+    queue, seqs = server.start([prompt], [max_tokens], req, _end_ids(server.tokenizer, chat=True))
+    return await _respond('chat.completion', 'chatcmpl', [prompt], queue, seqs, req, server)
+
+  return api
+
+
+def _model_card(server: Server) -> dict:
+  return {'id': server.model_name, 'object': 'model', 'created': server.created,
+          'owned_by': 'gpt_jax', 'context_length': server.context}
+
+
+def _end_ids(tokenizer, chat: bool) -> frozenset:
+  ids = set()
+  if tokenizer.eos_id is not None:
+    ids.add(tokenizer.eos_id)
+  if chat:
+    ids.add(chat_template.end_of_turn_id(tokenizer))
+  return frozenset(ids)
+
+
+async def _respond(kind, id_prefix, prompts, queue, seqs, req, server):
+  """The whole response, or a Server-Sent Events stream of chunks."""
+  meta = {'id': f'{id_prefix}-{uuid.uuid4().hex}', 'created': int(time.time()),
+          'model': server.model_name}
+  chat = kind == 'chat.completion'
+  if req.stream:
+    return responses.StreamingResponse(_events(kind, meta, prompts, queue, seqs, req, chat),
+                                       media_type='text/event-stream',
+                                       headers={'Cache-Control': 'no-cache'})
+  texts, reasons = [''] * len(seqs), [None] * len(seqs)
+  try:
+    remaining = len(seqs)
+    while remaining:
+      choice, event, value = await queue.get()
+      if event == 'text':
+        texts[choice] += value
+      elif event == 'finish':
+        reasons[choice] = value
+        remaining -= 1
+      else:
+        raise APIError(500, f'Generation failed: {value}', None, 'generation_failed',
+                       'server_error')
+  finally:
+    for seq in seqs:  # a no-op for finished ones; frees the slots of an abandoned request
+      seq.cancel()
+  if chat:
+    choices = [{'index': i, 'message': {'role': 'assistant', 'content': t},
+                'logprobs': None, 'finish_reason': r} for i, (t, r) in enumerate(zip(texts, reasons))]
+  else:
+    if req.echo:
+      texts = [server.tokenizer.decode(prompts[i // req.n]) + t for i, t in enumerate(texts)]
+    choices = [{'index': i, 'text': t, 'logprobs': None, 'finish_reason': r}
+               for i, (t, r) in enumerate(zip(texts, reasons))]
+  return {**meta, 'object': kind, 'choices': choices, 'usage': _usage(prompts, seqs),
+          'system_fingerprint': None}
+
+
+async def _events(kind, meta, prompts, queue, seqs, req, chat):
+  chunk_kind = 'chat.completion.chunk' if chat else 'text_completion'
+
+  def chunk(choices, **extra):
+    return f'data: {json.dumps({**meta, "object": chunk_kind, "choices": choices, **extra})}\n\n'
+
+  try:
+    if chat:
+      yield chunk([{'index': i, 'delta': {'role': 'assistant', 'content': ''},
+                    'logprobs': None, 'finish_reason': None} for i in range(len(seqs))])
+    remaining = len(seqs)
+    while remaining:
+      choice, event, value = await queue.get()
+      if event == 'text':
+        delta = {'content': value} if chat else None
+        yield chunk([{'index': choice, 'delta': delta, 'logprobs': None, 'finish_reason': None}
+                     if chat else {'index': choice, 'text': value, 'logprobs': None,
+                                   'finish_reason': None}])
+      elif event == 'finish':
+        remaining -= 1
+        yield chunk([{'index': choice, 'delta': {}, 'logprobs': None, 'finish_reason': value}
+                     if chat else {'index': choice, 'text': '', 'logprobs': None,
+                                   'finish_reason': value}])
+      else:
+        yield f'data: {json.dumps(error_body(f"Generation failed: {value}", "server_error"))}\n\n'
+        break
+    if req.include_usage():
+      yield chunk([], usage=_usage(prompts, seqs))
+    yield 'data: [DONE]\n\n'
+  finally:  # also when the client disconnects: the engine frees the slots at its next step
+    for seq in seqs:
+      seq.cancel()
+
+
+# -------------------------------------------------------------------- binary
+
+
+def load(workdir: str, quantize_mode: str = 'none', slots: int = 16, step: int | None = None,
+         model_name: str = '', max_waiting: int = 1024) -> Server:
+  """A Server for a workdir, its programs compiled."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'Workdir {workdir} does not exist')
+  if slots < 1:
+    raise ConfigError(f'--slots must be >= 1, got {slots}')
+  checkpoint.load_config(workdir)
+  tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
+  cfg, params, _ = checkpoint.load_model(workdir, step)
+  params = quantize.apply(params, quantize_mode)
+  engine = serving.Engine(cfg, params, slots=slots)
+  engine.compile()
+  name = model_name or os.path.basename(os.path.normpath(workdir))
+  return Server(engine.start(), tokenizer, name, max_waiting)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise absl_app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.quiet_logs(logging.ERROR)
+  with cli.one_line_errors():
+    if not FLAGS.workdir:
+      raise ConfigError('--workdir is required')
+    server = load(FLAGS.workdir, FLAGS.quantize, FLAGS.slots, FLAGS.step, FLAGS.model_name,
+                  FLAGS.max_waiting)
+  print(f"Serving '{server.model_name}' ({server.engine.slots} slots, context {server.context}, "
+        f"quantize={FLAGS.quantize}, chat={'yes' if server.chat else 'no'}) on "
+        f'http://{FLAGS.host}:{FLAGS.port}/v1', flush=True)
+  uvicorn.run(create_app(server), host=FLAGS.host, port=FLAGS.port, log_level='warning')
+  server.engine.stop()
+
+
+if __name__ == '__main__':
+  define_flags()
+  absl_app.run(main)
