@@ -1,8 +1,10 @@
-r"""Evaluate a workdir's parameters on a whole split: loss, perplexity and bits per byte.
+r"""Evaluate a workdir's parameters on a whole split (loss, perplexity and bits per byte), or a
+chat model's answers to held-out conversations (BLEU, ROUGE-L and the assistant-token loss).
 
   python -m gpt_jax.eval --workdir=runs/default                       # config.data.val_split
   python -m gpt_jax.eval --workdir=runs/default --split=train
   python -m gpt_jax.eval --workdir=runs/gpt2 --text_files='books/*.txt' --split=validation
+  python -m gpt_jax.eval --workdir=runs/sft --chat_files='data/faq/heldout.jsonl'
 
 Restores only the parameters (latest or --step), rebuilds the model and tokenizer from the
 workdir, and reads the split through gpt_jax.data (the workdir's dataset, or --text_files with
@@ -17,6 +19,22 @@ every token but the first is predicted exactly once, from the tokens before it i
 
 Batches are sharded over all local devices (data parallel, parameters replicated). The result
 is printed and written to <workdir>/eval/<dataset>-<split>-step<step>.json.
+
+With --chat_files (JSONL conversations, gpt_jax.chat_template's format), each conversation is
+cut before its last assistant message: the model answers the rest (rendered with the generation
+prompt) greedily, until its end-of-turn or --max_new_tokens, in batches of --batch_size prompts,
+and the answers are scored against that last message's content:
+
+  bleu            sacrebleu's corpus BLEU (0-100)
+  rouge_l         mean ROUGE-L F-measure (rouge_score, 0-100)
+  exact_match     fraction of answers equal to the reference (surrounding spaces ignored)
+  assistant_loss  mean cross-entropy (nats) on the tokens fine-tuning learns from: every
+                  assistant message's content and end-of-turn, of the whole conversations
+
+A prompt that does not fit the context with its answer loses its first tokens (counted in
+truncated_prompts); a conversation longer than the context is scored on its last max_len + 1
+tokens for the loss. Written to <workdir>/eval/chat-<files>-step<step>.json, with every prompt,
+reference and answer in the .samples.jsonl beside it.
 """
 
 import glob
@@ -33,8 +51,9 @@ import numpy as np
 import optax
 import tqdm
 
-from gpt_jax import checkpoint, cli, data
+from gpt_jax import chat_template, checkpoint, cli, data, decode
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.chat import stop_ids
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import Transformer
 
@@ -53,6 +72,9 @@ def define_flags() -> None:
   flags.DEFINE_string('tfds_data_dir', None, "TFDS data dir (default: the workdir config's).")
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
+  flags.DEFINE_string('chat_files', '', 'Score greedy answers to these conversations (a glob '
+                      'of JSONL files) instead of the loss on a split.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'With --chat_files: most tokens in one answer.')
 
 
 def windows(tokens: np.ndarray, seq_len: int, batch_size: int):
@@ -149,6 +171,139 @@ def evaluate(workdir: str, split: str = '', text_files: str = '', seq_len: int =
   return result
 
 
+# ------------------------------------------------------------------ chat answers
+
+
+def read_chat_examples(chat_files: str) -> list[tuple[list[dict], str, list[dict]]]:
+  """(prompt messages, reference answer, whole conversation) of each conversation in the files:
+  the prompt is the conversation before its last assistant message, which is the reference."""
+  paths = sorted(glob.glob(os.path.expanduser(chat_files), recursive=True))
+  if not paths:
+    raise FileNotFoundError(f'--chat_files {chat_files!r} matches no files')
+  examples = []
+  for path in paths:
+    for messages in chat_template.read_conversations(path, on_error='raise'):
+      last = max(i for i, m in enumerate(messages) if m['role'] == 'assistant')
+      examples.append((messages[:last], messages[last]['content'], messages))
+  if not examples:
+    raise ConfigError(f'--chat_files {chat_files!r} hold no conversations')
+  return examples
+
+
+def _batches(items: list, batch_size: int):
+  """Lists of batch_size items; the last is filled up with copies of its last item, so every
+  batch has the same shape (one compiled program)."""
+  for first in range(0, len(items), batch_size):
+    batch = items[first:first + batch_size]
+    yield batch + [batch[-1]] * (batch_size - len(batch)), len(batch)
+
+
+def assistant_loss(model_cfg, params, conversations: list[chat_template.Rendered],
+                   batch_size: int, progress_bar: bool = False) -> tuple[float, float]:
+  """(total nats, tokens) of the weighted (assistant) tokens of rendered conversations; one longer
+  than the context is scored on its last max_len + 1 tokens."""
+  length = min(model_cfg.max_len, max(len(c.tokens) for c in conversations) - 1)
+  model = Transformer(model_cfg)
+
+  @jax.jit
+  def loss_sums(params, tokens, weights):
+    logits, _ = model.apply({'params': params}, tokens[:, :-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return jnp.sum(losses * weights[:, 1:]), jnp.sum(weights[:, 1:])
+
+  loss_sum, count = 0.0, 0.0
+  for batch, used in tqdm.tqdm(list(_batches(conversations, batch_size)), unit='batch',
+                               dynamic_ncols=True, disable=not progress_bar, desc='loss'):
+    tokens = np.zeros((batch_size, length + 1), np.int32)
+    weights = np.zeros((batch_size, length + 1), np.float32)
+    for row, conversation in enumerate(batch[:used]):
+      kept = slice(-(length + 1), None)
+      tokens[row, :len(conversation.tokens[kept])] = conversation.tokens[kept]
+      weights[row, :len(conversation.weights[kept])] = conversation.weights[kept]
+    batch_loss, batch_count = loss_sums(params, tokens, weights)
+    loss_sum, count = loss_sum + float(batch_loss), count + float(batch_count)
+  return loss_sum, count
+
+
+def generate_answers(generator: decode.Generator, tokenizer, prompts: list[list[int]],
+                     max_new_tokens: int, batch_size: int, progress_bar: bool = False
+                     ) -> tuple[list[str], int]:
+  """(greedy answer to each prompt, how many prompts lost their first tokens to fit).
+
+  An answer ends at the end-of-turn token (or any of the template's markers, or end-of-text);
+  it may use the context the prompt leaves, up to max_new_tokens, and at least half of the
+  context (the prompt's start is dropped for that).
+  """
+  context = generator.cfg.max_len
+  room = [min(max_new_tokens, max(context - len(p), context // 2)) for p in prompts]
+  stops = stop_ids(tokenizer)
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
+  answers = [''] * len(prompts)
+  for rows, used in tqdm.tqdm(list(_batches(order, batch_size)), unit='batch',
+                              dynamic_ncols=True, disable=not progress_bar, desc='generate'):
+    outputs = generator.generate([prompts[i] for i in rows], [room[i] for i in rows],
+                                 eos_id=chat_template.end_of_turn_id(tokenizer), truncate=True,
+                                 temperature=0)
+    for i, tokens in zip(rows[:used], outputs):
+      ends = [n for n, t in enumerate(tokens) if t in stops]
+      answers[i] = tokenizer.decode(tokens[:ends[0]] if ends else tokens)
+  return answers, sum(len(p) + n > context for p, n in zip(prompts, room))
+
+
+def evaluate_chat(workdir: str, chat_files: str, max_new_tokens: int = 128, batch_size: int = 0,
+                  step: int | None = None, progress_bar: bool = False) -> dict:
+  """Scores greedy answers to the conversations and writes the result JSON; returns the result."""
+  from rouge_score import rouge_scorer  # imports nltk (seconds): only the chat mode needs it
+  import sacrebleu
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'Workdir {workdir} does not exist')
+  if max_new_tokens <= 0:
+    raise ConfigError(f'--max_new_tokens must be positive, got {max_new_tokens}')
+  config = checkpoint.load_config(workdir)
+  batch_size = batch_size or config.data.batch_size
+  if batch_size <= 0:
+    raise ConfigError(f'--batch_size must be positive, got {batch_size}')
+  tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
+  chat_template.end_of_turn_id(tokenizer)  # no chat tokens: say so before loading anything
+  examples = read_chat_examples(chat_files)
+  model_cfg, params, step = checkpoint.load_model(workdir, step)
+
+  start = time.perf_counter()
+  conversations = [chat_template.render(tokenizer, whole) for _, _, whole in examples]
+  loss_sum, count = assistant_loss(model_cfg, params, conversations, batch_size, progress_bar)
+  prompts = [chat_template.render(tokenizer, prompt, add_generation_prompt=True).tokens
+             for prompt, _, _ in examples]
+  answers, truncated = generate_answers(decode.Generator(model_cfg, params), tokenizer, prompts,
+                                        max_new_tokens, batch_size, progress_bar)
+  references = [reference for _, reference, _ in examples]
+  scorer = rouge_scorer.RougeScorer(['rougeL'])
+  rouge_l = [scorer.score(ref, answer)['rougeL'].fmeasure for ref, answer in
+             zip(references, answers)]
+
+  name = re.sub(r'[^\w.-]', '_', os.path.basename(chat_files).removesuffix('.jsonl'))
+  result = {
+      'step': int(step), 'chat_files': chat_files, 'conversations': len(examples),
+      'bleu': sacrebleu.corpus_bleu(answers, [references]).score,
+      'rouge_l': 100 * float(np.mean(rouge_l)),
+      'exact_match': float(np.mean([a.strip() == r.strip() for a, r in zip(answers, references)])),
+      'assistant_loss': loss_sum / count if count else None, 'assistant_tokens': int(count),
+      'truncated_prompts': truncated, 'max_new_tokens': max_new_tokens,
+      'batch_size': batch_size, 'seconds': round(time.perf_counter() - start, 3),
+  }
+  out_dir = os.path.join(workdir, 'eval')
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f'chat-{name}-step{step}.json')
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2)
+  samples_path = path.removesuffix('.json') + '.samples.jsonl'
+  with open(samples_path, 'w') as f:
+    for (prompt, reference, _), answer, score in zip(examples, answers, rouge_l):
+      f.write(json.dumps({'messages': prompt, 'reference': reference, 'answer': answer,
+                          'rouge_l': 100 * score}, ensure_ascii=False) + '\n')
+  result['path'], result['samples_path'] = path, samples_path
+  return result
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -158,6 +313,18 @@ def main(argv):
       raise ConfigError('--workdir is required')
     if FLAGS.seq_len < 0 or FLAGS.batch_size < 0:
       raise ConfigError('--seq_len and --batch_size must be positive (0: from the config)')
+    if FLAGS.chat_files:
+      given = [f'--{name}' for name in ('split', 'text_files', 'seq_len', 'tfds_data_dir')
+               if FLAGS[name].present]
+      if given:
+        raise ConfigError(f'--chat_files cannot be combined with {", ".join(given)}')
+      result = evaluate_chat(FLAGS.workdir, FLAGS.chat_files, FLAGS.max_new_tokens,
+                             FLAGS.batch_size, FLAGS.step, FLAGS.progress_bar)
+      print(f"chat {result['chat_files']} (step {result['step']}): BLEU {result['bleu']:.2f}, "
+            f"ROUGE-L {result['rouge_l']:.2f}, exact match {result['exact_match']:.1%}, "
+            f"assistant loss {result['assistant_loss']:.4f} over {result['conversations']:,} "
+            f"conversations -> {result['path']}")
+      return
     result = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.text_files, FLAGS.seq_len,
                       FLAGS.batch_size, FLAGS.step, FLAGS.tfds_data_dir, FLAGS.progress_bar)
   print(f"{result['dataset']} {result['split']} (step {result['step']}): loss "
