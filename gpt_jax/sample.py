@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags, logging
 
-from gpt_jax import checkpoint, cli, decode, tokenizer as tokenizer_lib
+from gpt_jax import checkpoint, cli, decode, quantize, tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -42,6 +42,8 @@ def define_flags() -> None:
                     'context with --max_new_tokens, instead of an error.')
   flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same text.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_enum('quantize', 'none', quantize.MODES, 'Weights: float as trained, or int8 '
+                    '(weight-only, per-channel scales; about 4x less parameter memory).')
 
 
 def check_flags(f) -> None:
@@ -69,7 +71,7 @@ def main(argv):
     checkpoint.load_config(FLAGS.workdir)  # a clear error before the tokenizer's
     tokenizer = tokenizer_lib.load(os.path.join(FLAGS.workdir, 'tokenizer'))
     model_cfg, params, _ = checkpoint.load_model(FLAGS.workdir, FLAGS.step)
-    generator = decode.Generator(model_cfg, params)
+    generator = quantize.generator(model_cfg, quantize.apply(params, FLAGS.quantize))
     stop = [codecs.decode(s.encode('latin-1', 'backslashreplace'), 'unicode_escape')
             for s in FLAGS.stop]
     prompts = FLAGS.prompt
