@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 from absl import app, flags, logging
 
-from gpt_jax import chat_template, checkpoint, cli, decode
+from gpt_jax import chat_template, checkpoint, cli, decode, quantize
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
@@ -49,6 +49,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed and messages give the same '
                        'replies.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_enum('quantize', 'none', quantize.MODES, 'Weights: float as trained, or int8 '
+                    '(weight-only, per-channel scales; about 4x less parameter memory).')
 
 
 def stop_ids(tokenizer) -> set[int]:
@@ -153,13 +155,16 @@ def check_flags(f) -> None:
     raise FileNotFoundError(f'Workdir {f.workdir} does not exist')
 
 
-def load_chat(workdir: str, step: int | None = None, **kwargs) -> tuple[Chat, int]:
-  """(a Chat with the workdir's model, its checkpoint step); kwargs as Chat."""
+def load_chat(workdir: str, step: int | None = None, quantize_mode: str = 'none',
+              **kwargs) -> tuple[Chat, int]:
+  """(a Chat with the workdir's model, its checkpoint step); kwargs as Chat. quantize_mode:
+  'none' or 'int8' (gpt_jax.quantize)."""
   checkpoint.load_config(workdir)  # a clear error before the tokenizer's
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
   chat_template.end_of_turn_id(tokenizer)  # no chat tokens: say so before loading the model
   model_cfg, params, step = checkpoint.load_model(workdir, step)
-  return Chat(decode.Generator(model_cfg, params), tokenizer, **kwargs), step
+  generator = quantize.generator(model_cfg, quantize.apply(params, quantize_mode))
+  return Chat(generator, tokenizer, **kwargs), step
 
 
 def _notice(text: str) -> None:
@@ -237,9 +242,9 @@ def main(argv):
     if message is not None and not message.strip():
       raise ConfigError('--message is empty')
     chat, _ = load_chat(
-        FLAGS.workdir, FLAGS.step, system=FLAGS.system, max_new_tokens=FLAGS.max_new_tokens,
-        seed=FLAGS.seed, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-        repetition_penalty=FLAGS.repetition_penalty)
+        FLAGS.workdir, FLAGS.step, FLAGS.quantize, system=FLAGS.system,
+        max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k, top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty)
     if message is not None:
       _print_reply(chat, message)
       return

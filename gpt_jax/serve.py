@@ -37,7 +37,7 @@ import pydantic
 from starlette import exceptions as starlette_exceptions
 import uvicorn
 
-from gpt_jax import checkpoint, chat_template, cli, decode, quantize, serving
+from gpt_jax import chat as chat_lib, checkpoint, chat_template, cli, decode, quantize, serving
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
@@ -348,12 +348,11 @@ def _model_card(server: Server) -> dict:
 
 
 def _end_ids(tokenizer, chat: bool) -> frozenset:
-  ids = set()
-  if tokenizer.eos_id is not None:
-    ids.add(tokenizer.eos_id)
+  """End-of-text; for chat also every template marker (as gpt_jax.chat: the end of the turn, or
+  the model starting someone else's turn)."""
   if chat:
-    ids.add(chat_template.end_of_turn_id(tokenizer))
-  return frozenset(ids)
+    return frozenset(chat_lib.stop_ids(tokenizer))
+  return frozenset({tokenizer.eos_id} - {None})
 
 
 async def _respond(kind, id_prefix, prompts, queue, seqs, req, server):
