@@ -1,0 +1,121 @@
+"""CPU speedrun: time `python -m gpt_jax.train --config=configs/speedrun_shakespeare.py` from a
+cold start to validation loss <= 1.886 on the whole split, back to back with the PyTorch baseline.
+
+  python experiments/speedrun/run.py --data=../shared/data/tinyshakespeare.txt \
+      --torch_gpt=../shared/peers/torch_gpt.py [--repeats=2] [--json=experiments/speedrun/results.json]
+
+Each repeat runs, one after another on the same machine:
+  1. the baseline: torch_gpt.py with nanoGPT's baby settings (4 x 128, context 64, batch 12,
+     2000 steps, lr 1e-3 -> 1e-4), its whole process timed;
+  2. gpt_jax: the config's whole training process, from an empty workdir and an empty TFDS data
+     dir (building the dataset, the tokenizer, compiling, training, the final evaluation over
+     all of the validation split and the last checkpoint all count);
+  3. `python -m gpt_jax.eval` on that workdir: every validation token but the first predicted
+     once (a check of 2's loss; its own time is reported beside it);
+  4. with --startup, the same training process stopped after one step: the fixed costs.
+Prints one row per run and the ratio baseline time / gpt_jax time.
+"""
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+TARGET = 1.886
+BASELINE_ARGS = ['--n_layer', '4', '--n_head', '4', '--n_embd', '128', '--block_size', '64',
+                 '--batch_size', '12', '--steps', '2000', '--lr', '1e-3', '--min_lr', '1e-4',
+                 '--warmup', '100', '--weight_decay', '0.1', '--beta2', '0.99',
+                 '--eval_every', '2000', '--eval_batches', '20']
+
+
+def timed(cmd, **kwargs):
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, **kwargs)
+  seconds = time.perf_counter() - start
+  if proc.returncode:
+    sys.exit(f'failed ({proc.returncode}): {" ".join(cmd)}\n{proc.stdout[-3000:]}'
+             f'{proc.stderr[-3000:]}')
+  return seconds, proc.stdout
+
+
+def baseline(args):
+  cmd = [sys.executable, args.torch_gpt, '--data', args.data] + BASELINE_ARGS
+  seconds, out = timed(cmd)
+  lines = [json.loads(l) for l in out.splitlines() if l.startswith('{')]
+  val = [l['val_loss'] for l in lines if 'val_loss' in l][-1]
+  return {'run': 'torch_gpt.py (baseline)', 'wall_s': seconds, 'val_loss': val,
+          'val_measured_on': '20 random batches (its own estimate)',
+          'command': 'python torch_gpt.py --data DATA ' + ' '.join(BASELINE_ARGS)}
+
+
+def ours(args, extra=()):
+  workdir = os.path.abspath(args.workdir)
+  shutil.rmtree(workdir, ignore_errors=True)
+  overrides = [f'--config.data.text_files={os.path.abspath(args.data)}',
+               f'--config.data.tfds_data_dir={os.path.join(workdir, "tfds")}', *extra]
+  cmd = [sys.executable, '-m', 'gpt_jax.train', f'--config={args.config}',
+         f'--workdir={workdir}', *overrides]
+  seconds, _ = timed(cmd)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  val = [r['val_loss'] for r in rows if 'val_loss' in r]
+  shown = ' '.join(['python -m gpt_jax.train', f'--config={args.config}', '--workdir=WORKDIR',
+                    '--config.data.text_files=DATA', '--config.data.tfds_data_dir=WORKDIR/tfds',
+                    *extra])
+  return {'run': 'gpt_jax', 'wall_s': seconds, 'val_loss': val[-1] if val else None,
+          'train_loss': [r['train_loss'] for r in rows if 'train_loss' in r][-1],
+          'val_measured_on': 'whole validation split (every 65-token window)',
+          'command': shown}
+
+
+def full_eval(args):
+  workdir = os.path.abspath(args.workdir)
+  seconds, out = timed([sys.executable, '-m', 'gpt_jax.eval', f'--workdir={workdir}',
+                        '--progress_bar=false'])
+  path = sorted(os.listdir(os.path.join(workdir, 'eval')))[-1]
+  result = json.load(open(os.path.join(workdir, 'eval', path)))
+  return {'run': 'python -m gpt_jax.eval (check)', 'wall_s': seconds, 'val_loss': result['loss'],
+          'val_measured_on': f'whole validation split, every token ({result["tokens"]:,})',
+          'command': 'python -m gpt_jax.eval --workdir=WORKDIR'}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--data', required=True, help='tinyshakespeare.txt')
+  p.add_argument('--torch_gpt', required=True, help='the PyTorch reference torch_gpt.py')
+  p.add_argument('--config', default='configs/speedrun_shakespeare.py')
+  p.add_argument('--workdir', default='runs/speedrun')
+  p.add_argument('--repeats', type=int, default=1)
+  p.add_argument('--startup', action='store_true', help='also time a one-step run')
+  p.add_argument('--skip_baseline', action='store_true')
+  p.add_argument('--json', default='')
+  args = p.parse_args()
+  args.data, args.torch_gpt = os.path.abspath(args.data), os.path.abspath(args.torch_gpt)
+  results = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='minutes'),
+             'config': args.config, 'target': TARGET, 'repeats': []}
+  for repeat in range(args.repeats):
+    rows = [] if args.skip_baseline else [baseline(args)]
+    rows += [ours(args), full_eval(args)]
+    if args.startup:
+      startup = ours(args, ['--config.train.num_steps=1', '--config.train.eval_every=0'])
+      startup.update(run='gpt_jax, one step (start-up and compile)', val_loss=None)
+      rows.append(startup)
+    rows[-1]['load_after'] = os.getloadavg()[0]
+    for row in rows:
+      print(f"{row['run']:45s} {row['wall_s']:7.1f} s  val {row['val_loss'] or float('nan'):.4f}"
+            f"  ({row['val_measured_on']})", flush=True)
+    if not args.skip_baseline:
+      ratio = rows[0]['wall_s'] / rows[1]['wall_s']
+      print(f'baseline / gpt_jax wall time: {ratio:.2f}x; gpt_jax val {rows[1]["val_loss"]:.4f} '
+            f'{"<=" if rows[1]["val_loss"] <= TARGET else ">"} {TARGET}', flush=True)
+    results['repeats'].append({'rows': rows, 'load_after': os.getloadavg()[0]})
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
