@@ -1,5 +1,7 @@
-"""The chat binary: one message, stdin, the REPL's /reset and /exit, history kept in the context."""
+"""The chat binary: one message, stdin, the REPL's /reset and /exit, history kept in the context.
+And what it is for: after a short fine-tuning on the FAQ, held-out answers match far better."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, module_env, run_module
+from conftest import REPO, module_env, run_module, train
 from gpt_jax import chat_template, checkpoint, decode
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.chat import stop_ids
 from gpt_jax.config import base_config
+from gpt_jax.datasets import support_faq
 from gpt_jax.model import ModelConfig, Transformer
 
 MAX_NEW = 8  # reply tokens: short replies keep the tests fast
@@ -138,3 +141,34 @@ def test_errors_are_one_line(workdir, tmp_path):
   for flags, error in cases.items():
     proc = run_module('gpt_jax.chat', *flags, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [error], flags
+
+
+def test_sft_answers_held_out_questions_far_better(tmp_path, tfds_dir):
+  """A tiny base, fine-tuned for 300 steps on the FAQ's train split, against the same model
+  before fine-tuning (the chat tokens added, no update: learning rate 0), both answering the
+  held-out paraphrases through `eval --chat_files`."""
+  base = str(tmp_path / 'base')
+  train(base, tfds_dir, **{'train.num_steps': 10, 'train.eval_every': 0, 'model.max_len': 128,
+                           'data.seq_len': 128})
+  files = support_faq.write(str(tmp_path / 'faq'))
+  heldout = tmp_path / 'heldout.jsonl'  # every 3rd held-out conversation: 40, one per intent
+  with open(files['heldout']) as f:
+    heldout.write_text(''.join(f.readlines()[::3]))
+
+  def finetune_and_eval(name, *flags):
+    workdir = str(tmp_path / name)
+    run_module('gpt_jax.finetune', '--config=configs/sft.py', f'--init_from={base}',
+               f'--workdir={workdir}', f'--config.data.chat_files={files["train"]}',
+               '--config.lora.rank=0', '--config.data.batch_size=16', '--config.train.eval_every=0',
+               '--config.train.sample_tokens=0', '--config.train.progress_bar=False', *flags)
+    proc = run_module('gpt_jax.eval', f'--workdir={workdir}', f'--chat_files={heldout}',
+                      '--max_new_tokens=24', '--progress_bar=False')
+    with open(proc.stdout.strip().rsplit(' -> ', 1)[1]) as f:
+      return json.load(f)
+
+  before = finetune_and_eval('before', '--config.train.num_steps=1', '--config.optim.lr=0')
+  after = finetune_and_eval('after', '--config.train.num_steps=300', '--config.optim.lr=3e-3')
+  assert before['conversations'] == after['conversations'] == 40
+  # Measured (2 CPU cores): ROUGE-L 0.6 before, 6.7 after; assistant loss 6.3 -> 1.7 nats.
+  assert after['rouge_l'] > 4 * max(before['rouge_l'], 1)
+  assert after['assistant_loss'] < before['assistant_loss'] - 3
