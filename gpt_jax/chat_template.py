@@ -92,9 +92,11 @@ def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool =
   return Rendered(tokens, weights)
 
 
-def read_conversations(path: str, on_error: str = 'skip') -> Iterator[list[Message]]:
+def read_conversations(path: str, on_error: str = 'skip', skip_hint: str = 'on_error=skip'
+                       ) -> Iterator[list[Message]]:
   """The conversations of a JSONL file. A malformed line is reported with its number, then
-  skipped (on_error='skip', a warning on stderr) or fatal (on_error='raise')."""
+  skipped (on_error='skip', a warning on stderr) or fatal (on_error='raise'; the error ends
+  saying how to skip such lines instead: `skip_hint`)."""
   if on_error not in ('skip', 'raise'):
     raise ConfigError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
   with open(path, encoding='utf-8') as f:
@@ -112,5 +114,5 @@ def read_conversations(path: str, on_error: str = 'skip') -> Iterator[list[Messa
       except ConversationError as e:
         message = f'{path}:{number}: {e}'
         if on_error == 'raise':
-          raise ConversationError(message + ' (skip malformed lines with on_error=skip)') from None
+          raise ConversationError(f'{message} (skip malformed lines with {skip_hint})') from None
         print(f'warning: skipped {message}', file=sys.stderr, flush=True)

@@ -4,6 +4,10 @@ A workdir holds `config.json` (the resolved config), `tokenizer/` and `checkpoin
 the items `params`, `opt_state`, `data` (the training data iterator's position) and
 `fingerprint` (checksums of the arrays, verified on restore). Sampling, evaluation and serving
 read `params` alone and rebuild the model from `config.json`.
+
+A LoRA fine-tuning workdir (`lora.rank > 0` in its config) saves only what it trains: the
+adapters and the rows of the chat tokens. Its base is `init_from` at the recorded `init_step`;
+`load_model` rebuilds the base, grows its vocabulary as the run did, and merges the adapters.
 """
 
 import json
@@ -18,6 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from gpt_jax import chat_template, lora as lora_lib
+from gpt_jax import config as config_lib
+from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer, unstack_layers
 
@@ -47,8 +54,27 @@ def prepare_workdir(workdir: str, config, model_cfg: ModelConfig, start_over: bo
   if os.path.isdir(checkpoints) and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     check_compatible(workdir, model_cfg)
   if config.init_from:
-    check_compatible(config.init_from, model_cfg)
+    check_compatible(config.init_from, model_cfg, vocab_may_grow=True)
   save_config(workdir, config)
+
+
+def resolve_init_step(config, workdir: str) -> int:
+  """The step of `config.init_from` this run starts from: `config.init_step` if set, else the
+  one this workdir recorded (a resumed run keeps its base), else init_from's latest."""
+  if config.init_step >= 0:
+    return config.init_step
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    saved = load_config(workdir)
+    if saved.get('init_from') == config.init_from and saved.get('init_step', -1) >= 0:
+      return saved.init_step
+  manager = make_manager(config.init_from, read_only=True)
+  step = manager.latest_step()
+  manager.close()
+  if step is None:
+    raise FileNotFoundError(f'No checkpoint in {os.path.join(config.init_from, CHECKPOINT_DIR)}'
+                            ' (config.init_from)')
+  return step
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -66,11 +92,16 @@ _PARAMETER_FIELDS = ('vocab_size', 'max_len', 'num_layers', 'num_heads', 'num_kv
                      'tie_embeddings', 'param_dtype')
 
 
-def check_compatible(workdir: str, model_cfg: ModelConfig) -> None:
-  """The checkpoints in `workdir` hold parameters for `model_cfg`, or a ConfigError lists why not."""
+def check_compatible(workdir: str, model_cfg: ModelConfig, vocab_may_grow: bool = False) -> None:
+  """The checkpoints in `workdir` hold parameters for `model_cfg`, or a ConfigError lists why not.
+
+  With `vocab_may_grow`, `model_cfg` may have more vocabulary rows (fine-tuning adds tokens).
+  """
   saved = ModelConfig.from_config(load_config(workdir).model)
   fields = [f for f in _PARAMETER_FIELDS if getattr(saved, f) != getattr(model_cfg, f)
-            and not (f == 'max_len' and saved.position == model_cfg.position == 'rope')]
+            and not (f == 'max_len' and saved.position == model_cfg.position == 'rope')
+            and not (f == 'vocab_size' and vocab_may_grow
+                     and saved.vocab_size < model_cfg.vocab_size)]
   if fields:
     diff = ', '.join(f'model.{f}={getattr(saved, f)!r} there, {getattr(model_cfg, f)!r} here'
                      for f in fields)
@@ -244,19 +275,48 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
   return restored['params'], step
 
 
+def trainable_params(config, tokenizer) -> lora_lib.Trainable:
+  """Which parameters a run with `config` and `tokenizer` trains (and its checkpoints hold)."""
+  lora = config_lib.lora_config(config)
+  token_ids = ()
+  if lora.rank and config.lora.get('train_chat_tokens') and chat_template.has_chat_tokens(
+      tokenizer):
+    token_ids = tuple(tokenizer_lib.special_token_id(tokenizer, t)
+                      for t in chat_template.SPECIAL_TOKENS)
+  return lora_lib.Trainable(lora, token_ids)
+
+
+def _single_device(abstract_tree):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                      abstract_tree)
+
+
 def load_model(workdir: str, step: int | None = None):
   """(ModelConfig, params on the first device, step) from a workdir; no optimizer state.
 
   Scanned layers come back as per-layer parameters (and a config saying so), ready to decode.
+  A LoRA workdir's adapters come back merged into its base's weights.
 
   The checkpoint may have been written by any number of devices and processes.
   """
-  model_cfg = ModelConfig.from_config(load_config(workdir).model)
-  abstract = nn.unbox(jax.eval_shape(
-      lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract_params = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract['params'])
-  params, step = restore_params(workdir, abstract_params, step)
-  model_cfg, params = unstack_layers(model_cfg, params)
+  config = load_config(workdir)
+  model_cfg = ModelConfig.from_config(config.model)
+  lora = config_lib.lora_config(config)
+  if not lora.rank:
+    abstract = nn.unbox(jax.eval_shape(
+        lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
+    params, step = restore_params(workdir, _single_device(abstract['params']), step)
+    model_cfg, params = unstack_layers(model_cfg, params)
+    return model_cfg, params, step
+
+  trainable = trainable_params(config, tokenizer_lib.load(os.path.join(workdir, 'tokenizer')))
+  abstract_trained = jax.eval_shape(lambda: trainable.split(nn.unbox(
+      Transformer(model_cfg, lora).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  )['params'])[0])
+  trained, step = restore_params(workdir, _single_device(abstract_trained), step)
+  _, base, _ = load_model(config.init_from, config.init_step)
+  base = lora_lib.grow_vocab(base, model_cfg.vocab_size)
+  model_cfg, trained = unstack_layers(model_cfg, trained)
+  params = lora_lib.merge(trainable.assemble(trained, base), lora)
   return model_cfg, params, step

@@ -4,7 +4,7 @@ import dataclasses
 
 import ml_collections
 
-from gpt_jax.model import ModelConfig
+from gpt_jax.model import LORA_TARGETS, LoraConfig, ModelConfig
 from gpt_jax.errors import ConfigError
 
 
@@ -12,7 +12,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, grouped by concern. Model fields are documented in ModelConfig."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter init, data order and dropout all derive from it
-  c.init_from = ''  # a workdir whose latest parameters initialise this run ('' -> random)
+  c.init_from = ''  # a workdir whose parameters initialise this run ('' -> random)
+  c.init_step = -1  # init_from's checkpoint step; -1: its latest (recorded in config.json)
 
   c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
@@ -33,6 +34,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 128               # tokens per training sequence (<= model.max_len)
   c.data.cache_dir = ''              # tokenized corpus cache; '' -> <workdir>/data_cache
   c.data.prefetch = 2                # batches prepared ahead in background threads
+  # Chat fine-tuning (gpt_jax.finetune): JSONL conversations instead of a text corpus.
+  c.data.chat_files = ''             # glob of chat JSONL files; when set, the run is chat SFT
+  c.data.val_chat_files = ''         # glob of validation conversations ('' -> no evaluation)
+  c.data.on_bad_lines = 'raise'      # a malformed JSONL line: 'raise' or 'skip' (with a warning)
+  c.data.long_conversations = 'truncate'  # longer than seq_len + 1 tokens: 'truncate' or 'drop'
+  c.data.vocab_multiple = 64         # a grown vocabulary is rounded up to a multiple of this
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3                  # peak learning rate
@@ -58,6 +65,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.progress_bar = True
   c.train.compilation_cache = True   # reuse compiled steps across restarts (<workdir>/jax_cache)
   c.train.on_nonfinite = 'halt'     # non-finite loss/gradient: 'halt' or 'skip' the update
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0                    # 0: train every parameter; > 0: only LoRA adapters
+  c.lora.alpha = 16.0                # the adapters' update is scaled by alpha / rank
+  c.lora.dropout = 0.0               # on the adapters' inputs
+  c.lora.targets = ('query', 'key', 'value', 'out')  # also fc_in, fc_gate, fc_out
+  c.lora.train_chat_tokens = True    # with rank > 0, also train the embedding rows of the
+                                     # chat template's special tokens (see README)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1: all devices not used by the other axes
@@ -109,10 +124,39 @@ def validate(config) -> None:
                      f'optim.grad_accum_steps ({config.optim.grad_accum_steps})')
   if not 0 <= model.dropout < 1:
     raise ConfigError(f'config.model.dropout must be in [0, 1), got {model.dropout}')
-  if not config.data.text_files and not config.data.tfds_name:
+  if not (config.data.text_files or config.data.tfds_name or config.data.chat_files):
     raise ConfigError('Set config.data.tfds_name or config.data.text_files')
+  _choice('data.on_bad_lines', config.data.on_bad_lines, ('raise', 'skip'))
+  _choice('data.long_conversations', config.data.long_conversations, ('truncate', 'drop'))
+  if config.data.chat_files and not config.init_from:
+    raise ConfigError('config.data.chat_files fine-tunes a pretrained model: set init_from '
+                      '(python -m gpt_jax.finetune --init_from=WORKDIR)')
+  if config.data.vocab_multiple <= 0:
+    raise ConfigError(f'config.data.vocab_multiple must be positive, got '
+                      f'{config.data.vocab_multiple}')
+  lora = config.lora
+  if lora.rank < 0:
+    raise ConfigError(f'config.lora.rank must be >= 0, got {lora.rank}')
+  if lora.rank:
+    if not config.init_from:
+      raise ConfigError('config.lora.rank > 0 adapts a pretrained model: set init_from')
+    unknown = sorted(set(lora.targets) - set(LORA_TARGETS))
+    if unknown or not lora.targets:
+      raise ConfigError(f'config.lora.targets {tuple(lora.targets)} must be a non-empty subset '
+                        f'of {LORA_TARGETS}')
+    if not 0 <= lora.dropout < 1:
+      raise ConfigError(f'config.lora.dropout must be in [0, 1), got {lora.dropout}')
 
 
 def _choice(name, value, allowed):
   if value not in allowed:
     raise ConfigError(f'config.{name} must be one of {allowed}, got {value!r}')
+
+
+def lora_config(config):
+  """The run's model.LoraConfig (rank 0: no adapters); older configs have no `lora` group."""
+  lora = config.get('lora') or {}
+  if not lora or not lora.get('rank'):
+    return LoraConfig()
+  return LoraConfig(rank=lora['rank'], alpha=lora['alpha'], dropout=lora['dropout'],
+                    targets=tuple(lora['targets']))

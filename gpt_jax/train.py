@@ -1,10 +1,15 @@
-r"""Pretrain a GPT.
+r"""Pretrain a GPT (or fine-tune one: gpt_jax/finetune.py runs this loop on chat data).
 
   python -m gpt_jax.train --config=configs/default.py --workdir=runs/default \
       [--config.train.num_steps=2000 --config.model.num_layers=6 ...]
 
 Reads top to bottom: config, mesh, data, state, step, checkpoint, loop. A run is defined by its
 config and workdir; running the same command again resumes from the latest checkpoint.
+
+Fine-tuning (`init_from` set) starts from another workdir's parameters at `init_step`. With
+`data.chat_files`, batches are packed conversations (gpt_jax/sft_data.py) carrying 'weights',
+'segment_ids' and 'positions'. With `lora.rank > 0` the state trains the adapters alone
+(`lora.Trainable`); the frozen base rides beside the state and is never saved.
 """
 
 import math
@@ -25,8 +30,9 @@ import numpy as np
 import optax
 import tqdm
 
-from gpt_jax import checkpoint, cli, data, decode, flops, optim, sharding
+from gpt_jax import chat_template, checkpoint, cli, data, decode, flops, optim, sft_data, sharding
 from gpt_jax import config as config_lib
+from gpt_jax import lora as lora_lib
 from gpt_jax.metrics import MetricWriter
 from gpt_jax.model import ModelConfig, Transformer, count_params, unstack_layers
 from gpt_jax.errors import ConfigError
@@ -52,40 +58,69 @@ class TrainState(train_state.TrainState):
   """step, params and opt_state (apply_fn and tx are static)."""
 
 
+def token_losses(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
+  """(per-token cross-entropy, weights): weights are batch['weights'] or all ones. Packed
+  batches pass segment_ids and positions, so no token attends across conversations."""
+  logits, _ = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
+                          segment_ids=batch.get('segment_ids'), deterministic=deterministic,
+                          rngs={'dropout': dropout_rng} if dropout_rng is not None else {})
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  weights = batch.get('weights', jnp.ones_like(losses)).astype(losses.dtype)
+  return losses, weights
+
+
 def loss_fn(model: Transformer, params, batch, dropout_rng):
   """Mean next-token cross-entropy over the batch (weighted when batch has 'weights')."""
-  logits, _ = model.apply({'params': params}, batch['inputs'],
-                          deterministic=model.cfg.dropout == 0, rngs={'dropout': dropout_rng})
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-  weights = batch.get('weights', jnp.ones_like(losses))
+  deterministic = model.cfg.dropout == 0 and model.lora.dropout == 0
+  losses, weights = token_losses(model, params, batch, deterministic, dropout_rng)
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
 
 
-def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules):
-  """(init_state(rng) -> TrainState, the abstract TrainState with each leaf's sharding).
+def abstract_params(model: Transformer, seq_len: int, mesh, rules):
+  """The parameters' abstract arrays, each with the sharding its logical names give."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len),
+                                                                         jnp.int32))['params'])
+  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+  # Unboxed without a sharding constraint, which would need concrete arrays under a mesh.
+  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
+                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                      unboxed, shardings)
 
-  Shardings come from the parameters' logical names and the rules; a name without a rule, or a
-  dimension that does not divide over its mesh axes, is an error here, before any compilation.
+
+def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules,
+                  trainable: lora_lib.Trainable):
+  """(init_state(rng) -> (TrainState, frozen params), the abstract (TrainState, frozen) with each
+  leaf's sharding).
+
+  The state holds the trainable parameters and their optimizer state; the frozen ones (a LoRA
+  run's base, else nothing) ride beside it. Shardings come from the parameters' logical names
+  and the rules; a name without a rule, or a dimension that does not divide over its mesh axes,
+  is an error here, before any compilation.
   """
   def boxed_state(rng):
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    trained, frozen = trainable.split(params)
+    return TrainState.create(apply_fn=model.apply, params=trained, tx=tx), frozen
 
   boxed = jax.eval_shape(boxed_state, jax.random.key(0))
   logical_specs = nn.get_partition_spec(boxed)
-  sharding.check_rules(logical_specs.params, rules)
+  sharding.check_rules((logical_specs[0].params, logical_specs[1]), rules)
   shardings = sharding.logical_to_shardings(logical_specs, mesh, rules)
   abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
-  sharding.check_divisible(abstract.params, shardings.params)
+  sharding.check_divisible((abstract[0].params, abstract[1]), (shardings[0].params, shardings[1]))
   return (lambda rng: nn.unbox(boxed_state(rng))), abstract
 
 
-def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: int):
+def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: int,
+                    trainable: lora_lib.Trainable):
+  """train_step(state, batch, frozen) -> (state, metrics); gradients for state.params only."""
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, frozen):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)  # randomness from (seed, step)
-    grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(model, p, b, r))
+    grad_fn = jax.value_and_grad(
+        lambda p, b, r: loss_fn(model, trainable.assemble(p, frozen), b, r))
     if grad_accum_steps == 1:
       loss, grads = grad_fn(state.params, batch, rng)
     else:
@@ -116,22 +151,50 @@ def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: i
   return train_step
 
 
-def make_eval_step(model: Transformer):
+def make_eval_step(model: Transformer, trainable: lora_lib.Trainable):
 
-  def eval_step(params, batch):
-    logits, _ = model.apply({'params': params}, batch['inputs'])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-    return losses.sum(), losses.size
+  def eval_step(params, batch, frozen):
+    losses, weights = token_losses(model, trainable.assemble(params, frozen), batch)
+    return jnp.sum(losses * weights), jnp.sum(weights)
 
   return eval_step
 
 
-def evaluate(eval_step, params, batches, to_global) -> float:
-  total, count = 0.0, 0
+def evaluate(eval_step, params, frozen, batches, to_global) -> float:
+  """The mean loss over the batches' (weighted) target tokens."""
+  total, count = 0.0, 0.0
   for batch in batches:
-    loss_sum, n = eval_step(params, to_global(batch))
-    total, count = total + float(loss_sum), count + int(n)
-  return total / count
+    loss_sum, n = eval_step(params, to_global(batch), frozen)
+    total, count = total + float(loss_sum), count + float(n)
+  return total / max(count, 1)
+
+
+def prepare_tokenizer(config, workdir: str):
+  """The run's tokenizer in <workdir>/tokenizer/: the base's when fine-tuning, with the chat
+  template's special tokens added for chat data; else built from the corpus."""
+  own = os.path.join(workdir, 'tokenizer')
+  if config.init_from and not os.path.isdir(own):
+    shutil.copytree(os.path.join(config.init_from, 'tokenizer'), own)
+  tokenizer = data.prepare_tokenizer(config, workdir)
+  if config.data.chat_files and not chat_template.has_chat_tokens(tokenizer):
+    tokenizer = chat_template.add_chat_tokens(tokenizer)
+    tokenizer.save(own)
+  return tokenizer
+
+
+def load_base_params(config, mesh, rules):
+  """init_from's parameters at init_step, sharded by the rules (a LoRA base comes merged)."""
+  base_config = checkpoint.load_config(config.init_from)
+  base_cfg = ModelConfig.from_config(base_config.model)
+  abstract = abstract_params(Transformer(base_cfg), config.data.seq_len, mesh, rules)
+  if config_lib.lora_config(base_config).rank:
+    if base_cfg.scan_layers:
+      raise ConfigError(f'{config.init_from} is a LoRA workdir with scanned layers: merge it '
+                        'first (python -m gpt_jax.convert.merge_lora)')
+    _, params, _ = checkpoint.load_model(config.init_from, config.init_step)
+    return jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract))
+  params, _ = checkpoint.restore_params(config.init_from, abstract, config.init_step)
+  return params
 
 
 class StopRequest:
@@ -176,30 +239,43 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
 
   # ------------------------------------------------------------------ data
   # Process 0 builds the dataset, tokenizer and token cache; the others then read them.
-  own_tokenizer, init_tokenizer = (os.path.join(d, 'tokenizer') for d in (workdir,
-                                                                         config.init_from))
-  if is_main and config.init_from and not os.path.isdir(own_tokenizer):
-    shutil.copytree(init_tokenizer, own_tokenizer)  # fine-tuning keeps the model's vocabulary
+  chat = bool(config.data.chat_files)
+  if config.init_from:
+    config.init_step = checkpoint.resolve_init_step(config, workdir)
   if is_main:
-    tokenizer = data.prepare_tokenizer(config, workdir)
+    tokenizer = prepare_tokenizer(config, workdir)
   multihost_utils.sync_global_devices('tokenizer ready')
   if not is_main:
-    tokenizer = data.prepare_tokenizer(config, workdir)
+    tokenizer = prepare_tokenizer(config, workdir)
+  base_vocab = (checkpoint.load_config(config.init_from).model.vocab_size if config.init_from
+                else 0)
   if config.model.vocab_size == 0:
     config.model.vocab_size = tokenizer.vocab_size
   elif config.model.vocab_size < tokenizer.vocab_size:
-    raise ConfigError(f'config.model.vocab_size ({config.model.vocab_size}) is smaller than the '
-                     f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+    if not config.init_from:
+      raise ConfigError(f'config.model.vocab_size ({config.model.vocab_size}) is smaller than '
+                        f"the tokenizer's vocabulary ({tokenizer.vocab_size})")
+    config.model.vocab_size = lora_lib.round_up(tokenizer.vocab_size, config.data.vocab_multiple)
+  if base_vocab and config.model.vocab_size > base_vocab and is_main:
+    print(f'warning: the tokenizer has {tokenizer.vocab_size} tokens, more than the '
+          f'{base_vocab} embedding rows of {config.init_from}: the embedding grows to '
+          f'{config.model.vocab_size} rows (a multiple of data.vocab_multiple), the new ones '
+          'set to the mean of the old.', file=sys.stderr, flush=True)
   model_cfg = ModelConfig.from_config(config.model)
   checkpoint.prepare_workdir(workdir, config, model_cfg, start_over)
-  for split, needed in ((config.data.train_split, True), (config.data.val_split,
-                                                         bool(config.train.eval_every))):
-    if needed and is_main:
-      data.token_stream(config.data, tokenizer, workdir, split)
-  multihost_utils.sync_global_devices('token streams ready')
-  train_iter = data.make_train_iterator(config, tokenizer, workdir)
-  eval_batches = (data.make_eval_batches(config, tokenizer, workdir, config.train.eval_batches)
-                  if config.train.eval_every else [])
+  if chat:
+    train_iter = sft_data.make_train_iterator(config, tokenizer)
+    eval_batches = (sft_data.make_eval_batches(config, tokenizer, config.train.eval_batches)
+                    if config.train.eval_every and config.data.val_chat_files else [])
+  else:
+    for split, needed in ((config.data.train_split, True), (config.data.val_split,
+                                                           bool(config.train.eval_every))):
+      if needed and is_main:
+        data.token_stream(config.data, tokenizer, workdir, split)
+    multihost_utils.sync_global_devices('token streams ready')
+    train_iter = data.make_train_iterator(config, tokenizer, workdir)
+    eval_batches = (data.make_eval_batches(config, tokenizer, workdir, config.train.eval_batches)
+                    if config.train.eval_every else [])
   batch_sharding = sharding.batch_sharding(mesh, rules)
 
   def to_global(local_batch):
@@ -207,12 +283,17 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
             for k, v in local_batch.items()}
 
   # ------------------------------------------------------------------ state
-  model = Transformer(model_cfg)
+  # The state trains `trainable`'s share of the parameters; `frozen` holds the rest.
+  lora = config_lib.lora_config(config)
+  model = Transformer(model_cfg, lora)
+  trainable = checkpoint.trainable_params(config, tokenizer)
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
 
-  init_state, abstract_state = sharded_state(model, tx, config.data.seq_len, mesh, rules)
+  init_state, (abstract_state, abstract_frozen) = sharded_state(
+      model, tx, config.data.seq_len, mesh, rules, trainable)
   state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, abstract_frozen)
   rng = jax.random.key(config.seed)
 
   # ------------------------------------------------------------------ checkpoint (resume)
@@ -221,38 +302,57 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     state, start_step = checkpoint.restore_latest(manager, abstract_state, train_iter)
     if state is None:
       start_step = 0
-      state = jax.jit(init_state, out_shardings=state_shardings)(rng)
-      if config.init_from:  # fine-tuning: parameters from another run, a fresh optimizer
-        params, init_step = checkpoint.restore_params(config.init_from, abstract_state.params)
-        logging.warning('Initialised parameters from %s (step %d)', config.init_from, init_step)
-        state = state.replace(params=params)
+      state, frozen = jax.jit(init_state, out_shardings=(state_shardings, frozen_shardings))(rng)
     else:
       logging.warning('Resuming from step %d in %s', start_step, workdir)
+    if config.init_from and (start_step == 0 or abstract_frozen):
+      # The base's weights under this run's adapters. Only what is trained is saved, so a
+      # resumed LoRA run takes its frozen base from init_from again.
+
+      def start_from_base(trained, base):
+        params = lora_lib.combine(lora_lib.grow_vocab(base, model_cfg.vocab_size),
+                                  lora_lib.split(trained)[1])
+        return trainable.split(params)
+
+      trained, frozen = jax.jit(start_from_base, out_shardings=(
+          state_shardings.params, frozen_shardings))(state.params, load_base_params(
+              config, mesh, rules))
+      if start_step == 0:
+        state = state.replace(params=trained)
+        logging.warning('Initialised parameters from %s (step %d)', config.init_from,
+                        config.init_step)
+    elif start_step:
+      frozen = {}
 
   writer = MetricWriter(workdir, resume_step=start_step)
   if eval_batches:
     # A reference the model must beat: the entropy of the validation tokens' own frequencies.
-    counts = np.bincount(np.concatenate([b['targets'].ravel() for b in eval_batches]))
+    counts = np.bincount(np.concatenate([
+        b['targets'][b['weights'] > 0] if 'weights' in b else b['targets'].ravel()
+        for b in eval_batches]))
     probs = counts[counts > 0] / counts.sum()
     unigram_entropy = float(-(probs * np.log(probs)).sum())
     if is_main and start_step == 0:
       writer.write(0, {'val_unigram_entropy': unigram_entropy})
-  num_params = count_params(state.params)
+  num_params = count_params(state.params) + count_params(frozen)
   flops_per_token = flops.train_flops_per_token(model_cfg, config.data.seq_len)
   peak = flops.measure_matmul_peak(model_cfg.compute_dtype) if config.train.measure_peak else 0.0
   if is_main:
-    print(f'{num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, '
+    trained = ('' if not frozen else
+               f' ({count_params(state.params) / 1e6:.3f}M trained: LoRA rank {lora.rank})')
+    print(f'{num_params / 1e6:.2f}M parameters{trained}, mesh {dict(mesh.shape)}, '
           f'{flops_per_token / 1e6:.1f} MFLOP/token'
           + (f', matmul peak {peak / 1e9:.0f} GFLOP/s per device' if peak else ''), flush=True)
 
   # ------------------------------------------------------------------ step
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = jax.jit(
-        make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+        make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed, trainable),
+        in_shardings=(state_shardings, batch_sharding, frozen_shardings),
+        out_shardings=(state_shardings, None),
         donate_argnums=0)  # the old state's buffers are reused for the new one
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params,
-                                                             batch_sharding))
+    eval_step = jax.jit(make_eval_step(model, trainable), in_shardings=(
+        state_shardings.params, batch_sharding, frozen_shardings))
 
   # ------------------------------------------------------------------ loop
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -267,7 +367,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for step in range(start_step + 1, num_steps + 1):
-        state, metrics = train_step(state, to_global(next(train_iter)))
+        state, metrics = train_step(state, to_global(next(train_iter)), frozen)
         # Counted on device: no host round trip per step.
         first_skipped = jnp.where((first_skipped == 0) & (metrics['nonfinite'] > 0), step,
                                   first_skipped)
@@ -294,7 +394,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
           timer_step, timer_start = step, time.perf_counter()
 
         if config.train.eval_every and (step % config.train.eval_every == 0 or step == num_steps):
-          val_loss = evaluate(eval_step, state.params, eval_batches, to_global)
+          val_loss = evaluate(eval_step, state.params, frozen, eval_batches, to_global)
           writer.write(step, {'val_loss': val_loss,
                               'val_perplexity': math.exp(min(val_loss, 50))})
           progress.write(f'step {step}: val_loss {val_loss:.4f}') if is_main else None
@@ -323,14 +423,21 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   # ------------------------------------------------------------------ sample
   if config.train.sample_tokens:
     # Every process takes part in gathering the sharded parameters; process 0 samples.
-    params = multihost_utils.process_allgather(state.params, tiled=True)
+    params = multihost_utils.process_allgather(trainable.assemble(state.params, frozen),
+                                               tiled=True)
   if config.train.sample_tokens and is_main:
-    generator = decode.Generator(*unstack_layers(model_cfg, params))
-    prompt = decode.encode_prompt(tokenizer, config.train.sample_prompt)
+    generator = decode.Generator(*unstack_layers(model_cfg, lora_lib.merge(params, lora)))
+    if chat:  # the sample prompt as a user's turn, answered until the end of the turn
+      turn = {'role': 'user', 'content': config.train.sample_prompt}
+      prompt = chat_template.render(tokenizer, [turn], add_generation_prompt=True).tokens
+      eos_id = chat_template.end_of_turn_id(tokenizer)
+    else:
+      prompt = decode.encode_prompt(tokenizer, config.train.sample_prompt)
+      eos_id = tokenizer.eos_id
     new_tokens = config.train.sample_tokens
     new_tokens = min(new_tokens, model_cfg.max_len - len(prompt))
     (completion,) = generator.generate([prompt], new_tokens, temperature=0.8, top_k=50,
-                                       eos_id=tokenizer.eos_id, seed=config.seed)
+                                       eos_id=eos_id, seed=config.seed)
     print('--- sample ---\n' + tokenizer.decode(prompt + completion) + '\n---', flush=True)
   return last
 
@@ -339,7 +446,8 @@ def _multiprocess_job() -> bool:
   return any(int(os.environ.get(var, '1')) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
 
 
-def main(argv):
+def main(argv, configure=None):
+  """The binary; gpt_jax.finetune passes `configure(config)`, which fills in the config first."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or _WORKDIR.value is None:
@@ -351,6 +459,8 @@ def main(argv):
     jax.distributed.initialize()  # jax detects the coordinator, process count and id
   try:
     with cli.one_line_errors(FloatingPointError):
+      if configure is not None:
+        configure(_CONFIG.value)
       train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
   except checkpoint.CheckpointWriteError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)

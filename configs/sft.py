@@ -1,0 +1,37 @@
+r"""Supervised fine-tuning for chat, with LoRA adapters, on the support FAQ conversations.
+
+  python -m gpt_jax.datasets.support_faq --out_dir=data/support_faq
+  python -m gpt_jax.finetune --config=configs/sft.py --init_from=runs/base --workdir=runs/sft \
+      --config.data.chat_files='data/support_faq/train.jsonl' \
+      --config.data.val_chat_files='data/support_faq/heldout.jsonl' \
+      --config.train.num_steps=300 --config.lora.rank=8
+
+Model fields and tokenizer come from --init_from (see gpt_jax/finetune.py). Expected: the
+held-out loss (assistant tokens only, on unseen paraphrases) falls well below the base's; see
+README "Fine-tuning for chat" for measured numbers. `--config.lora.rank=0` fine-tunes every
+parameter instead.
+"""
+
+from gpt_jax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.data.tfds_name = ''         # chat_files replaces the text corpus
+  config.data.seq_len = 256          # cut to the base's model.max_len if longer
+  config.data.batch_size = 16
+  config.model.dropout = 0.0
+  config.lora.rank = 8
+  config.lora.alpha = 16.0
+  config.lora.targets = ('query', 'key', 'value', 'out', 'fc_in', 'fc_out')
+  config.optim.lr = 1e-3             # adapters take a higher rate than full fine-tuning (1e-4)
+  config.optim.warmup_steps = 20
+  config.optim.weight_decay = 0.0
+  config.train.num_steps = 300
+  config.train.log_every = 20
+  config.train.eval_every = 100
+  config.train.eval_batches = 16
+  config.train.sample_prompt = 'How long does shipping take?'
+  config.train.sample_tokens = 64
+  config.checkpoint.every_steps = 100
+  return config
