@@ -31,8 +31,9 @@ and the answers are scored against that last message's content:
   assistant_loss  mean cross-entropy (nats) on the tokens fine-tuning learns from: every
                   assistant message's content and end-of-turn, of the whole conversations
 
-A prompt that does not fit the context with its answer loses its first tokens (counted in
-truncated_prompts); a conversation longer than the context is scored on its last max_len + 1
+An answer may use the context its prompt leaves, up to --max_new_tokens; a prompt that leaves
+less than a quarter of the context loses its first tokens (counted in truncated_prompts); a
+conversation longer than the context is scored on its last max_len + 1
 tokens for the loss. Written to <workdir>/eval/chat-<files>-step<step>.json, with every prompt,
 reference and answer in the .samples.jsonl beside it.
 """
@@ -231,11 +232,12 @@ def generate_answers(generator: decode.Generator, tokenizer, prompts: list[list[
   """(greedy answer to each prompt, how many prompts lost their first tokens to fit).
 
   An answer ends at the end-of-turn token (or any of the template's markers, or end-of-text);
-  it may use the context the prompt leaves, up to max_new_tokens, and at least half of the
-  context (the prompt's start is dropped for that).
+  it may use the context the prompt leaves, up to max_new_tokens. A prompt that leaves less than
+  min(max_new_tokens, a quarter of the context) loses its first tokens to leave that much.
   """
   context = generator.cfg.max_len
-  room = [min(max_new_tokens, max(context - len(p), context // 2)) for p in prompts]
+  least = min(max_new_tokens, context // 4)
+  room = [max(min(max_new_tokens, context - len(p)), least) for p in prompts]
   stops = stop_ids(tokenizer)
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
   answers = [''] * len(prompts)
