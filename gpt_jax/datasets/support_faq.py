@@ -178,7 +178,8 @@ INTENTS: dict[str, tuple[tuple[str, ...], str]] = {
         ('How do I clean my hiking boots?', 'How should I care for my boots?',
          'Can I wash my boots in the machine?', 'How do I keep my boots waterproof?',
          'What is the best way to clean leather boots?', 'How do I look after my boots?'),
-        'Brush off dirt, rinse with water and let them dry at room temperature. Never machine wash.'),
+        'Brush off dirt, rinse with water and let them dry at room temperature. '
+        'Never machine wash.'),
     'warranty': (
         ('Do your products have a warranty?', 'What is the warranty?',
          'Is my tent under warranty?', 'How long is the guarantee?',
@@ -203,7 +204,8 @@ INTENTS: dict[str, tuple[tuple[str, ...], str]] = {
         ('An item is missing from my order.', 'My package was incomplete.',
          'I only got part of my order.', 'Something is missing from my box.',
          'Not all items arrived.', 'Where is the rest of my order?'),
-        'Large orders sometimes ship in two boxes. If the second does not arrive in 3 days, tell us.'),
+        'Large orders sometimes ship in two boxes. '
+        'If the second does not arrive in 3 days, tell us.'),
     'stock': (
         ('When will this item be back in stock?', 'Is the Ridge tent out of stock?',
          'Will you restock the Summit jacket?', 'When do you get more stock?',
