@@ -182,6 +182,27 @@ def prepare_tokenizer(config, workdir: str):
   return tokenizer
 
 
+def fit_vocabulary(config, tokenizer_vocab: int, is_main: bool) -> int:
+  """The model's vocabulary rows: the tokenizer's by default; when fine-tuning adds tokens the
+  base has no rows for, the embedding grows (rounded up to data.vocab_multiple), with a
+  warning."""
+  vocab_size = config.model.vocab_size
+  if vocab_size == 0:
+    return tokenizer_vocab
+  if vocab_size >= tokenizer_vocab:
+    return vocab_size  # a base's spare rows take the new tokens as they are
+  if not config.init_from:
+    raise ConfigError(f'config.model.vocab_size ({vocab_size}) is smaller than the '
+                      f"tokenizer's vocabulary ({tokenizer_vocab})")
+  grown = lora_lib.round_up(tokenizer_vocab, config.data.vocab_multiple)
+  if is_main:
+    print(f'warning: the tokenizer has {tokenizer_vocab} tokens, more than the {vocab_size} '
+          f'embedding rows of {config.init_from}: the embedding grows to {grown} rows (a '
+          'multiple of data.vocab_multiple), the new ones set to the mean of the old.',
+          file=sys.stderr, flush=True)
+  return grown
+
+
 def load_base_params(config, mesh, rules):
   """init_from's parameters at init_step, sharded by the rules (a LoRA base comes merged)."""
   base_config = checkpoint.load_config(config.init_from)
@@ -247,20 +268,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   multihost_utils.sync_global_devices('tokenizer ready')
   if not is_main:
     tokenizer = prepare_tokenizer(config, workdir)
-  base_vocab = (checkpoint.load_config(config.init_from).model.vocab_size if config.init_from
-                else 0)
-  if config.model.vocab_size == 0:
-    config.model.vocab_size = tokenizer.vocab_size
-  elif config.model.vocab_size < tokenizer.vocab_size:
-    if not config.init_from:
-      raise ConfigError(f'config.model.vocab_size ({config.model.vocab_size}) is smaller than '
-                        f"the tokenizer's vocabulary ({tokenizer.vocab_size})")
-    config.model.vocab_size = lora_lib.round_up(tokenizer.vocab_size, config.data.vocab_multiple)
-  if base_vocab and config.model.vocab_size > base_vocab and is_main:
-    print(f'warning: the tokenizer has {tokenizer.vocab_size} tokens, more than the '
-          f'{base_vocab} embedding rows of {config.init_from}: the embedding grows to '
-          f'{config.model.vocab_size} rows (a multiple of data.vocab_multiple), the new ones '
-          'set to the mean of the old.', file=sys.stderr, flush=True)
+  config.model.vocab_size = fit_vocabulary(config, tokenizer.vocab_size, is_main)
   model_cfg = ModelConfig.from_config(config.model)
   checkpoint.prepare_workdir(workdir, config, model_cfg, start_over)
   if chat:
@@ -305,6 +313,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
       state, frozen = jax.jit(init_state, out_shardings=(state_shardings, frozen_shardings))(rng)
     else:
       logging.warning('Resuming from step %d in %s', start_step, workdir)
+      frozen = {}  # a LoRA run's base is not in its checkpoints: read below
     if config.init_from and (start_step == 0 or abstract_frozen):
       # The base's weights under this run's adapters. Only what is trained is saved, so a
       # resumed LoRA run takes its frozen base from init_from again.
@@ -321,8 +330,6 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
         state = state.replace(params=trained)
         logging.warning('Initialised parameters from %s (step %d)', config.init_from,
                         config.init_step)
-    elif start_step:
-      frozen = {}
 
   writer = MetricWriter(workdir, resume_step=start_step)
   if eval_batches:
