@@ -5,7 +5,9 @@
       {"name": "b24", "batch": 24, "model": {"position": "rope"}}]'
 
 A variant sets `model` (overrides of the baby model: 4 layers, 4 heads, emb 128, context 64,
-vocab 65), `batch`, `seq` and `opts` (XLA compiler options of its executable). The step is
+vocab 65), `batch`, `seq`, `opts` (XLA compiler options of its executable) and `flatten`
+(optax.flatten around the optimizer: one update over all parameters concatenated; for timing
+only, as the weight-decay mask then sees one vector). The step is
 AdamW with clipping and the non-finite guard, as gpt_jax/train.py's. Blocks alternate between
 variants so that a loaded machine slows them alike; prints compile seconds and the median
 block's ms/step and tokens/s per variant.
@@ -36,6 +38,8 @@ def build(variant):
   config.model.update(variant.get('model', {}))
   model = Transformer(ModelConfig.from_config(config.model))
   tx = optim.make_optimizer(config.optim, 1000)
+  if variant.get('flatten'):  # one update over all parameters concatenated (decay mask aside)
+    tx = optax.flatten(tx)
 
   def loss_fn(params, batch):
     logits, _ = model.apply({'params': params}, batch['inputs'])
