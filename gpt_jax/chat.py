@@ -163,7 +163,8 @@ def load_chat(workdir: str, step: int | None = None, quantize_mode: str = 'none'
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
   chat_template.end_of_turn_id(tokenizer)  # no chat tokens: say so before loading the model
   model_cfg, params, step = checkpoint.load_model(workdir, step)
-  generator = quantize.generator(model_cfg, quantize.apply(params, quantize_mode))
+  generator = quantize.generator(model_cfg, quantize.apply(params, quantize_mode),
+                                 tokenizer.vocab_size)
   return Chat(generator, tokenizer, **kwargs), step
 
 

@@ -53,6 +53,18 @@ def _filter(logits, top_k: int, top_p):
   return logits
 
 
+def restrict_vocab(logits, num_tokens: int | None):
+  """Logits of ids past the tokenizer's vocabulary set to -inf.
+
+  Embedding tables are often padded past the vocabulary (GPT-2: 50,257 tokens in 50,304 rows;
+  fine-tuning grows them to a multiple of 64): those ids are no text, and rows that training
+  never pushed down (a grown table under LoRA) can draw real probability when sampling.
+  """
+  if num_tokens is None or num_tokens >= logits.shape[-1]:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < num_tokens, logits, -jnp.inf)
+
+
 def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):
   """Next tokens from logits [batch, vocab]; temperature 0 means greedy (argmax)."""
   if temperature == 0:
@@ -109,9 +121,10 @@ def _bucket(n: int, cap: int) -> int:
 class Generator:
   """Jitted prefill, step and whole-loop programs for one model; reused across calls."""
 
-  def __init__(self, cfg: ModelConfig, params):
+  def __init__(self, cfg: ModelConfig, params, num_tokens: int | None = None):
+    """num_tokens: the tokenizer's vocabulary size; ids past it are never drawn."""
     cfg, params = unstack_layers(cfg, params)  # decoding runs the blocks one by one
-    self.cfg, self.params = cfg, params
+    self.cfg, self.params, self.num_tokens = cfg, params, num_tokens
     self.model = Transformer(cfg)
     self._prefill = jax.jit(self._prefill_impl, static_argnames=('mode', 'cache_len'))
     self._step = jax.jit(self._step_impl, static_argnames=('mode',),
@@ -123,6 +136,7 @@ class Generator:
   def _next_tokens(self, logits, seen, seed, rows, step, dynamic, mode: _Mode):
     """Sampled tokens [rows] from logits [rows, vocab] (repetition penalty applied first)."""
     _, _, temperature, top_p, penalty = dynamic
+    logits = restrict_vocab(logits, self.num_tokens)
     if mode.penalty:
       penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
       logits = jnp.where(seen, penalized, logits)

@@ -275,7 +275,8 @@ def evaluate_chat(workdir: str, chat_files: str, max_new_tokens: int = 128, batc
   loss_sum, count = assistant_loss(model_cfg, params, conversations, batch_size, progress_bar)
   prompts = [chat_template.render(tokenizer, prompt, add_generation_prompt=True).tokens
              for prompt, _, _ in examples]
-  answers, truncated = generate_answers(decode.Generator(model_cfg, params), tokenizer, prompts,
+  answers, truncated = generate_answers(decode.Generator(model_cfg, params, tokenizer.vocab_size),
+                                        tokenizer, prompts,
                                         max_new_tokens, batch_size, progress_bar)
   references = [reference for _, reference, _ in examples]
   scorer = rouge_scorer.RougeScorer(['rougeL'])

@@ -107,9 +107,9 @@ class _Dequantizing:
     return self.model.apply(variables, *args, **kwargs)
 
 
-def generator(cfg: ModelConfig, params) -> decode.Generator:
+def generator(cfg: ModelConfig, params, num_tokens: int | None = None) -> decode.Generator:
   """A decode.Generator for float or `quantize_params` parameters (sample, chat and eval use)."""
-  gen = decode.Generator(cfg, params)
+  gen = decode.Generator(cfg, params, num_tokens)
   if is_quantized(params):
     gen.model = _Dequantizing(gen.model)
   return gen

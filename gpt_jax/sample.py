@@ -71,7 +71,8 @@ def main(argv):
     checkpoint.load_config(FLAGS.workdir)  # a clear error before the tokenizer's
     tokenizer = tokenizer_lib.load(os.path.join(FLAGS.workdir, 'tokenizer'))
     model_cfg, params, _ = checkpoint.load_model(FLAGS.workdir, FLAGS.step)
-    generator = quantize.generator(model_cfg, quantize.apply(params, FLAGS.quantize))
+    generator = quantize.generator(model_cfg, quantize.apply(params, FLAGS.quantize),
+                                   tokenizer.vocab_size)
     stop = [codecs.decode(s.encode('latin-1', 'backslashreplace'), 'unicode_escape')
             for s in FLAGS.stop]
     prompts = FLAGS.prompt

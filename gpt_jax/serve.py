@@ -440,7 +440,7 @@ def load(workdir: str, quantize_mode: str = 'none', slots: int = 16, step: int |
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
   cfg, params, _ = checkpoint.load_model(workdir, step)
   params = quantize.apply(params, quantize_mode)
-  engine = serving.Engine(cfg, params, slots=slots)
+  engine = serving.Engine(cfg, params, slots=slots, num_tokens=tokenizer.vocab_size)
   engine.compile()
   name = model_name or os.path.basename(os.path.normpath(workdir))
   return Server(engine.start(), tokenizer, name, max_waiting)

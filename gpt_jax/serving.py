@@ -56,10 +56,11 @@ class Sequence:
 class Engine:
   """Fixed-slot continuous batching for one model (float or `quantize.quantize_params`)."""
 
-  def __init__(self, cfg: ModelConfig, params, slots: int = 8):
+  def __init__(self, cfg: ModelConfig, params, slots: int = 8, num_tokens: int | None = None):
+    """num_tokens: the tokenizer's vocabulary size; ids past it are never drawn."""
     if slots < 1:
       raise ValueError(f'slots must be >= 1, got {slots}')
-    self.cfg, self.params, self.slots = cfg, params, slots
+    self.cfg, self.params, self.slots, self.num_tokens = cfg, params, slots, num_tokens
     self.context = cfg.max_len
     self._model = Transformer(cfg)
     self._cache = init_cache(cfg, slots)
@@ -96,7 +97,7 @@ class Engine:
   def _step_impl(self, params, cache, tokens, positions, steps, seeds, rows, temperature, top_p):
     """Feeds tokens [slots] at positions [slots]; returns the next token of every slot."""
     logits, cache = self._apply(params, tokens[:, None], positions[:, None], cache)
-    logits = logits[:, 0]
+    logits = decode.restrict_vocab(logits[:, 0], self.num_tokens)
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     filtered = jnp.where((top_p < 1.0)[:, None],

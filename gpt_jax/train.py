@@ -433,7 +433,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     params = multihost_utils.process_allgather(trainable.assemble(state.params, frozen),
                                                tiled=True)
   if config.train.sample_tokens and is_main:
-    generator = decode.Generator(*unstack_layers(model_cfg, lora_lib.merge(params, lora)))
+    generator = decode.Generator(*unstack_layers(model_cfg, lora_lib.merge(params, lora)),
+                                 num_tokens=tokenizer.vocab_size)
     if chat:  # the sample prompt as a user's turn, answered until the end of the turn
       turn = {'role': 'user', 'content': config.train.sample_prompt}
       prompt = chat_template.render(tokenizer, [turn], add_generation_prompt=True).tokens

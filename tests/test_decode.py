@@ -155,3 +155,14 @@ def test_sample_flag_validation(flag, message, tmp_path):
     check_flags(types.SimpleNamespace(**{**flags, **flag}))
   with pytest.raises(FileNotFoundError, match='does not exist'):
     check_flags(types.SimpleNamespace(**{**flags, 'workdir': str(tmp_path / 'missing')}))
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_drawn(generator):
+  # A random model at a high temperature draws nearly uniformly over its 257 rows, so without
+  # the restriction about 1 token in 5 would fall in the top 57 rows.
+  sampling = dict(temperature=5.0, num_samples=4, seed=1)
+  unrestricted = np.concatenate(generator.generate(PROMPTS, 20, **sampling))
+  assert (unrestricted >= 200).any()
+  restricted = Generator(CFG, generator.params, num_tokens=200)
+  drawn = np.concatenate(restricted.generate(PROMPTS, 20, **sampling))
+  assert drawn.size == len(PROMPTS) * 4 * 20 and (drawn < 200).all()
