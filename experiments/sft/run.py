@@ -1,6 +1,6 @@
 r"""Fine-tuning for chat, measured: held-out answers before and after SFT, LoRA against full.
 
-  python experiments/sft/run.py [--out=runs/sft] [--sft_steps=300]
+  python experiments/sft/run.py [--out=runs/sft] [--sft_steps=600]
 
 Runs, from the repository root (a step whose output exists is reused):
   data    python -m gpt_jax.datasets.support_faq --out_dir=OUT/data
@@ -9,7 +9,7 @@ Runs, from the repository root (a step whose output exists is reused):
               --workdir=OUT/before --config.lora.rank=0 --config.train.num_steps=1 \
               --config.optim.lr=0 (the model fine-tuning starts from: the base with the chat
               tokens' rows added, saved unchanged)
-  lora    ... --workdir=OUT/lora --config.lora.rank=8 --config.train.num_steps=STEPS
+  lora    ... --workdir=OUT/lora --config.lora.rank=16 --config.train.num_steps=STEPS
   full    ... --workdir=OUT/full --config.lora.rank=0 --config.optim.lr=FULL_LR (all weights)
   eval    python -m gpt_jax.eval --workdir=OUT/<run> --chat_files=OUT/data/heldout.jsonl
 and writes OUT/results.json and the Markdown table of experiments/sft/README.md.
@@ -53,9 +53,9 @@ def trained_params(log: str) -> tuple[float, float]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='runs/sft', help='Folder for the data and the workdirs.')
-  parser.add_argument('--sft_steps', type=int, default=300, help='Fine-tuning steps.')
-  parser.add_argument('--lora_rank', type=int, default=8)
-  parser.add_argument('--full_lr', type=float, default=1e-4,
+  parser.add_argument('--sft_steps', type=int, default=600, help='Fine-tuning steps.')
+  parser.add_argument('--lora_rank', type=int, default=16)
+  parser.add_argument('--full_lr', type=float, default=1e-3,
                       help='Learning rate of full fine-tuning (LoRA keeps configs/sft.py\'s).')
   parser.add_argument('--max_new_tokens', type=int, default=64, help='Most tokens per answer.')
   args = parser.parse_args()
