@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 from absl import app, flags, logging
 
-from gpt_jax import chat_template, checkpoint, cli, decode, quantize
+from gpt_jax import chat_template, checkpoint, cli, decode, quantize, sample
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
@@ -141,20 +141,6 @@ class Chat:
 # ------------------------------------------------------------------ the binary
 
 
-def check_flags(f) -> None:
-  """ConfigError naming the first flag out of range (before anything is loaded)."""
-  if not f.workdir:
-    raise ConfigError('--workdir is required')
-  if f.max_new_tokens <= 0:
-    raise ConfigError(f'--max_new_tokens must be positive, got {f.max_new_tokens}')
-  try:
-    decode.check_sampling(f.temperature, f.top_k, f.top_p, f.repetition_penalty)
-  except ConfigError as e:
-    raise ConfigError(f'--{e}') from None
-  if not os.path.isdir(f.workdir):
-    raise FileNotFoundError(f'Workdir {f.workdir} does not exist')
-
-
 def load_chat(workdir: str, step: int | None = None, quantize_mode: str = 'none',
               **kwargs) -> tuple[Chat, int]:
   """(a Chat with the workdir's model, its checkpoint step); kwargs as Chat. quantize_mode:
@@ -236,7 +222,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.quiet_logs(logging.ERROR)
   with cli.one_line_errors():
-    check_flags(FLAGS)
+    sample.check_generation_flags(FLAGS)
     message = FLAGS.message
     if message == '-':
       message = sys.stdin.read()
