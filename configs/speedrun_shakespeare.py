@@ -7,8 +7,9 @@ nanoGPT's baby GPT (4 layers x 128, context 64, batch 12, char-level, nanoGPT's 
 validation loss 1.886 after 2000 steps at lr 1e-3. This config gets there in fewer steps, with
 the same model size: RoPE and RMSNorm instead of learned positions and LayerNorm, a SwiGLU MLP
 of as many weights as the GELU one, AdamW at lr 3e-3 with beta2 0.95 and no weight decay, and no
-start-up work beyond what training needs (no matmul peak measurement, no final sample). Its one evaluation, at the last step, covers the whole
-validation split: all 1,716 windows of 65 tokens (111,540 tokens, 143 batches of 12).
+start-up work beyond what training needs (no matmul peak measurement, no final sample). Its
+one evaluation, at the last step, covers the whole validation split: all 1,716 windows of 65
+tokens (111,540 tokens, 143 batches of 12).
 Expected: validation loss 1.8755 after 700 steps (deterministic), in 44-84 s on two shared
 CPU cores; `experiments/speedrun/run.py` times the whole process against the PyTorch reference
 and keeps the record table (experiments/speedrun/README.md).
