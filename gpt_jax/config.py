@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.sample_tokens = 200        # 0 disables the final sample
   c.train.measure_peak = True        # time a matmul at start-up for the MFU denominator
   c.train.progress_bar = True
+  c.train.tensorboard = True         # event files in <workdir>/tensorboard beside metrics.jsonl
   c.train.compilation_cache = True   # reuse compiled steps across restarts (<workdir>/jax_cache)
   c.train.on_nonfinite = 'halt'     # non-finite loss/gradient: 'halt' or 'skip' the update
 

@@ -4,14 +4,14 @@ import json
 import os
 
 import jax
-import tensorboardX
 
 
 class MetricWriter:
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
     """Appends to metrics.jsonl, first dropping events after `resume_step`: a run killed after
-    its last checkpoint logs those steps again when it resumes."""
+    its last checkpoint logs those steps again when it resumes. tensorboard: also write event
+    files to <workdir>/tensorboard."""
     self.enabled = jax.process_index() == 0
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
@@ -22,7 +22,11 @@ class MetricWriter:
           f.writelines(json.dumps(row) + '\n' for row in kept)
         os.replace(path + '.tmp', path)
       self._jsonl = open(path, 'a')
-      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tensorboard = None
+      if tensorboard:
+        # Imported here: tensorboardX imports torch when it is installed (seconds of start-up).
+        import tensorboardX
+        self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -30,13 +34,14 @@ class MetricWriter:
     metrics = {k: float(v) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({'step': int(step), **metrics}) + '\n')
     self._jsonl.flush()
-    for name, value in metrics.items():
+    for name, value in metrics.items() if self._tensorboard else ():
       self._tensorboard.add_scalar(name, value, step)
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
-      self._tensorboard.close()
+      if self._tensorboard:
+        self._tensorboard.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:

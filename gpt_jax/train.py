@@ -331,7 +331,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
         logging.warning('Initialised parameters from %s (step %d)', config.init_from,
                         config.init_step)
 
-  writer = MetricWriter(workdir, resume_step=start_step)
+  writer = MetricWriter(workdir, resume_step=start_step, tensorboard=config.train.tensorboard)
   if eval_batches:
     # A reference the model must beat: the entropy of the validation tokens' own frequencies.
     counts = np.bincount(np.concatenate([

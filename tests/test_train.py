@@ -140,3 +140,14 @@ def test_bfloat16_compute_trains_like_float32(tmp_path, tfds_dir):
   train(bf16, tfds_dir, **common, **{'model.compute_dtype': 'bfloat16'})
   assert read_metrics(bf16, 'train_loss')[60] < read_metrics(bf16, 'train_loss')[20]
   assert abs(read_metrics(bf16, 'val_loss')[60] - read_metrics(f32, 'val_loss')[60]) < 0.05
+
+
+def test_metrics_without_tensorboard_write_only_jsonl(tmp_path):
+  from gpt_jax.metrics import MetricWriter
+  for tensorboard in (True, False):
+    workdir = tmp_path / str(tensorboard)
+    writer = MetricWriter(str(workdir), tensorboard=tensorboard)
+    writer.write(1, {'train_loss': 2.5})
+    writer.close()
+    assert read_metrics(str(workdir), 'train_loss') == {1: 2.5}
+    assert (workdir / 'tensorboard').is_dir() == tensorboard
