@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from gpt_jax import config as config_lib, data, optim, sharding, train
-from gpt_jax.model import ModelConfig, Transformer
+from gpt_jax import config as config_lib, data, lora, optim, sharding, train
+from gpt_jax.model import LoraConfig, ModelConfig, Transformer
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
 
@@ -35,25 +35,27 @@ def main(workdir, tfds_dir):
   model = Transformer(ModelConfig.from_config(config.model))
   schedule = optim.learning_rate_schedule(config.optim, 5)
   tx = optim.make_optimizer(config.optim, 5)
+  trainable = lora.Trainable(LoraConfig())  # every parameter, nothing frozen
 
   results = {}
   for shape in MESHES:
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:int(np.prod(shape))])
     rules = sharding.logical_rules(config.mesh)
-    init, abstract = train.sharded_state(model, tx, config.data.seq_len, mesh, rules)
+    init, (abstract, _) = train.sharded_state(model, tx, config.data.seq_len, mesh, rules,
+                                              trainable)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
-      step = jax.jit(train.make_train_step(model, schedule, 1, config.seed),
-                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                     donate_argnums=0)
+      state, frozen = jax.jit(init, out_shardings=(shardings, {}))(jax.random.key(config.seed))
+      step = jax.jit(train.make_train_step(model, schedule, 1, config.seed, trainable),
+                     in_shardings=(shardings, batch_sharding, {}),
+                     out_shardings=(shardings, None), donate_argnums=0)
       losses = []
       for batch in batches:
         global_batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                         for k, v in batch.items()}
-        state, metrics = step(state, global_batch)
+        state, metrics = step(state, global_batch, frozen)
         losses.append(float(metrics['train_loss']))
     name = 'x'.join(map(str, shape))
     flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
