@@ -36,8 +36,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..', '..'))
 sys.path.insert(0, os.path.join(HERE, '..', '..', '..', 'shared', 'peers'))
-from gpt_jax import config as config_lib, flops, optim, sharding, train  # noqa: E402
-from gpt_jax.model import ModelConfig, Transformer, count_params  # noqa: E402
+from gpt_jax import config as config_lib, flops, lora, optim, sharding, train  # noqa: E402
+from gpt_jax.model import LoraConfig, ModelConfig, Transformer, count_params  # noqa: E402
 import torch_gpt  # noqa: E402
 
 # name: (layers, heads, emb, context, batch, vocab, steps per timed block, timed blocks per side)
@@ -65,7 +65,8 @@ class Ours:
     tx = optim.make_optimizer(config.optim, num_steps)
     self.mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     self.rules = sharding.logical_rules(config.mesh)
-    init, abstract = train.sharded_state(model, tx, ctx, self.mesh, self.rules)
+    every_param = lora.Trainable(LoraConfig())
+    init, (abstract, _) = train.sharded_state(model, tx, ctx, self.mesh, self.rules, every_param)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     rng = np.random.default_rng(0)
@@ -75,12 +76,12 @@ class Ours:
       self.batches.append({k: jax.make_array_from_process_local_data(batch_sharding, v)
                            for k, v in (('inputs', tokens[:, :-1]), ('targets', tokens[:, 1:]))})
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      self.state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-      jitted = jax.jit(train.make_train_step(model, schedule, 1, 0),
-                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                       donate_argnums=0)
+      self.state, _ = jax.jit(init, out_shardings=(shardings, {}))(jax.random.key(0))
+      jitted = jax.jit(train.make_train_step(model, schedule, 1, 0, every_param),
+                       in_shardings=(shardings, batch_sharding, {}),
+                       out_shardings=(shardings, None), donate_argnums=0)
       start = time.perf_counter()
-      self.step_fn = jitted.lower(self.state, self.batches[0]).compile()
+      self.step_fn = jitted.lower(self.state, self.batches[0], {}).compile()
       self.compile_s = time.perf_counter() - start
     self.num_params = count_params(self.state.params)
     self.i = 0
@@ -88,7 +89,7 @@ class Ours:
   def steps(self, n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
-      self.state, metrics = self.step_fn(self.state, self.batches[self.i % len(self.batches)])
+      self.state, metrics = self.step_fn(self.state, self.batches[self.i % len(self.batches)], {})
       self.i += 1
     jax.block_until_ready((self.state, metrics))
     self.last_loss = float(metrics['train_loss'])

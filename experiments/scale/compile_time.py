@@ -12,9 +12,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from gpt_jax import optim, sharding, train
+from gpt_jax import lora, optim, sharding, train
 from gpt_jax.config import base_config
-from gpt_jax.model import ModelConfig, Transformer
+from gpt_jax.model import LoraConfig, ModelConfig, Transformer
 
 
 def compile_seconds(cfg: ModelConfig, seq_len: int, batch: int) -> float:
@@ -24,13 +24,14 @@ def compile_seconds(cfg: ModelConfig, seq_len: int, batch: int) -> float:
   model = Transformer(cfg)
   tx = optim.make_optimizer(config.optim, 100)
   schedule = optim.learning_rate_schedule(config.optim, 100)
-  _, abstract = train.sharded_state(model, tx, seq_len, mesh, rules)
+  every_param = lora.Trainable(LoraConfig())
+  _, (abstract, _) = train.sharded_state(model, tx, seq_len, mesh, rules, every_param)
   batch_spec = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
                                     sharding=sharding.batch_sharding(mesh, rules))
-  step = jax.jit(train.make_train_step(model, schedule, 1, 0), donate_argnums=0)
+  step = jax.jit(train.make_train_step(model, schedule, 1, 0, every_param), donate_argnums=0)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    step.lower(abstract, {'inputs': batch_spec, 'targets': batch_spec}).compile()
+    step.lower(abstract, {'inputs': batch_spec, 'targets': batch_spec}, {}).compile()
   return time.perf_counter() - start
 
 

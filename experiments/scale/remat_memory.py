@@ -10,9 +10,9 @@ and batch; nothing is run. Losses and gradients are identical across policies
 import jax
 import jax.numpy as jnp
 
-from gpt_jax import optim, sharding, train
+from gpt_jax import lora, optim, sharding, train
 from gpt_jax.config import base_config
-from gpt_jax.model import ModelConfig, Transformer
+from gpt_jax.model import LoraConfig, ModelConfig, Transformer
 
 
 def temp_bytes(cfg: ModelConfig, seq_len: int, batch: int) -> int:
@@ -21,13 +21,14 @@ def temp_bytes(cfg: ModelConfig, seq_len: int, batch: int) -> int:
   rules = sharding.logical_rules(config.mesh)
   model = Transformer(cfg)
   tx = optim.make_optimizer(config.optim, 100)
-  _, abstract = train.sharded_state(model, tx, seq_len, mesh, rules)
+  every_param = lora.Trainable(LoraConfig())
+  _, (abstract, _) = train.sharded_state(model, tx, seq_len, mesh, rules, every_param)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
                                 sharding=sharding.batch_sharding(mesh, rules))
   step = jax.jit(train.make_train_step(model, optim.learning_rate_schedule(config.optim, 100),
-                                       1, 0), donate_argnums=0)
+                                       1, 0, every_param), donate_argnums=0)
   with jax.set_mesh(mesh):
-    compiled = step.lower(abstract, {'inputs': tokens, 'targets': tokens}).compile()
+    compiled = step.lower(abstract, {'inputs': tokens, 'targets': tokens}, {}).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
