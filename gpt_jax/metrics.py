@@ -1,9 +1,25 @@
 """Metrics to `metrics.jsonl` (one JSON object per event) and TensorBoard, from process 0 only."""
 
+import functools
 import json
 import os
 
 import jax
+
+
+class MetricsWriteError(OSError):
+  """metrics.jsonl or the TensorBoard events could not be written (e.g. the disk is full)."""
+
+
+def _raising_metrics_write_error(method):
+  @functools.wraps(method)
+  def wrapper(self, *args, **kwargs):
+    try:
+      return method(self, *args, **kwargs)
+    except OSError as e:
+      raise MetricsWriteError(
+          f'Writing metrics to {self.workdir} failed: {e.strerror or e}.') from e
+  return wrapper
 
 
 class MetricWriter:
@@ -13,6 +29,7 @@ class MetricWriter:
     its last checkpoint logs those steps again when it resumes. tensorboard: also write event
     files to <workdir>/tensorboard."""
     self.enabled = jax.process_index() == 0
+    self.workdir = workdir
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, 'metrics.jsonl')
@@ -28,6 +45,7 @@ class MetricWriter:
         import tensorboardX
         self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
+  @_raising_metrics_write_error
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
@@ -37,6 +55,7 @@ class MetricWriter:
     for name, value in metrics.items() if self._tensorboard else ():
       self._tensorboard.add_scalar(name, value, step)
 
+  @_raising_metrics_write_error
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()

@@ -33,7 +33,7 @@ import tqdm
 from gpt_jax import chat_template, checkpoint, cli, data, decode, flops, optim, sft_data, sharding
 from gpt_jax import config as config_lib
 from gpt_jax import lora as lora_lib
-from gpt_jax.metrics import MetricWriter
+from gpt_jax.metrics import MetricWriter, MetricsWriteError
 from gpt_jax.model import ModelConfig, Transformer, count_params, unstack_layers
 from gpt_jax.errors import ConfigError
 
@@ -416,10 +416,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
           break
     checkpoint.wait_until_saved(manager)
   finally:
-    stop.restore()
-    manager.close()
-    progress.close()
-    writer.close()
+    _close_all(stop.restore, manager.close, progress.close, writer.close)
   if stop.signal_name or step < num_steps:
     reason = stop.signal_name or 'a preemption notice'
     if is_main:
@@ -454,6 +451,22 @@ def _multiprocess_job() -> bool:
   return any(int(os.environ.get(var, '1')) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
 
 
+def _close_all(*closers) -> None:
+  """Runs every closer. While an error propagates, a closer's own failure (often the same full
+  disk) is logged rather than raised, so that the first error is the one reported."""
+  in_flight = sys.exc_info()[1]
+  first_error = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if in_flight is not None:
+        logging.warning('While stopping after an error, %s failed too: %s', close.__qualname__, e)
+      first_error = first_error or e
+  if in_flight is None and first_error is not None:
+    raise first_error
+
+
 def main(argv, configure=None):
   """The binary; gpt_jax.finetune passes `configure(config)`, which fills in the config first."""
   if len(argv) > 1:
@@ -470,7 +483,7 @@ def main(argv, configure=None):
       if configure is not None:
         configure(_CONFIG.value)
       train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
-  except checkpoint.CheckpointWriteError as e:
+  except (checkpoint.CheckpointWriteError, MetricsWriteError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     # Skip interpreter teardown: Orbax's failed writer threads would print tracebacks after it.
     os._exit(1)

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -215,5 +216,32 @@ def test_disk_full_at_checkpoint_time_stops_cleanly(tmp_path, tfds_dir):
                         capture_output=True, text=True, timeout=300)
   error = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
   assert error == [f'error: Writing a checkpoint to {workdir}/checkpoints failed: No space left '
-                   "on device [os_error_code='28']. The newest complete checkpoint is step 4."]
+                   "on device [os_error_code='28']. The newest complete checkpoint is step 4."], proc.stderr[-3000:]
   assert 'exit code 1' in proc.stdout and 'restored step 4' in proc.stdout, proc.stdout
+
+
+def test_full_disk_while_writing_metrics_is_a_clear_error_and_does_not_hide_the_first(tmp_path):
+  from gpt_jax.metrics import MetricWriter, MetricsWriteError
+  from gpt_jax.train import _close_all
+  workdir = tmp_path / 'run'
+  writer = MetricWriter(str(workdir), tensorboard=False)
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (16, limits[1]))  # files stop growing at 16 bytes
+  try:
+    with pytest.raises(MetricsWriteError, match=f'Writing metrics to {workdir} failed: File too'):
+      writer.write(1, {'train_loss': 1.0})
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+
+  def failing_close():
+    raise OSError(28, 'No space left on device')
+
+  closed = []
+  with pytest.raises(checkpoint.CheckpointWriteError, match='the first error'):
+    try:
+      raise checkpoint.CheckpointWriteError('the first error')
+    finally:
+      _close_all(failing_close, lambda: closed.append(True))
+  assert closed == [True]  # the closers after the failing one still ran
+  with pytest.raises(OSError, match='No space left'):
+    _close_all(failing_close)  # with no error in flight, a closer's failure is raised
