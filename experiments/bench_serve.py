@@ -36,7 +36,7 @@ import optax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from gpt_jax import checkpoint, data, decode, eval as eval_lib, quantize  # noqa: E402
+from gpt_jax import checkpoint, data, eval as eval_lib, quantize  # noqa: E402
 from gpt_jax import tokenizer as tokenizer_lib  # noqa: E402
 from gpt_jax.model import ModelConfig, Transformer  # noqa: E402
 
