@@ -42,7 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.vocab_multiple = 64         # a grown vocabulary is rounded up to a multiple of this
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3                  # peak learning rate
+  c.optim.name = 'adamw'             # or 'muon': Muon on hidden matrices, AdamW on the rest
+  c.optim.lr = 1e-3                  # peak learning rate (AdamW's, with muon too)
+  c.optim.muon_lr = 0.02             # Muon's peak learning rate (optim.name='muon')
+  c.optim.muon_momentum = 0.95
   c.optim.warmup_steps = 100
   c.optim.decay_steps = 0            # cosine decay length; 0 -> train.num_steps
   c.optim.min_lr_ratio = 0.1         # final lr = lr * min_lr_ratio
@@ -96,6 +99,7 @@ def validate(config) -> None:
   _choice('model.mlp', model.mlp, ('gelu', 'swiglu'))
   _choice('data.tokenizer', config.data.tokenizer, ('sentencepiece', 'char', 'byte'))
   _choice('train.on_nonfinite', config.train.on_nonfinite, ('halt', 'skip'))
+  _choice('optim.name', config.optim.name, ('adamw', 'muon'))
   _choice('model.remat', model.remat, ('none', 'full', 'dots_saveable'))
   for dtype_field in ('compute_dtype', 'param_dtype'):
     _choice(f'model.{dtype_field}', getattr(model, dtype_field), ('float32', 'bfloat16', 'float16'))

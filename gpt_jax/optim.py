@@ -1,7 +1,12 @@
-"""The optimizer: AdamW with linear warmup, cosine decay and global-norm clipping, from config.optim."""
+"""The optimizer from config.optim: AdamW, or Muon on the hidden matrices with AdamW on the rest;
+linear warmup, cosine decay and global-norm clipping either way."""
 
+import flax.linen as nn
 import jax
 import optax
+from optax.contrib import MuonDimensionNumbers, muon  # MuonDimensionNumbers: for callers too
+
+OPTIMIZERS = ('adamw', 'muon')
 
 
 def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
@@ -19,12 +24,44 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def muon_dimension_numbers(params):
+  """How Muon sees each hidden matrix as (inputs, outputs): attention kernels keep their head
+  axes (query/key/value: embed -> heads x head_dim; out: heads x head_dim -> embed); a leading
+  layer axis (scan_layers) is a batch axis. None sends a parameter to AdamW: embeddings, the
+  output head, norm scales, biases and LoRA adapters."""
+  def spec(path, p):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    if names[-1] != 'kernel' or 'lm_head' in names:
+      return None
+    p = p.value if isinstance(p, nn.meta.AxisMetadata) else p
+    if names[-2] in ('query', 'key', 'value'):
+      return MuonDimensionNumbers(reduction_axis=p.ndim - 3, output_axis=(p.ndim - 2, p.ndim - 1))
+    if names[-2] == 'out':
+      return MuonDimensionNumbers(reduction_axis=(p.ndim - 3, p.ndim - 2), output_axis=p.ndim - 1)
+    return MuonDimensionNumbers(reduction_axis=p.ndim - 2, output_axis=p.ndim - 1)
+  # Boxed parameters (nn.Partitioned, as train.sharded_state initialises) count as leaves.
+  return jax.tree_util.tree_map_with_path(
+      spec, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
   schedule = learning_rate_schedule(optim_config, num_steps)
+  if optim_config.name == 'adamw':
+    update = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                         weight_decay=optim_config.weight_decay,
+                         mask=decay_mask if optim_config.decay_matrices_only else None)
+  elif optim_config.name == 'muon':
+    # Muon's learning rate follows the same warmup and decay as AdamW's, scaled.
+    muon_schedule = lambda step: schedule(step) * (optim_config.muon_lr / optim_config.lr)
+    update = muon(muon_schedule, beta=optim_config.muon_momentum,
+                  weight_decay=optim_config.weight_decay,
+                  adam_learning_rate=schedule, adam_b1=optim_config.b1, adam_b2=optim_config.b2,
+                  adam_weight_decay=optim_config.weight_decay, eps=optim_config.eps,
+                  muon_weight_dimension_numbers=muon_dimension_numbers)
+  else:
+    raise ValueError(f'optim.name={optim_config.name!r}: expected one of {OPTIMIZERS}')
   return optax.chain(
       optax.clip_by_global_norm(optim_config.grad_clip) if optim_config.grad_clip > 0
       else optax.identity(),
-      optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                  weight_decay=optim_config.weight_decay,
-                  mask=decay_mask if optim_config.decay_matrices_only else None),
+      update,
   )

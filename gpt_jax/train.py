@@ -104,6 +104,11 @@ def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules,
     return TrainState.create(apply_fn=model.apply, params=trained, tx=tx), frozen
 
   boxed = jax.eval_shape(boxed_state, jax.random.key(0))
+  # optax's masked transforms (muon's AdamW part, for one) keep a parameter's box around an
+  # empty MaskedNode: such a box holds no array and gets no sharding.
+  boxed = jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata)
+      and not jax.tree.leaves(x) else x, boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
   logical_specs = nn.get_partition_spec(boxed)
   sharding.check_rules((logical_specs[0].params, logical_specs[1]), rules)
   shardings = sharding.logical_to_shardings(logical_specs, mesh, rules)

@@ -19,6 +19,7 @@ from gpt_jax import config as config_lib, data, lora, optim, sharding, train
 from gpt_jax.model import LoraConfig, ModelConfig, Transformer
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
+MUON_MESHES = [(1, 1, 1), (1, 8, 1), (2, 2, 2)]  # Muon orthogonalizes sharded matrices
 
 
 def main(workdir, tfds_dir):
@@ -34,11 +35,13 @@ def main(workdir, tfds_dir):
   batches = [next(iterator) for _ in range(5)]
   model = Transformer(ModelConfig.from_config(config.model))
   schedule = optim.learning_rate_schedule(config.optim, 5)
-  tx = optim.make_optimizer(config.optim, 5)
   trainable = lora.Trainable(LoraConfig())  # every parameter, nothing frozen
 
   results = {}
-  for shape in MESHES:
+  runs = [('adamw', shape) for shape in MESHES] + [('muon', shape) for shape in MUON_MESHES]
+  for optimizer, shape in runs:
+    config.optim.name = optimizer
+    tx = optim.make_optimizer(config.optim, 5)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:int(np.prod(shape))])
     rules = sharding.logical_rules(config.mesh)
@@ -57,7 +60,7 @@ def main(workdir, tfds_dir):
                         for k, v in batch.items()}
         state, metrics = step(state, global_batch, frozen)
         losses.append(float(metrics['train_loss']))
-    name = 'x'.join(map(str, shape))
+    name = 'x'.join(map(str, shape)) + ('' if optimizer == 'adamw' else f'-{optimizer}')
     flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
     np.savez(os.path.join(workdir, f'{name}.npz'),
              **{jax.tree_util.keystr(p): np.asarray(x) for p, x in flat})
@@ -66,7 +69,7 @@ def main(workdir, tfds_dir):
         'losses': losses,
         'specs': {jax.tree_util.keystr(p): [a if a is None or isinstance(a, str) else list(a)
                                             for a in x.sharding.spec] for p, x in flat},
-        'opt_specs_match': all(
+        'opt_specs_match': optimizer != 'adamw' or all(
             mu.sharding.spec == p.sharding.spec
             for mu, p in zip(jax.tree.leaves(state.opt_state[1][0].mu),
                              jax.tree.leaves(state.params))),

@@ -33,11 +33,13 @@ def results(tmp_path_factory, tfds_dir):
   return workdir, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize('mesh', ['8x1x1', '1x8x1', '2x4x1', '2x2x2', '1x2x4', '1x1x8'])
+@pytest.mark.parametrize('mesh', ['8x1x1', '1x8x1', '2x4x1', '2x2x2', '1x2x4', '1x1x8',
+                                  '1x8x1-muon', '2x2x2-muon'])
 def test_mesh_matches_one_device(results, mesh):
   workdir, runs = results
-  np.testing.assert_allclose(runs[mesh]['losses'], runs['1x1x1']['losses'], rtol=1e-5)
-  reference = np.load(os.path.join(workdir, '1x1x1.npz'))
+  one_device = '1x1x1-muon' if mesh.endswith('-muon') else '1x1x1'
+  np.testing.assert_allclose(runs[mesh]['losses'], runs[one_device]['losses'], rtol=1e-5)
+  reference = np.load(os.path.join(workdir, f'{one_device}.npz'))
   params = np.load(os.path.join(workdir, f'{mesh}.npz'))
   assert sorted(params) == sorted(reference)
   for name in reference:
@@ -55,3 +57,10 @@ def test_fsdp_shards_parameters_and_optimizer_state(results):
   ratio = fsdp['bytes_per_device'] / fsdp['bytes_total']
   assert 1 / 8 <= ratio < 0.14, ratio  # 1/8, plus the small replicated norm parameters
   assert runs['8x1x1']['bytes_per_device'] == runs['8x1x1']['bytes_total']  # pure data parallel
+
+
+def test_muon_runs_differ_from_adamw_runs(results):
+  _, runs = results  # the Muon rows above must have trained with Muon, not AdamW
+  assert runs['1x1x1-muon']['losses'][0] == pytest.approx(runs['1x1x1']['losses'][0])
+  assert runs['1x1x1-muon']['losses'][-1] != pytest.approx(runs['1x1x1']['losses'][-1],
+                                                           rel=1e-3)

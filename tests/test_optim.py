@@ -1,0 +1,77 @@
+"""The optimizers of gpt_jax.optim: which parameters Muon orthogonalizes, and how."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import config as config_lib, optim
+from gpt_jax.errors import ConfigError
+
+
+def muon_config():
+  config = config_lib.base_config()
+  config.optim.name = 'muon'
+  config.optim.warmup_steps = 0
+  config.optim.grad_clip = 0.0
+  config.optim.weight_decay = 0.0
+  return config.optim
+
+
+def test_muon_orthogonalizes_attention_kernels_as_embed_by_heads_matrices():
+  rng = np.random.default_rng(0)
+  query = rng.normal(size=(8, 2, 4)).astype(np.float32)   # (embed, heads, head_dim)
+  out = rng.normal(size=(2, 4, 8)).astype(np.float32)     # (heads, head_dim, embed)
+  embedding = rng.normal(size=(5, 8)).astype(np.float32)
+  params = {'attn': {'query': {'kernel': jnp.zeros((8, 2, 4))},
+                     'out': {'kernel': jnp.zeros((2, 4, 8))}},
+            'mlp': {'fc_in': {'kernel': jnp.zeros((8, 8))}, 'fc_out': {'kernel': jnp.zeros((8, 8))}},
+            'wte': {'embedding': jnp.zeros((5, 8))}, 'ln_f': {'scale': jnp.ones(8)}}
+  grads = {'attn': {'query': {'kernel': query}, 'out': {'kernel': out}},
+           'mlp': {'fc_in': {'kernel': query.reshape(8, 8)},
+                   'fc_out': {'kernel': out.reshape(8, 8)}},
+           'wte': {'embedding': embedding}, 'ln_f': {'scale': np.ones(8, np.float32)}}
+  tx = optim.make_optimizer(muon_config(), num_steps=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # An attention kernel gets exactly the update of the same weights as a 2D matrix.
+  np.testing.assert_allclose(updates['attn']['query']['kernel'].reshape(8, 8),
+                             updates['mlp']['fc_in']['kernel'], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(updates['attn']['out']['kernel'].reshape(8, 8),
+                             updates['mlp']['fc_out']['kernel'], rtol=1e-5, atol=1e-7)
+  # Orthogonalized: the singular values of the update are all about equal (Newton-Schulz
+  # leaves them within roughly [0.7, 1.2] of each other), unlike those of the gradient.
+  singular = np.linalg.svd(np.asarray(updates['mlp']['fc_in']['kernel']), compute_uv=False)
+  assert singular.max() / singular.min() < 2 < np.ptp(np.linalg.svd(query.reshape(8, 8),
+                                                                   compute_uv=False))
+  # Embeddings and norm scales take AdamW's update instead (Nesterov's, as optax's muon sets
+  # it): at step 1, lr * (1 + b1 (1 - b1) / (1 - b1^2)) * sign(gradient).
+  config = muon_config()
+  lr, b1 = optim.learning_rate_schedule(config, 10)(0), config.b1
+  np.testing.assert_allclose(updates['wte']['embedding'],
+                             -lr * (1 + b1 * (1 - b1) / (1 - b1**2)) * np.sign(embedding),
+                             rtol=1e-4)
+
+
+def test_muon_dimension_numbers_send_embeddings_head_norms_and_adapters_to_adamw():
+  params = {'wte': {'embedding': jnp.zeros((5, 8))}, 'lm_head': {'kernel': jnp.zeros((8, 5))},
+            'ln_1': {'scale': jnp.zeros(8)}, 'fc_in': {'kernel': jnp.zeros((8, 16)),
+                                                       'bias': jnp.zeros(16)},
+            'query': {'kernel': nn.Partitioned(jnp.zeros((3, 8, 2, 4)),
+                                               ('layers', 'embed', 'heads', 'head_dim'))},
+            'fc_in_lora_a': jnp.zeros((8, 4))}
+  specs = optim.muon_dimension_numbers(params)
+  assert specs['wte']['embedding'] is None and specs['lm_head']['kernel'] is None
+  assert specs['ln_1']['scale'] is None and specs['fc_in']['bias'] is None
+  assert specs['fc_in_lora_a'] is None
+  assert specs['fc_in']['kernel'] == optim.MuonDimensionNumbers(0, 1)
+  # A stacked (scan_layers) kernel: the leading layer axis is a batch axis.
+  assert specs['query']['kernel'] == optim.MuonDimensionNumbers(1, (2, 3))
+
+
+def test_unknown_optimizer_is_a_config_error():
+  config = config_lib.base_config()
+  config.optim.name = 'sgd'
+  config.data.tfds_name = 'x'
+  with pytest.raises(ConfigError, match="optim.name must be one of"):
+    config_lib.validate(config)
