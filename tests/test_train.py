@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import jax
 
 from conftest import REPO, module_env, read_metrics, run_module, train, train_args
@@ -58,10 +59,11 @@ def test_loss_decreases_on_builtin_corpus_then_sample(tmp_path, tfds_dir):
   assert checkpoint.load_config(tuned).model.num_layers == 3
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, tfds_dir):
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_resume_equals_uninterrupted_run(tmp_path, tfds_dir, optimizer):
   common = {'train.log_every': 1, 'train.eval_every': 0, 'checkpoint.every_steps': 4,
             'optim.decay_steps': 12, 'optim.warmup_steps': 2, 'model.dropout': 0.1,
-            'data.cache_dir': str(tmp_path / 'cache')}
+            'optim.name': optimizer, 'data.cache_dir': str(tmp_path / 'cache')}
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   train(straight, tfds_dir, **common, **{'train.num_steps': 12})
   train(resumed, tfds_dir, **common, **{'train.num_steps': 6})  # stops after step 6
