@@ -137,9 +137,15 @@ def main():
               f'val {ours_row["val_loss"]:.4f} '
               f'{"<=" if ours_row["val_loss"] <= TARGET else ">"} {TARGET}', flush=True)
     results['repeats'].append({'rows': rows, 'load_after': os.getloadavg()[0]})
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=1)
+  if args.json:  # appended to the invocations already recorded there
+    recorded = {'invocations': []}
+    if os.path.exists(args.json):
+      with open(args.json) as f:
+        recorded = json.load(f)
+    recorded['invocations'].append(results)
+    with open(args.json + '.tmp', 'w') as f:
+      json.dump(recorded, f, indent=1)
+    os.replace(args.json + '.tmp', args.json)
 
 
 if __name__ == '__main__':
