@@ -11,7 +11,7 @@ AdamW (lr 1e-2, beta2 0.95, no weight decay) on the rest, and no start-up work b
 training needs (no matmul peak measurement, no final sample). Its one evaluation, at the last
 step, covers the whole validation split: all 1,716 windows of 65 tokens (111,540 tokens, 143
 batches of 12).
-Expected: validation loss 1.8674 after 275 steps (deterministic); `experiments/speedrun/run.py`
+Expected: validation loss 1.8719 after 275 steps (deterministic); `experiments/speedrun/run.py`
 times the whole process against the PyTorch reference and keeps the record table
 (experiments/speedrun/README.md).
 """
@@ -35,6 +35,7 @@ def get_config():
   config.model.mlp_dim = 352     # SwiGLU: 3 x 128 x 352 weights, as many as GELU's 2 x 128 x 512
   config.model.dropout = 0.0
   config.model.use_bias = False
+  config.model.scan_layers = True  # Muon orthogonalizes each kernel of all 4 layers in one op
   config.model.position = 'rope'
   config.model.norm = 'rmsnorm'
   config.model.mlp = 'swiglu'

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr = 1e-3                  # peak learning rate (AdamW's, with muon too)
   c.optim.muon_lr = 0.02             # Muon's peak learning rate (optim.name='muon')
   c.optim.muon_momentum = 0.95
+  c.optim.muon_ns_steps = 5          # Newton-Schulz iterations that orthogonalize each update
   c.optim.warmup_steps = 100
   c.optim.decay_steps = 0            # cosine decay length; 0 -> train.num_steps
   c.optim.min_lr_ratio = 0.1         # final lr = lr * min_lr_ratio

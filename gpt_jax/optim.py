@@ -54,6 +54,7 @@ def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation
     # Muon's learning rate follows the same warmup and decay as AdamW's, scaled.
     muon_schedule = lambda step: schedule(step) * (optim_config.muon_lr / optim_config.lr)
     update = muon(muon_schedule, beta=optim_config.muon_momentum,
+                  ns_steps=optim_config.muon_ns_steps,
                   weight_decay=optim_config.weight_decay,
                   adam_learning_rate=schedule, adam_b1=optim_config.b1, adam_b2=optim_config.b2,
                   adam_weight_decay=optim_config.weight_decay, eps=optim_config.eps,

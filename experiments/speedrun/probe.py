@@ -5,7 +5,7 @@
       {"name": "b24", "batch": 24, "model": {"position": "rope"}}]'
 
 A variant sets `model` (overrides of the baby model: 4 layers, 4 heads, emb 128, context 64,
-vocab 65), `batch`, `seq`, `opts` (XLA compiler options of its executable) and `flatten`
+vocab 65), `optim` (overrides of config.optim), `batch`, `seq`, `opts` (XLA compiler options of its executable) and `flatten`
 (optax.flatten around the optimizer: one update over all parameters concatenated; for timing
 only, as the weight-decay mask then sees one vector). The step is
 AdamW with clipping and the non-finite guard, as gpt_jax/train.py's. Blocks alternate between
@@ -37,6 +37,7 @@ def build(variant):
                        'max_len': seq, 'vocab_size': 65, 'dropout': 0.0})
   config.model.update(variant.get('model', {}))
   model = Transformer(ModelConfig.from_config(config.model))
+  config.optim.update(variant.get('optim', {}))
   tx = optim.make_optimizer(config.optim, 1000)
   if variant.get('flatten'):  # one update over all parameters concatenated (decay mask aside)
     tx = optax.flatten(tx)
