@@ -40,8 +40,11 @@ def main(workdir, tfds_dir):
   results = {}
   runs = [('adamw', shape) for shape in MESHES] + [('muon', shape) for shape in MUON_MESHES]
   for optimizer, shape in runs:
-    config.optim.name = optimizer
-    tx = optim.make_optimizer(config.optim, 5)
+    optim_config = config.optim.copy_and_resolve_references()
+    optim_config.name = optimizer
+    if optimizer == 'muon':
+      optim_config.warmup_steps = 0  # the full learning rate at once: 5 steps show Muon's updates
+    tx = optim.make_optimizer(optim_config, 5)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:int(np.prod(shape))])
     rules = sharding.logical_rules(config.mesh)

@@ -59,8 +59,8 @@ def test_fsdp_shards_parameters_and_optimizer_state(results):
   assert runs['8x1x1']['bytes_per_device'] == runs['8x1x1']['bytes_total']  # pure data parallel
 
 
-def test_muon_runs_differ_from_adamw_runs(results):
-  _, runs = results  # the Muon rows above must have trained with Muon, not AdamW
-  assert runs['1x1x1-muon']['losses'][0] == pytest.approx(runs['1x1x1']['losses'][0])
-  assert runs['1x1x1-muon']['losses'][-1] != pytest.approx(runs['1x1x1']['losses'][-1],
-                                                           rel=1e-3)
+def test_muon_runs_train(results):
+  _, runs = results  # the Muon rows above trained (at the full rate from step 1), unlike AdamW's
+  muon, adamw = runs['1x1x1-muon']['losses'], runs['1x1x1']['losses']  # (still in warmup)
+  assert muon[0] == pytest.approx(adamw[0])  # the same initial parameters and batch
+  assert muon[-1] < muon[0] - 0.1 and abs(adamw[-1] - adamw[0]) < 0.01, (muon, adamw)
