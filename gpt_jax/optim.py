@@ -51,9 +51,10 @@ def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation
                          weight_decay=optim_config.weight_decay,
                          mask=decay_mask if optim_config.decay_matrices_only else None)
   elif optim_config.name == 'muon':
-    # Muon's learning rate follows the same warmup and decay as AdamW's, scaled.
-    muon_schedule = lambda step: schedule(step) * (optim_config.muon_lr / optim_config.lr)
-    update = muon(muon_schedule, beta=optim_config.muon_momentum,
+    # Muon's learning rate follows the same warmup and decay shape as AdamW's.
+    muon_config = optim_config.copy_and_resolve_references()
+    muon_config.lr = optim_config.muon_lr
+    update = muon(learning_rate_schedule(muon_config, num_steps), beta=optim_config.muon_momentum,
                   ns_steps=optim_config.muon_ns_steps,
                   weight_decay=optim_config.weight_decay,
                   adam_learning_rate=schedule, adam_b1=optim_config.b1, adam_b2=optim_config.b2,
