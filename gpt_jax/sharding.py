@@ -117,10 +117,7 @@ def check_divisible(abstract_tree, shardings) -> None:
 
 
 def logical_to_shardings(logical_specs, mesh: Mesh, rules):
-  # Mapped spec by spec: flax would take an empty optimizer-state node (optax's MaskedNode, a
-  # NamedTuple) for a spec.
-  return jax.tree.map(lambda spec: nn.logical_to_mesh_sharding(spec, mesh, rules), logical_specs,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
