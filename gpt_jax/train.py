@@ -115,9 +115,9 @@ def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules,
   boxed = jax.eval_shape(boxed_state, jax.random.key(0))
   # optax's masked transforms (muon's AdamW part, for one) keep a parameter's box around an
   # empty MaskedNode: such a box holds no array and gets no sharding.
-  boxed = jax.tree.map(
-      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata)
-      and not jax.tree.leaves(x) else x, boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  boxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) and not
+                       jax.tree.leaves(x) else x, boxed, is_leaf=is_box)
   logical_specs = nn.get_partition_spec(boxed)
   sharding.check_rules((logical_specs[0].params, logical_specs[1]), rules)
   shardings = sharding.logical_to_shardings(logical_specs, mesh, rules)

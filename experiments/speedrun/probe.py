@@ -5,12 +5,13 @@
       {"name": "b24", "batch": 24, "model": {"position": "rope"}}]'
 
 A variant sets `model` (overrides of the baby model: 4 layers, 4 heads, emb 128, context 64,
-vocab 65), `optim` (overrides of config.optim), `batch`, `seq`, `opts` (XLA compiler options of its executable) and `flatten`
-(optax.flatten around the optimizer: one update over all parameters concatenated; for timing
-only, as the weight-decay mask then sees one vector). The step is
-AdamW with clipping and the non-finite guard, as gpt_jax/train.py's. Blocks alternate between
-variants so that a loaded machine slows them alike; prints compile seconds and the median
-block's ms/step and tokens/s per variant.
+vocab 65), `optim` (overrides of config.optim), `batch`, `seq`, `opts` (XLA compiler options
+of its executable) and `flatten` (optax.flatten around the optimizer: one update over all
+parameters concatenated; for timing only, as the weight-decay mask then sees one vector). The
+step is config.optim's optimizer (AdamW unless `optim` says otherwise) with clipping and the
+non-finite guard, as gpt_jax/train.py's. Blocks alternate between variants so that a loaded
+machine slows them alike; prints compile seconds and the median block's ms/step and tokens/s
+per variant.
 """
 import argparse
 import json

@@ -57,9 +57,9 @@ def baseline(args, threads: int):
           'command': 'python torch_gpt.py --data DATA ' + ' '.join(BASELINE_ARGS + extra)}
 
 
-# torch is a test-only dependency of gpt_jax, but tensorboardX (gpt_jax.metrics) imports it
-# whenever it is installed, which costs seconds of start-up; this runs gpt_jax.train as a
-# default install (no torch) would.
+# torch is a test-only dependency of gpt_jax, but tensorboardX (imported by gpt_jax.metrics when
+# train.tensorboard is on) imports it whenever it is installed, which costs seconds of start-up;
+# this runs gpt_jax.train as a default install (no torch) would.
 WITHOUT_TORCH = ("import sys, runpy; sys.modules['torch'] = None; "
                  "runpy.run_module('gpt_jax.train', run_name='__main__', alter_sys=True)")
 
