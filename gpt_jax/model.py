@@ -174,21 +174,46 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def cached_attention(q: Array, k: Array, v: Array, positions: Array) -> Array:
-  """Attention of q [b, t, heads, d] at `positions` [b, t] over a KV cache k, v
-  [b, kv_heads, slots, d]; slots after a query's position are masked (they may hold stale
-  values). Query head i reads kv head i // (heads / kv_heads), as jax.nn.dot_product_attention."""
+def write_cache(cache: Array, new: Array, positions: Array) -> Array:
+  """One layer's cache [b, kv_heads, slots, d] with new [b, t, kv_heads, d] written at
+  `positions` [b, t] (consecutive within a row, below the cache length)."""
+  if cache.shape[0] == 1:
+    # One row: a dynamic_update_slice, done in place. XLA:CPU turns a one-row scatter into a
+    # bounds-guarded update (a select over a slice of the old cache).
+    return jax.lax.dynamic_update_slice(cache, new.transpose(0, 2, 1, 3).astype(cache.dtype),
+                                        (0, 0, positions[0, 0], 0))
+  rows = jnp.arange(cache.shape[0])[:, None]
+  return cache.at[rows, :, positions].set(new.astype(cache.dtype))
+
+
+def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array,
+                     positions: Array) -> Array:
+  """Attention of q [b, t, heads, d] at `positions` [b, t] (consecutive within a row) over the
+  cache's earlier slots cache_k, cache_v [b, kv_heads, slots, d] and, causally, the new k, v
+  [b, t, kv_heads, d]. Query head i reads kv head i // (heads / kv_heads), as
+  jax.nn.dot_product_attention.
+
+  The cache is read as it was before this call's keys and values are written: when attention
+  read the updated cache, XLA:CPU kept the old and the new cache alive at once and copied each
+  layer's cache several times per decoded token.
+  """
   b, t, heads, d = q.shape
-  kv_heads, slots = k.shape[1], k.shape[2]
+  kv_heads, slots = cache_k.shape[1], cache_k.shape[2]
   q = q.reshape(b, t, kv_heads, heads // kv_heads, d)
-  scores = jnp.einsum('btkgd,bksd->bkgts', q, k, preferred_element_type=jnp.float32) / d**0.5
-  mask = jnp.arange(slots)[None, None, None, None, :] <= positions[:, None, None, :, None]
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  scale = d ** -0.5
+  old = jnp.einsum('btkgd,bksd->bkgts', q, cache_k, preferred_element_type=jnp.float32) * scale
+  new = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32) * scale
+  # Slots from the row's first new position on are stale (or about to be overwritten).
+  old_mask = jnp.arange(slots)[None, :] < positions[:, :1]
+  new_mask = positions[:, None, :] <= positions[:, :, None]
+  scores = jnp.concatenate([
+      jnp.where(old_mask[:, None, None, None, :], old, jnp.finfo(jnp.float32).min),
+      jnp.where(new_mask[:, None, None], new, jnp.finfo(jnp.float32).min)], axis=-1)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  # probs as the left operand, so the product comes out [b, kv_heads, g, t, d]: at t == 1 that is
-  # already the [b, t, heads, d] order the output projection reads (with v on the left, XLA:CPU
-  # transposed the projection's kernel at every step instead).
-  y = jax.lax.dot_general(probs, v, (((4,), (2,)), ((0, 1), (0, 1))))
+  # probs on the left, so the product comes out [b, kv_heads, g, t, d]: at t == 1 already the
+  # [b, t, heads, d] order the output projection reads.
+  y = jax.lax.dot_general(probs[..., :slots], cache_v, (((4,), (2,)), ((0, 1), (0, 1))))
+  y = y + jnp.einsum('bkgts,bskd->bkgtd', probs[..., slots:], v)
   return y.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)
 
 
@@ -219,12 +244,11 @@ class Attention(nn.Module):
         mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
       y = jax.nn.dot_product_attention(q, k, v, mask=mask)
     else:
-      # Decoding: write this step's keys/values into their positions' slots, then attend to every
-      # slot at or before the query's position. Slots past it may hold stale padding: masked.
-      rows = jnp.arange(x.shape[0])[:, None]
-      cache = {name: cache[name].at[rows, :, positions].set(new.astype(cache[name].dtype))
-               for name, new in (('k', k), ('v', v))}
-      y = cached_attention(q, cache['k'].astype(q.dtype), cache['v'].astype(q.dtype), positions)
+      # Decoding: attend to the cache's earlier slots and to this call's keys and values, then
+      # write those into their positions' slots.
+      y = cached_attention(q, k, v, cache['k'].astype(q.dtype), cache['v'].astype(q.dtype),
+                           positions)
+      cache = {name: write_cache(cache[name], new, positions) for name, new in (('k', k), ('v', v))}
     y = _constrain(y, ('batch', 'length', 'act_heads', 'head_dim'))
     # jnp.einsum contracts in the letters' alphabetical order: h before v is the kernel's own
     # order, so XLA reads the kernel as it is (with 'bthd,hde' it copied a transposed kernel at
