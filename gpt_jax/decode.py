@@ -114,6 +114,15 @@ class _Request:
   dynamic: tuple        # eos_id, seed, temperature, top_p, repetition_penalty
 
 
+def cache_compiler_options() -> dict:
+  """XLA options for programs that update a KV cache. XLA:CPU's copy insertion without region
+  analysis copied every layer's cache twice per decoded token inside the decoding loop (about
+  a fifth of the step at batch 1, a quarter at batch 8; experiments/bench_decode)."""
+  if jax.default_backend() == 'cpu':
+    return {'xla_cpu_copy_insertion_use_region_analysis': True}
+  return {}
+
+
 def _bucket(n: int, cap: int) -> int:
   return min(cap, max(16, 1 << (max(n, 1) - 1).bit_length()))
 
@@ -126,10 +135,13 @@ class Generator:
     cfg, params = unstack_layers(cfg, params)  # decoding runs the blocks one by one
     self.cfg, self.params, self.num_tokens = cfg, params, num_tokens
     self.model = Transformer(cfg)
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=('mode', 'cache_len'))
+    options = cache_compiler_options()
+    self._prefill = jax.jit(self._prefill_impl, static_argnames=('mode', 'cache_len'),
+                            compiler_options=options)
     self._step = jax.jit(self._step_impl, static_argnames=('mode',),
-                         donate_argnames=('cache', 'seen'))
-    self._generate = jax.jit(self._generate_impl, static_argnames=('mode', 'cache_len'))
+                         donate_argnames=('cache', 'seen'), compiler_options=options)
+    self._generate = jax.jit(self._generate_impl, static_argnames=('mode', 'cache_len'),
+                             compiler_options=options)
 
   # ---------------------------------------------------------------- device programs
 

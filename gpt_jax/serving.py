@@ -64,8 +64,9 @@ class Engine:
     self.context = cfg.max_len
     self._model = Transformer(cfg)
     self._cache = init_cache(cfg, slots)
-    self._step_fn = jax.jit(self._step_impl, donate_argnums=(1,))
-    self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
+    options = decode.cache_compiler_options()
+    self._step_fn = jax.jit(self._step_impl, donate_argnums=(1,), compiler_options=options)
+    self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,), compiler_options=options)
     # Host copies of the per-slot state.
     self._seqs: list[Sequence | None] = [None] * slots
     self._tokens = np.zeros(slots, np.int32)
