@@ -3,6 +3,7 @@ compilation reuse, and the sample binary's one-line errors."""
 
 import dataclasses
 import os
+import re
 import types
 
 import flax.linen as nn
@@ -166,3 +167,20 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_drawn(generator):
   restricted = Generator(CFG, generator.params, num_tokens=200)
   drawn = np.concatenate(restricted.generate(PROMPTS, 20, **sampling))
   assert drawn.size == len(PROMPTS) * 4 * 20 and (drawn < 200).all()
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='checks XLA:CPU buffer assignment')
+@pytest.mark.parametrize('rows', [1, 3])
+def test_decoding_loop_updates_the_cache_in_place(generator, rows):
+  # A copy of a cache-sized buffer in the compiled loop costs a cache read and write per layer
+  # per token: the batch-1 decoding loop once held 4 per layer per token.
+  req = generator._request([[1, 2, 3]] * rows, 20, 1, False, None, 0, temperature=0)  # pylint: disable=protected-access
+  compiled = generator._generate.lower(  # pylint: disable=protected-access
+      generator.params, req.tokens, req.lengths, req.max_new, req.dynamic, mode=req.mode,
+      cache_len=req.cache_len).compile()
+  text = compiled.as_text()
+  body_name = re.search(r' while\(.*body=%([\w.-]+)', text).group(1)
+  body = re.search(rf'^%{re.escape(body_name)} .*?^}}', text, re.M | re.S).group(0)
+  cache_shape = f'f32[{rows},{CFG.kv_heads},{req.cache_len},{CFG.head_dim}]'
+  copies = [line for line in body.splitlines() if f'= {cache_shape}' in line and ' copy(' in line]
+  assert not copies, copies[:2]
