@@ -1,6 +1,7 @@
 """The model in isolation: causality, layouts, KV-cache decoding, sharding rules."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -122,6 +123,25 @@ def test_remat_and_scan_change_nothing_numerically():
     for a, b in zip(jax.tree.leaves(grads(dataclasses.replace(base, remat=policy))),
                     jax.tree.leaves(reference)):
       np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('layout', [GPT2, LLAMA], ids=['gpt2', 'llama'])
+def test_bfloat16_compute_runs_the_backward_matmuls_in_bfloat16(layout):
+  cfg, model, params = make(layout, compute_dtype='bfloat16')
+  tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, 61)
+
+  def loss(p):
+    logits, _ = model.apply({'params': p}, tokens)
+    return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  program = jax.jit(jax.grad(loss)).lower(params).as_text()
+  operands = re.findall(
+      r'stablehlo\.dot_general .*?: \(tensor<(?:\d+x)*(\w+)>, tensor<(?:\d+x)*(\w+)>\)', program)
+  assert len(operands) > 10 * cfg.num_layers
+  # Only jax.nn.dot_product_attention's float32 logits send a float32 cotangent back into two
+  # products per layer; every projection, the output head and their gradients take bf16.
+  float32 = [pair for pair in operands if 'f32' in pair]
+  assert len(float32) <= 2 * cfg.num_layers, float32
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
