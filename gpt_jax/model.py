@@ -223,12 +223,11 @@ class Attention(nn.Module):
     cfg, lora = self.cfg, self.lora
     out_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2's scaled init of residual projections
     e, d = cfg.emb_dim, cfg.head_dim
-    dtype = jnp.dtype(cfg.compute_dtype)
     # Projections output the compute dtype (matmul units accumulate in float32 inside), so that
     # their gradients are products in the compute dtype too: with float32 outputs, two thirds of
     # a bf16 step's matmuls (the backward ones) took float32 operands.
     q, k, v = (_project(self, x, 'bte,ehd->bthd', (e, heads, d), ('embed', head_name, 'head_dim'),
-                        name, lora, deterministic).astype(dtype)
+                        name, lora, deterministic)
                for name, heads, head_name in (('query', cfg.num_heads, 'heads'),
                                               ('key', cfg.kv_heads, 'kv_heads'),
                                               ('value', cfg.kv_heads, 'kv_heads')))
@@ -254,8 +253,7 @@ class Attention(nn.Module):
     # every call, 12 copies per decoded token at GPT-2 124M).
     y = _project(self, y, 'bthv,hve->bte', (cfg.num_heads, d, e), ('heads', 'head_dim', 'embed'),
                  'out', lora, deterministic, stddev=out_std)
-    # In the compute dtype, so that the backward pass through this branch runs in it too.
-    y = nn.Dropout(cfg.dropout)(y.astype(dtype), deterministic=deterministic)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return y, cache
 
 
@@ -267,18 +265,17 @@ class Mlp(nn.Module):
   def __call__(self, x, deterministic: bool):
     cfg, lora = self.cfg, self.lora
     out_std = 0.02 / (2 * cfg.num_layers) ** 0.5
-    dtype = jnp.dtype(cfg.compute_dtype)
     shape, names = (cfg.emb_dim, cfg.mlp_dim), ('embed', 'mlp')
-    h = _project(self, x, 'bte,em->btm', shape, names, 'fc_in', lora, deterministic).astype(dtype)
+    h = _project(self, x, 'bte,em->btm', shape, names, 'fc_in', lora, deterministic)
     if cfg.mlp == 'swiglu':
       gate = _project(self, x, 'bte,em->btm', shape, names, 'fc_gate', lora, deterministic)
-      h = nn.silu(gate.astype(dtype)) * h
+      h = nn.silu(gate) * h
     else:
       h = nn.gelu(h, approximate=True)
     h = _constrain(h, ('batch', 'length', 'act_mlp'))
     y = _project(self, h, 'btm,me->bte', (cfg.mlp_dim, cfg.emb_dim), ('mlp', 'embed'), 'fc_out',
                  lora, deterministic, stddev=out_std)
-    return nn.Dropout(cfg.dropout)(y.astype(dtype), deterministic=deterministic)
+    return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
 
 class Block(nn.Module):
