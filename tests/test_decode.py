@@ -173,7 +173,7 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_drawn(generator):
 @pytest.mark.parametrize('rows', [1, 3])
 def test_decoding_loop_updates_the_cache_in_place(generator, rows):
   # A copy of a cache-sized buffer in the compiled loop costs a cache read and write per layer
-  # per token: the batch-1 decoding loop once held 4 per layer per token.
+  # per token: the batch-1 decoding loop once held 4 per k or v array per token.
   req = generator._request([[1, 2, 3]] * rows, 20, 1, False, None, 0, temperature=0)  # pylint: disable=protected-access
   compiled = generator._generate.lower(  # pylint: disable=protected-access
       generator.params, req.tokens, req.lengths, req.max_new, req.dynamic, mode=req.mode,
