@@ -25,6 +25,7 @@ max_new_tokens within a bucket, temperature, top_p, repetition_penalty, eos_id a
 are traced values: changing them reuses the program.
 """
 
+import contextlib
 import dataclasses
 from typing import Iterator, Sequence
 
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt_jax import kernel_layout
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer, init_cache, unstack_layers
 
@@ -131,8 +133,15 @@ class Generator:
   """Jitted prefill, step and whole-loop programs for one model; reused across calls."""
 
   def __init__(self, cfg: ModelConfig, params, num_tokens: int | None = None):
-    """num_tokens: the tokenizer's vocabulary size; ids past it are never drawn."""
+    """num_tokens: the tokenizer's vocabulary size; ids past it are never drawn.
+
+    On CPU, `params` (the trained layout) are held with output-major projection kernels
+    (gpt_jax/kernel_layout.py): `self.params` is in that layout.
+    """
     cfg, params = unstack_layers(cfg, params)  # decoding runs the blocks one by one
+    self.output_major = kernel_layout.wanted()
+    if self.output_major:
+      params = kernel_layout.to_output_major(params)
     self.cfg, self.params, self.num_tokens = cfg, params, num_tokens
     self.model = Transformer(cfg)
     options = cache_compiler_options()
@@ -144,6 +153,11 @@ class Generator:
                              compiler_options=options)
 
   # ---------------------------------------------------------------- device programs
+
+  def _apply(self, params, tokens, positions, cache):
+    with (kernel_layout.output_major_projections() if self.output_major
+          else contextlib.nullcontext()):
+      return self.model.apply({'params': params}, tokens, positions, cache)
 
   def _next_tokens(self, logits, seen, seed, rows, step, dynamic, mode: _Mode):
     """Sampled tokens [rows] from logits [rows, vocab] (repetition penalty applied first)."""
@@ -172,7 +186,7 @@ class Generator:
     rows, width = tokens.shape
     cache = init_cache(dataclasses.replace(self.cfg, max_len=cache_len), rows)
     positions = jnp.broadcast_to(jnp.arange(width), tokens.shape)
-    logits, cache = self.model.apply({'params': params}, tokens, positions, cache)
+    logits, cache = self._apply(params, tokens, positions, cache)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     seen = jnp.zeros((rows, logits.shape[-1] if mode.penalty else 0), bool)
     seen = self._mark(seen, jnp.where(positions < lengths[:, None], tokens, PAD), mode)
@@ -180,8 +194,7 @@ class Generator:
     return first, cache, self._mark(seen, first, mode)
 
   def _step_impl(self, params, tokens, positions, cache, seen, step, dynamic, *, mode: _Mode):
-    logits, cache = self.model.apply({'params': params}, tokens[:, None], positions[:, None],
-                                     cache)
+    logits, cache = self._apply(params, tokens[:, None], positions[:, None], cache)
     rows = jnp.arange(tokens.shape[0])
     next_tokens = self._next_tokens(logits[:, 0], seen, dynamic[1], rows, step, dynamic, mode)
     return next_tokens, cache, self._mark(seen, next_tokens, mode)

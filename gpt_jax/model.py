@@ -90,6 +90,9 @@ class LoraConfig:
 
 
 LORA_TARGETS = ('query', 'key', 'value', 'out', 'fc_in', 'fc_gate', 'fc_out')
+# Projection name -> number of leading input axes of its kernel (the rest are output axes).
+PROJECTION_INPUT_AXES = {'query': 1, 'key': 1, 'value': 1, 'out': 2, 'fc_in': 1, 'fc_gate': 1,
+                         'fc_out': 1, 'lm_head': 1}
 NO_LORA = LoraConfig()
 
 

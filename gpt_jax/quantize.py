@@ -23,12 +23,9 @@ import numpy as np
 
 from gpt_jax import decode
 from gpt_jax.errors import ConfigError
-from gpt_jax.model import ModelConfig
+from gpt_jax.model import PROJECTION_INPUT_AXES, ModelConfig
 
 MODES = ('none', 'int8')
-# Parameter name -> number of leading input axes of its kernel (the rest are output channels).
-_INPUT_AXES = {'query': 1, 'key': 1, 'value': 1, 'out': 2, 'fc_in': 1, 'fc_gate': 1, 'fc_out': 1,
-               'lm_head': 1}
 
 
 @jax.tree_util.register_dataclass
@@ -62,8 +59,8 @@ def quantize_params(params) -> dict:
     for key, value in tree.items():
       if isinstance(value, dict):
         out[key] = walk(value, path + (key,))
-      elif key == 'kernel' and path and path[-1] in _INPUT_AXES:
-        out[key] = quantize_tensor(value, tuple(range(_INPUT_AXES[path[-1]])))
+      elif key == 'kernel' and path and path[-1] in PROJECTION_INPUT_AXES:
+        out[key] = quantize_tensor(value, tuple(range(PROJECTION_INPUT_AXES[path[-1]])))
       elif key == 'embedding' and path and path[-1] == 'wte':
         out[key] = quantize_tensor(value, (1,))  # one scale per vocabulary row
       else:

@@ -20,6 +20,7 @@ each sequence's `on_token(token)` and `on_finish(reason, error)` from there.
 """
 
 import collections
+import contextlib
 import dataclasses
 import threading
 from typing import Callable
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax import decode, quantize
+from gpt_jax import decode, kernel_layout, quantize
 from gpt_jax.model import ModelConfig, Transformer, init_cache
 
 
@@ -60,6 +61,9 @@ class Engine:
     """num_tokens: the tokenizer's vocabulary size; ids past it are never drawn."""
     if slots < 1:
       raise ValueError(f'slots must be >= 1, got {slots}')
+    self.output_major = kernel_layout.wanted()  # as decode.Generator
+    if self.output_major:
+      params = kernel_layout.to_output_major(params)
     self.cfg, self.params, self.slots, self.num_tokens = cfg, params, slots, num_tokens
     self.context = cfg.max_len
     self._model = Transformer(cfg)
@@ -84,7 +88,9 @@ class Engine:
   # ---------------------------------------------------------------- device programs
 
   def _apply(self, params, tokens, positions, cache):
-    return self._model.apply({'params': quantize.dequantize(params)}, tokens, positions, cache)
+    with (kernel_layout.output_major_projections() if self.output_major
+          else contextlib.nullcontext()):
+      return self._model.apply({'params': quantize.dequantize(params)}, tokens, positions, cache)
 
   def _prefill_impl(self, params, cache, slot, tokens):
     """Writes the keys and values of tokens [1, width] into slot `slot`'s cache rows 0..width-1."""

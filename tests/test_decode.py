@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from gpt_jax import checkpoint, config as config_lib, decode
+from gpt_jax import checkpoint, config as config_lib, decode, kernel_layout, quantize
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.decode import PAD, Generator
 from gpt_jax.errors import ConfigError
-from gpt_jax.model import ModelConfig, Transformer
+from gpt_jax.model import ModelConfig, Transformer, init_cache
 from gpt_jax.sample import check_flags
 
 CFG = ModelConfig(vocab_size=257, max_len=64, num_layers=1, num_heads=4, emb_dim=32, mlp_dim=64)
@@ -25,9 +25,14 @@ PROMPTS = [[1, 2, 3], list(range(10, 27)), [9]]
 
 
 @pytest.fixture(scope='module')
-def generator():
-  params = nn.unbox(Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  return Generator(CFG, params['params'])
+def params():
+  """Parameters in the trained layout (a Generator holds its own layout: kernel_layout.py)."""
+  return nn.unbox(Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
+
+
+@pytest.fixture(scope='module')
+def generator(params):
+  return Generator(CFG, params)
 
 
 def collect(stream):
@@ -76,8 +81,8 @@ def test_context_limit_error_or_truncation(generator):
           == generator.generate([long_prompt[-54:]], 10, temperature=0))
 
 
-def test_compiles_once_per_batch_and_length_bucket(generator):
-  gen = Generator(CFG, generator.params)
+def test_compiles_once_per_batch_and_length_bucket(params):
+  gen = Generator(CFG, params)
   for n, prompt_len, temperature, seed in ((5, 3, 0.7, 0), (4, 12, 1.3, 1), (2, 1, 0.5, 2)):
     gen.generate([[7] * prompt_len, [8] * 5], n, temperature=temperature, top_p=0.9, seed=seed)
   assert gen._generate._cache_size() == 1  # same rows, buckets (16, 16) and mode
@@ -111,25 +116,25 @@ def test_stream_text_whole_characters_and_stop_strings():
   assert texts == ['héllo ', '中文']
 
 
-def _workdir(path, generator, tokenizer) -> str:
+def _workdir(path, params, tokenizer) -> str:
   config = config_lib.base_config()
   config.model.update(dataclasses.asdict(CFG))
   checkpoint.save_config(str(path), config)
   if tokenizer:
     tokenizer.save(os.path.join(path, 'tokenizer'))
-  checkpoint.save_params(str(path), 0, generator.params)
+  checkpoint.save_params(str(path), 0, params)
   return str(path)
 
 
-def test_sample_binary_streams_and_fails_in_one_line(generator, tmp_path):
-  workdir = _workdir(tmp_path / 'w', generator, tokenizer_lib.ByteTokenizer())
+def test_sample_binary_streams_and_fails_in_one_line(generator, params, tmp_path):
+  workdir = _workdir(tmp_path / 'w', params, tokenizer_lib.ByteTokenizer())
   proc = run_module('gpt_jax.sample', f'--workdir={workdir}', '--prompt=café ',
                     '--max_new_tokens=20', '--temperature=0')
   expected = tokenizer_lib.ByteTokenizer().decode(
       generator.generate([list('café '.encode())], 20, temperature=0, eos_id=256)[0])
   assert proc.stdout == 'café ' + expected + '\n'
 
-  no_tokenizer = _workdir(tmp_path / 'no_tok', generator, None)
+  no_tokenizer = _workdir(tmp_path / 'no_tok', params, None)
   proc = run_module('gpt_jax.sample', f'--workdir={no_tokenizer}', check=False)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [
@@ -158,13 +163,13 @@ def test_sample_flag_validation(flag, message, tmp_path):
     check_flags(types.SimpleNamespace(**{**flags, 'workdir': str(tmp_path / 'missing')}))
 
 
-def test_ids_past_the_tokenizer_vocabulary_are_never_drawn(generator):
+def test_ids_past_the_tokenizer_vocabulary_are_never_drawn(generator, params):
   # A random model at a high temperature draws nearly uniformly over its 257 rows, so without
   # the restriction about 1 token in 5 would fall in the top 57 rows.
   sampling = dict(temperature=5.0, num_samples=4, seed=1)
   unrestricted = np.concatenate(generator.generate(PROMPTS, 20, **sampling))
   assert (unrestricted >= 200).any()
-  restricted = Generator(CFG, generator.params, num_tokens=200)
+  restricted = Generator(CFG, params, num_tokens=200)
   drawn = np.concatenate(restricted.generate(PROMPTS, 20, **sampling))
   assert drawn.size == len(PROMPTS) * 4 * 20 and (drawn < 200).all()
 
@@ -184,3 +189,34 @@ def test_decoding_loop_updates_the_cache_in_place(generator, rows):
   cache_shape = f'f32[{rows},{CFG.kv_heads},{req.cache_len},{CFG.head_dim}]'
   copies = [line for line in body.splitlines() if f'= {cache_shape}' in line and ' copy(' in line]
   assert not copies, copies[:2]
+
+
+LLAMA = dataclasses.replace(CFG, position='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
+                            tie_embeddings=False, num_kv_heads=2)
+
+
+@pytest.mark.parametrize('cfg', [CFG, LLAMA], ids=['gpt2', 'llama'])
+@pytest.mark.parametrize('quantized', [False, True], ids=['float32', 'int8'])
+def test_output_major_kernels_compute_what_the_trained_layout_does(cfg, quantized, monkeypatch):
+  params = nn.unbox(Transformer(cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))
+  leaves, treedef = jax.tree.flatten(params['params'])
+  noise = [0.05 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
+  params = treedef.unflatten([x + n for x, n in zip(leaves, noise)])  # biases start at zero
+  if quantized:
+    params = quantize.quantize_params(params)
+  major = quantize.generator(cfg, params)
+  monkeypatch.setattr(kernel_layout, 'wanted', lambda: False)
+  trained = quantize.generator(cfg, params)
+  assert major.output_major and not trained.output_major
+  kernel = major.params['block_0']['mlp']['fc_in']['kernel']
+  assert (kernel.values if quantized else kernel).shape == (cfg.mlp_dim, cfg.emb_dim)
+  # 2 rows x 8 tokens take the kernel-on-the-left product, 2 x 40 the other one.
+  for width in (8, 40):
+    tokens = jax.random.randint(jax.random.key(2), (2, width), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(width), tokens.shape)
+    cache = init_cache(cfg, 2)
+    ours, _ = major._apply(major.params, tokens, positions, cache)  # pylint: disable=protected-access
+    reference, _ = trained._apply(trained.params, tokens, positions, cache)  # pylint: disable=protected-access
+    np.testing.assert_allclose(ours, reference, atol=2e-5, rtol=1e-5)
+  sampling = dict(temperature=0.8, top_k=20, num_samples=2, seed=3)
+  assert major.generate(PROMPTS, 12, **sampling) == trained.generate(PROMPTS, 12, **sampling)

@@ -1,0 +1,82 @@
+"""Projection kernels stored output-major ([out, in]) for decoding on CPU.
+
+A decoding step multiplies a few rows of activations by every kernel. XLA:CPU runs that product
+about twice as fast with the kernel stored [out, in] as the left operand (kernel @ x^T) as with
+the trained layout [in..., out...] on the right (x @ kernel): 12 GPT-2 MLPs at 8 rows took 16
+against 25-31 ms (experiments/bench_decode/README.md). The trained layout stays what checkpoints
+and training use; decoding programs transpose each kernel once:
+
+  params = kernel_layout.to_output_major(params)       # kernels [out, in]
+  with kernel_layout.output_major_projections():        # while tracing
+    logits, cache = Transformer(cfg).apply({'params': params}, tokens, positions, cache)
+
+Int8 kernels (gpt_jax/quantize.py) are transposed with their scales, so `quantize.dequantize`
+yields [out, in] kernels too.
+"""
+
+import contextlib
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpt_jax.model import PROJECTION_INPUT_AXES
+
+# Products with more rows than this (prefills) keep the activations on the left: the kernel-left
+# form only pays when the activations are a handful of rows.
+MAX_ROWS_KERNEL_LEFT = 64
+
+
+def wanted() -> bool:
+  """Whether decoding programs use output-major kernels: on CPU only (accelerator compilers
+  choose the kernel's layout in memory themselves)."""
+  return jax.default_backend() == 'cpu'
+
+
+def _transpose(kernel, num_inputs: int):
+  if hasattr(kernel, 'scale'):  # a quantize.Int8: values [in..., out...], scale [1..., out...]
+    return type(kernel)(_transpose(kernel.values, num_inputs),
+                        kernel.scale.reshape(1, -1).T)
+  fan_in = math.prod(kernel.shape[:num_inputs])
+  return jnp.asarray(kernel).reshape(fan_in, -1).T.copy()
+
+
+def to_output_major(params) -> dict:
+  """The parameter tree with every projection kernel as a 2-D [out, in] array (its output axes
+  flattened in order, likewise its input axes). Other parameters are unchanged."""
+  def walk(tree, name):
+    return {key: walk(value, key) if isinstance(value, dict) else
+            _transpose(value, PROJECTION_INPUT_AXES[name])
+            if key == 'kernel' and name in PROJECTION_INPUT_AXES else value
+            for key, value in tree.items()}
+  return walk(dict(params), '')
+
+
+def _project_output_major(next_fun, args, kwargs, context):
+  """nn.Einsum's __call__ for a kernel stored [out, in]; any other method runs unchanged."""
+  module = context.module
+  if not isinstance(module, nn.Einsum) or context.method_name != '__call__':
+    return next_fun(*args, **kwargs)
+  x = args[0]
+  x_axes, kernel_axes = module.einsum_str.split('->')[0].split(',')
+  num_inputs = sum(axis in x_axes for axis in kernel_axes)
+  batch_shape = x.shape[:x.ndim - num_inputs]
+  rows = math.prod(batch_shape)
+  x = x.reshape(rows, -1).astype(module.dtype)
+  kernel = module.get_variable('params', 'kernel').astype(module.dtype)
+  if rows <= MAX_ROWS_KERNEL_LEFT:
+    # The barrier keeps XLA from folding the transpose back into the product, which would put
+    # the activations on the left again.
+    y = jax.lax.optimization_barrier(jnp.einsum('nk,mk->nm', kernel, x)).T
+  else:
+    y = jnp.einsum('mk,nk->mn', x, kernel)
+  y = y.reshape(batch_shape + tuple(module.shape[num_inputs:]))
+  if module.use_bias:
+    y = y + module.get_variable('params', 'bias').astype(module.dtype)
+  return y
+
+
+def output_major_projections() -> contextlib.AbstractContextManager:
+  """While active, the model's projections read kernels made by `to_output_major`."""
+  return nn.intercept_methods(_project_output_major)
