@@ -132,14 +132,15 @@ def _bucket(n: int, cap: int) -> int:
 class Generator:
   """Jitted prefill, step and whole-loop programs for one model; reused across calls."""
 
-  def __init__(self, cfg: ModelConfig, params, num_tokens: int | None = None):
+  def __init__(self, cfg: ModelConfig, params, num_tokens: int | None = None,
+               output_major: bool | None = None):
     """num_tokens: the tokenizer's vocabulary size; ids past it are never drawn.
 
-    On CPU, `params` (the trained layout) are held with output-major projection kernels
-    (gpt_jax/kernel_layout.py): `self.params` is in that layout.
+    output_major: hold the projection kernels [out, in] (gpt_jax/kernel_layout.py); None: on
+    CPU only. `params` come in the trained layout; `self.params` are in the layout held.
     """
     cfg, params = unstack_layers(cfg, params)  # decoding runs the blocks one by one
-    self.output_major = kernel_layout.wanted()
+    self.output_major = kernel_layout.wanted() if output_major is None else output_major
     if self.output_major:
       params = kernel_layout.to_output_major(params)
     self.cfg, self.params, self.num_tokens = cfg, params, num_tokens

@@ -104,9 +104,10 @@ class _Dequantizing:
     return self.model.apply(variables, *args, **kwargs)
 
 
-def generator(cfg: ModelConfig, params, num_tokens: int | None = None) -> decode.Generator:
+def generator(cfg: ModelConfig, params, num_tokens: int | None = None,
+              output_major: bool | None = None) -> decode.Generator:
   """A decode.Generator for float or `quantize_params` parameters (sample, chat and eval use)."""
-  gen = decode.Generator(cfg, params, num_tokens)
+  gen = decode.Generator(cfg, params, num_tokens, output_major)
   if is_quantized(params):
     gen.model = _Dequantizing(gen.model)
   return gen

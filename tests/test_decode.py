@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from gpt_jax import checkpoint, config as config_lib, decode, kernel_layout, quantize
+from gpt_jax import checkpoint, config as config_lib, decode, quantize
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.decode import PAD, Generator
 from gpt_jax.errors import ConfigError
@@ -197,17 +197,15 @@ LLAMA = dataclasses.replace(CFG, position='rope', norm='rmsnorm', mlp='swiglu', 
 
 @pytest.mark.parametrize('cfg', [CFG, LLAMA], ids=['gpt2', 'llama'])
 @pytest.mark.parametrize('quantized', [False, True], ids=['float32', 'int8'])
-def test_output_major_kernels_compute_what_the_trained_layout_does(cfg, quantized, monkeypatch):
+def test_output_major_kernels_compute_what_the_trained_layout_does(cfg, quantized):
   params = nn.unbox(Transformer(cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))
   leaves, treedef = jax.tree.flatten(params['params'])
   noise = [0.05 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
   params = treedef.unflatten([x + n for x, n in zip(leaves, noise)])  # biases start at zero
   if quantized:
     params = quantize.quantize_params(params)
-  major = quantize.generator(cfg, params)
-  monkeypatch.setattr(kernel_layout, 'wanted', lambda: False)
-  trained = quantize.generator(cfg, params)
-  assert major.output_major and not trained.output_major
+  major = quantize.generator(cfg, params, output_major=True)
+  trained = quantize.generator(cfg, params, output_major=False)
   kernel = major.params['block_0']['mlp']['fc_in']['kernel']
   assert (kernel.values if quantized else kernel).shape == (cfg.mlp_dim, cfg.emb_dim)
   # 2 rows x 8 tokens take the kernel-on-the-left product, 2 x 40 the other one.

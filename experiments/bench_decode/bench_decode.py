@@ -56,6 +56,8 @@ def main():
   parser.add_argument('--prompt_len', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--bf16', action='store_true', help='also time ours with bfloat16 params')
+  parser.add_argument('--trained_layout', action='store_true',
+                      help='also time ours with the kernels as trained (not output-major)')
   args = parser.parse_args()
   new_tokens = 32 if args.quick else args.new_tokens
   repeats = 1 if args.quick else args.repeats
@@ -82,6 +84,8 @@ def main():
         f'{repeats}\n')
 
   variants = [('float32', decode.Generator(cfg, params))]
+  if args.trained_layout:
+    variants.append(('float32, trained layout', decode.Generator(cfg, params, output_major=False)))
   if args.bf16:
     cfg16 = ModelConfig(**{**model, 'param_dtype': 'bfloat16', 'compute_dtype': 'bfloat16'})
     variants.append(('bfloat16', decode.Generator(
@@ -107,7 +111,8 @@ def main():
       run = lambda: generator.generate(prompts.tolist(), new_tokens, temperature=0)
       ours = run()  # compiles
       t_ours = min(_timed(run) for _ in range(repeats))
-      same = np.mean(np.asarray(ours) == theirs) if name == 'float32' else float('nan')
+      same = (np.mean(np.asarray(ours) == theirs) if name.startswith('float32')
+              else float('nan'))
       rows.append((batch, name, batch * new_tokens / t_ours, batch * new_tokens / t_hf, same))
       print(f'  batch {batch}: gpt_jax {name} {rows[-1][2]:.1f} tokens/s', flush=True)
 
