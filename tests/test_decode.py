@@ -195,8 +195,8 @@ LLAMA = dataclasses.replace(CFG, position='rope', norm='rmsnorm', mlp='swiglu', 
                             tie_embeddings=False, num_kv_heads=2)
 
 
-@pytest.mark.parametrize('cfg', [CFG, LLAMA], ids=['gpt2', 'llama'])
-@pytest.mark.parametrize('quantized', [False, True], ids=['float32', 'int8'])
+@pytest.mark.parametrize('cfg, quantized', [(CFG, False), (LLAMA, True)],
+                         ids=['gpt2-float32', 'llama-int8'])
 def test_output_major_kernels_compute_what_the_trained_layout_does(cfg, quantized):
   params = nn.unbox(Transformer(cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))
   leaves, treedef = jax.tree.flatten(params['params'])

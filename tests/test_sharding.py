@@ -24,43 +24,49 @@ EXPECTED_SPECS = {
 }
 
 
-@pytest.fixture(scope='module')
-def results(tmp_path_factory, tfds_dir):
-  workdir = str(tmp_path_factory.mktemp('meshes'))
-  proc = subprocess.run([sys.executable, 'tests/sharded_steps.py', workdir, tfds_dir], cwd=REPO,
-                        env=module_env(devices=8), capture_output=True, text=True, timeout=600)
+MESHES = ['8x1x1', '1x8x1', '2x4x1', '2x2x2', '1x2x4', '1x1x8', '1x8x1-muon', '2x2x2-muon']
+
+
+def test_every_mesh_trains_like_one_device_sharded_as_the_rules_say(tmp_path, tfds_dir):
+  # One test, not one per mesh: under pytest-xdist every worker that ran a test of this module
+  # ran the 8-device subprocess (2.5 minutes) again.
+  proc = subprocess.run([sys.executable, 'tests/sharded_steps.py', str(tmp_path), tfds_dir],
+                        cwd=REPO, env=module_env(devices=8), capture_output=True, text=True,
+                        timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, json.loads(proc.stdout.strip().splitlines()[-1])
+  runs = json.loads(proc.stdout.strip().splitlines()[-1])
+  for mesh in MESHES:
+    _check_mesh_matches_one_device(str(tmp_path), runs, mesh)
+  _check_fsdp_shards_parameters_and_optimizer_state(runs)
+  _check_muon_trains(runs)
 
 
-@pytest.mark.parametrize('mesh', ['8x1x1', '1x8x1', '2x4x1', '2x2x2', '1x2x4', '1x1x8',
-                                  '1x8x1-muon', '2x2x2-muon'])
-def test_mesh_matches_one_device(results, mesh):
-  workdir, runs = results
+def _check_mesh_matches_one_device(workdir, runs, mesh):
   one_device = '1x1x1-muon' if mesh.endswith('-muon') else '1x1x1'
-  np.testing.assert_allclose(runs[mesh]['losses'], runs[one_device]['losses'], rtol=1e-5)
+  np.testing.assert_allclose(runs[mesh]['losses'], runs[one_device]['losses'], rtol=1e-5,
+                             err_msg=mesh)
   reference = np.load(os.path.join(workdir, f'{one_device}.npz'))
   params = np.load(os.path.join(workdir, f'{mesh}.npz'))
-  assert sorted(params) == sorted(reference)
+  assert sorted(params) == sorted(reference), mesh
   for name in reference:
     # atol: Adam divides by sqrt(v), so float32 rounding in a near-zero gradient moves a
     # near-zero parameter by ~1e-6 however the devices split the sums.
-    np.testing.assert_allclose(params[name], reference[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(params[name], reference[name], rtol=1e-5, atol=1e-5,
+                               err_msg=f'{mesh}: {name}')
   for name, spec in EXPECTED_SPECS.items():
-    assert runs[mesh]['specs'][name] == spec, name
-  assert runs[mesh]['opt_specs_match']  # Adam moments are sharded like their parameters
+    assert runs[mesh]['specs'][name] == spec, (mesh, name)
+  assert runs[mesh]['opt_specs_match'], mesh  # Adam moments are sharded like their parameters
 
 
-def test_fsdp_shards_parameters_and_optimizer_state(results):
-  _, runs = results
+def _check_fsdp_shards_parameters_and_optimizer_state(runs):
   fsdp = runs['1x8x1']
   ratio = fsdp['bytes_per_device'] / fsdp['bytes_total']
   assert 1 / 8 <= ratio < 0.14, ratio  # 1/8, plus the small replicated norm parameters
   assert runs['8x1x1']['bytes_per_device'] == runs['8x1x1']['bytes_total']  # pure data parallel
 
 
-def test_muon_runs_train(results):
-  _, runs = results  # the Muon rows above trained (at the full rate from step 1), unlike AdamW's
-  muon, adamw = runs['1x1x1-muon']['losses'], runs['1x1x1']['losses']  # (still in warmup)
+def _check_muon_trains(runs):
+  # The Muon rows trained at the full rate from step 1, unlike AdamW's (still in warmup).
+  muon, adamw = runs['1x1x1-muon']['losses'], runs['1x1x1']['losses']
   assert muon[0] == pytest.approx(adamw[0])  # the same initial parameters and batch
   assert muon[-1] < muon[0] - 0.1 and abs(adamw[-1] - adamw[0]) < 0.01, (muon, adamw)
