@@ -2,8 +2,8 @@
 
 A decoding step multiplies a few rows of activations by every kernel. XLA:CPU runs that product
 about twice as fast with the kernel stored [out, in] as the left operand (kernel @ x^T) as with
-the trained layout [in..., out...] on the right (x @ kernel): 12 GPT-2 MLPs at 8 rows took 16
-against 25-31 ms (experiments/bench_decode/README.md). The trained layout stays what checkpoints
+the trained layout [in..., out...] on the right (x @ kernel): 12 GPT-2 MLPs at 8 rows took 14-16
+against 22-31 ms (experiments/bench_decode/README.md). The trained layout stays what checkpoints
 and training use; decoding programs transpose each kernel once:
 
   params = kernel_layout.to_output_major(params)       # kernels [out, in]
