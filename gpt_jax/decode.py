@@ -25,7 +25,6 @@ max_new_tokens within a bucket, temperature, top_p, repetition_penalty, eos_id a
 are traced values: changing them reuses the program.
 """
 
-import contextlib
 import dataclasses
 from typing import Iterator, Sequence
 
@@ -156,8 +155,7 @@ class Generator:
   # ---------------------------------------------------------------- device programs
 
   def _apply(self, params, tokens, positions, cache):
-    with (kernel_layout.output_major_projections() if self.output_major
-          else contextlib.nullcontext()):
+    with kernel_layout.output_major_projections(self.output_major):
       return self.model.apply({'params': params}, tokens, positions, cache)
 
   def _next_tokens(self, logits, seen, seed, rows, step, dynamic, mode: _Mode):

@@ -56,11 +56,12 @@ def to_output_major(params) -> dict:
 def _project_output_major(next_fun, args, kwargs, context):
   """nn.Einsum's __call__ for a kernel stored [out, in]; any other method runs unchanged."""
   module = context.module
-  if not isinstance(module, nn.Einsum) or context.method_name != '__call__':
+  # The same projections, by name, as `to_output_major` transposes.
+  if (not isinstance(module, nn.Einsum) or context.method_name != '__call__'
+      or module.name not in PROJECTION_INPUT_AXES):
     return next_fun(*args, **kwargs)
   x = args[0]
-  x_axes, kernel_axes = module.einsum_str.split('->')[0].split(',')
-  num_inputs = sum(axis in x_axes for axis in kernel_axes)
+  num_inputs = PROJECTION_INPUT_AXES[module.name]
   batch_shape = x.shape[:x.ndim - num_inputs]
   rows = math.prod(batch_shape)
   x = x.reshape(rows, -1).astype(module.dtype)
@@ -77,6 +78,7 @@ def _project_output_major(next_fun, args, kwargs, context):
   return y
 
 
-def output_major_projections() -> contextlib.AbstractContextManager:
-  """While active, the model's projections read kernels made by `to_output_major`."""
-  return nn.intercept_methods(_project_output_major)
+def output_major_projections(active: bool = True) -> contextlib.AbstractContextManager:
+  """While active, the model's projections read kernels made by `to_output_major`; with
+  active=False, nothing changes (the trained layout)."""
+  return nn.intercept_methods(_project_output_major) if active else contextlib.nullcontext()

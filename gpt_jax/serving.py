@@ -20,7 +20,6 @@ each sequence's `on_token(token)` and `on_finish(reason, error)` from there.
 """
 
 import collections
-import contextlib
 import dataclasses
 import threading
 from typing import Callable
@@ -88,8 +87,7 @@ class Engine:
   # ---------------------------------------------------------------- device programs
 
   def _apply(self, params, tokens, positions, cache):
-    with (kernel_layout.output_major_projections() if self.output_major
-          else contextlib.nullcontext()):
+    with kernel_layout.output_major_projections(self.output_major):
       return self._model.apply({'params': quantize.dequantize(params)}, tokens, positions, cache)
 
   def _prefill_impl(self, params, cache, slot, tokens):

@@ -6,7 +6,8 @@ r"""Greedy decoding speed, gpt_jax against Hugging Face transformers, on the sam
 A randomly initialised GPT-2 124M (`GPT2LMHeadModel(GPT2Config())`, float32) is converted in
 memory with gpt_jax.convert; both sides decode 128 new tokens greedily after a 16-token random
 prompt, at batch 1 and 8, timed end to end (prefill included) as the best of several runs after
-a warm-up (which compiles ours); the sides take turns, one run each per round. transformers runs `generate(do_sample=False, use_cache=True)`.
+a warm-up (which compiles ours); the sides take turns, one run each per round. transformers
+runs `generate(do_sample=False, use_cache=True)`.
 
 Batch 1 is memory-bound: every new token reads every parameter once. The bound is parameter
 bytes per token over a measured copy bandwidth (2 x bytes / time of copying a 1 GiB float32
