@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpt_jax.model import PROJECTION_INPUT_AXES
+from gpt_jax.model import PROJECTION_INPUT_AXES, Projection
 
 # Products with more rows than this (prefills) keep the activations on the left: the kernel-left
 # form only pays when the activations are a handful of rows.
@@ -54,14 +54,14 @@ def to_output_major(params) -> dict:
 
 
 def _project_output_major(next_fun, args, kwargs, context):
-  """nn.Einsum's __call__ for a kernel stored [out, in]; any other method runs unchanged."""
+  """Projection.__call__ for a kernel stored [out, in]; any other method runs unchanged."""
   module = context.module
   # The same projections, by name, as `to_output_major` transposes.
-  if (not isinstance(module, nn.Einsum) or context.method_name != '__call__'
+  if (not isinstance(module, Projection) or context.method_name != '__call__'
       or module.name not in PROJECTION_INPUT_AXES):
     return next_fun(*args, **kwargs)
   x = args[0]
-  num_inputs = PROJECTION_INPUT_AXES[module.name]
+  num_inputs = module.num_inputs
   batch_shape = x.shape[:x.ndim - num_inputs]
   rows = math.prod(batch_shape)
   x = x.reshape(rows, -1).astype(module.dtype)

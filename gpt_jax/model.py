@@ -17,6 +17,7 @@ starts equal to its base); `gpt_jax/lora.py` splits, trains and merges them.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -105,20 +106,45 @@ def _init(stddev: float, names: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
 
 
-def _dense(einsum_str: str, shape: tuple[int, ...], names: tuple[str, ...], cfg: ModelConfig,
-           stddev: float = 0.02, name: str | None = None) -> nn.Einsum:
-  """A projection whose kernel of `shape` has logical axes `names` (inputs, then outputs).
+class Projection(nn.Module):
+  """y = x @ kernel + bias, contracting x's last `num_inputs` axes with the kernel's first ones.
 
-  nn.Einsum creates the kernel in its final shape (DenseGeneral creates it flattened, which a
-  sharding constraint by the unflattened names rejects).
+  The kernel keeps its logical shape (e.g. [embed, heads, head_dim]) and the product runs as
+  one 2-D matmul, [tokens, fan_in] @ [fan_in, fan_out]: for the multi-axis einsum form
+  ('bte,em->btm') XLA:CPU inserted transposing copies in the backward pass and picked slower
+  products (a SwiGLU MLP's gradient took 1.5x as long; experiments/benchmarks/README.md).
   """
-  kernel_axes, out_axes = einsum_str.split(',')[1].split('->')
-  bias_names = tuple(n for axis, n in zip(kernel_axes, names) if axis in out_axes)
-  return nn.Einsum(
-      shape=shape, einsum_str=einsum_str, use_bias=cfg.use_bias,
+  shape: tuple[int, ...]
+  num_inputs: int
+  use_bias: bool
+  dtype: Any
+  param_dtype: Any
+  kernel_init: Any
+  bias_init: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param('kernel', self.kernel_init, self.shape, self.param_dtype)
+    fan_in = math.prod(self.shape[:self.num_inputs])
+    batch_shape = x.shape[:x.ndim - self.num_inputs]
+    y = x.reshape(-1, fan_in).astype(self.dtype) @ kernel.reshape(fan_in, -1).astype(self.dtype)
+    y = y.reshape(batch_shape + self.shape[self.num_inputs:])
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, self.shape[self.num_inputs:], self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def _dense(shape: tuple[int, ...], num_inputs: int, names: tuple[str, ...], cfg: ModelConfig,
+           stddev: float = 0.02, name: str | None = None, use_bias: bool | None = None
+           ) -> Projection:
+  """A projection whose kernel of `shape` has logical axes `names` (inputs, then outputs)."""
+  return Projection(
+      shape=shape, num_inputs=num_inputs,
+      use_bias=cfg.use_bias if use_bias is None else use_bias,
       dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
       kernel_init=_init(stddev, names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[num_inputs:]),
       name=name)
 
 
@@ -131,12 +157,12 @@ def _project(module: nn.Module, x: Array, einsum_str: str, shape: tuple[int, ...
   B the rank to the output axes.
   """
   cfg = module.cfg
-  y = _dense(einsum_str, shape, names, cfg, stddev=stddev, name=name)(x)
-  if not lora.adapts(name):
-    return y
   x_axes, kernel_axes = einsum_str.split('->')[0].split(',')
   y_axes = einsum_str.split('->')[1]
   n_in = sum(axis in x_axes for axis in kernel_axes)
+  y = _dense(shape, n_in, names, cfg, stddev=stddev, name=name)(x)
+  if not lora.adapts(name):
+    return y
   in_axes, out_axes = kernel_axes[:n_in], kernel_axes[n_in:]
   dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
   fan_in = 1
@@ -251,9 +277,6 @@ class Attention(nn.Module):
                            positions)
       cache = {name: write_cache(cache[name], new, positions) for name, new in (('k', k), ('v', v))}
     y = _constrain(y, ('batch', 'length', 'act_heads', 'head_dim'))
-    # jnp.einsum contracts in the letters' alphabetical order: h before v is the kernel's own
-    # order, so XLA reads the kernel as it is (with 'bthd,hde' it copied a transposed kernel at
-    # every call, 12 copies per decoded token at GPT-2 124M).
     y = _project(self, y, 'bthv,hve->bte', (cfg.num_heads, d, e), ('heads', 'head_dim', 'embed'),
                  'out', lora, deterministic, stddev=out_std)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
@@ -354,9 +377,8 @@ class Transformer(nn.Module):
       dtype = jnp.dtype(cfg.compute_dtype)
       logits = jnp.einsum('bte,ve->btv', x.astype(dtype), embed.embedding.astype(dtype))
     else:
-      logits = nn.Einsum((cfg.emb_dim, cfg.vocab_size), 'bte,ev->btv', use_bias=False,
-                         dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                         kernel_init=_init(0.02, ('embed', 'vocab')), name='lm_head')(x)
+      logits = _dense((cfg.emb_dim, cfg.vocab_size), 1, ('embed', 'vocab'), cfg, name='lm_head',
+                      use_bias=False)(x)
     logits = _constrain(logits, ('batch', 'length', 'act_vocab'))
     return logits.astype(jnp.float32), new_cache
 

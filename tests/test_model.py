@@ -11,7 +11,7 @@ import pytest
 
 from gpt_jax import sharding
 from gpt_jax.decode import Generator, sample_logits
-from gpt_jax.model import ModelConfig, Transformer, unstack_layers
+from gpt_jax.model import ModelConfig, Projection, Transformer, unstack_layers
 
 GPT2 = dict()
 LLAMA = dict(position='rope', norm='rmsnorm', mlp='swiglu', num_kv_heads=2, use_bias=False,
@@ -49,6 +49,33 @@ def test_gpt2_layout_parameters():
   _, _, llama = make(LLAMA)
   assert 'wpe' not in llama and 'lm_head' in llama
   assert llama['block_0']['attn']['key']['kernel'].shape == (32, 2, 8)  # 2 kv heads
+
+
+@pytest.mark.parametrize('x_shape,kernel_shape,num_inputs,einsum', [
+    ((2, 5, 6), (6, 3, 4), 1, 'bte,ehd->bthd'),   # query/key/value: embed -> heads x head_dim
+    ((2, 5, 3, 4), (3, 4, 6), 2, 'bthd,hde->bte'),  # out: heads x head_dim -> embed
+])
+def test_projection_as_one_2d_product_equals_the_einsum(x_shape, kernel_shape, num_inputs, einsum):
+  layer = Projection(shape=kernel_shape, num_inputs=num_inputs, use_bias=True,
+                     dtype=jnp.float32, param_dtype=jnp.float32,
+                     kernel_init=nn.initializers.normal(1.0), bias_init=nn.initializers.normal(1.0))
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  params = layer.init(jax.random.key(1), x)['params']
+  assert params['kernel'].shape == kernel_shape
+  assert params['bias'].shape == kernel_shape[num_inputs:]
+
+  def ours(params, x):
+    return jnp.sum(jnp.sin(layer.apply({'params': params}, x)))
+
+  def reference(params, x):
+    return jnp.sum(jnp.sin(jnp.einsum(einsum, x, params['kernel']) + params['bias']))
+
+  np.testing.assert_allclose(layer.apply({'params': params}, x),
+                             jnp.einsum(einsum, x, params['kernel']) + params['bias'],
+                             rtol=1e-5, atol=1e-5)
+  grads, expected = (jax.grad(f, argnums=(0, 1))(params, x) for f in (ours, reference))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads,
+               expected)
 
 
 @pytest.mark.parametrize('layout', [GPT2, LLAMA], ids=['gpt2', 'llama'])
