@@ -60,7 +60,7 @@ def bench(name: str, blocks: int) -> dict:
       times[side_name].append(side.steps(steps) / steps * 1000)
   medians = {side: statistics.median(t) for side, t in times.items()}
   losses = {side: s.last_loss for side, s in sides.items()}
-  return {'shape': name, 'ms_per_step': medians, 'blocks': times, 'last_loss': losses,
+  return {'ms_per_step': medians, 'last_loss': losses,
           'speedup': medians['einsum form'] / medians['2-D products']}
 
 
