@@ -112,7 +112,7 @@ class Projection(nn.Module):
   The kernel keeps its logical shape (e.g. [embed, heads, head_dim]) and the product runs as
   one 2-D matmul, [tokens, fan_in] @ [fan_in, fan_out]: for the multi-axis einsum form
   ('bte,em->btm') XLA:CPU inserted transposing copies in the backward pass and picked slower
-  products (a SwiGLU MLP's gradient took 1.5x as long; experiments/benchmarks/README.md).
+  products (a SwiGLU MLP's gradient took 1.7x as long; experiments/benchmarks/README.md).
   """
   shape: tuple[int, ...]
   num_inputs: int
