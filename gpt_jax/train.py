@@ -256,9 +256,13 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if config.train.compilation_cache:
-    # Persistent across restarts: a resumed or preempted run skips recompiling its steps.
-    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
+    # Persistent across restarts: a resumed or preempted run skips recompiling its steps. A
+    # directory set in JAX_COMPILATION_CACHE_DIR (e.g. one for all runs of a sweep) is kept.
+    if not jax.config.jax_compilation_cache_dir:
+      jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  else:
+    jax.config.update('jax_enable_compilation_cache', False)
 
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)

@@ -24,16 +24,31 @@ def tfds_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tensorflow_datasets'))
 
 
-def module_env(devices: int = 1) -> dict[str, str]:
+# One persistent compilation cache for the subprocesses of a test worker: the many runs of the
+# same small model compile each program once. Set by the session fixture below.
+_compile_cache_dir = None
+
+
+@pytest.fixture(scope='session', autouse=True)
+def shared_compile_cache(tmp_path_factory):
+  global _compile_cache_dir
+  _compile_cache_dir = str(tmp_path_factory.mktemp('jax_cache'))
+
+
+def module_env(devices: int = 1, compile_cache: bool = True) -> dict[str, str]:
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   env['JAX_PLATFORMS'] = 'cpu'
+  if compile_cache and _compile_cache_dir:
+    env['JAX_COMPILATION_CACHE_DIR'] = _compile_cache_dir
+    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   return env
 
 
 def run_module(module: str, *args: str, devices: int = 1, check: bool = True,
-               timeout: int = 300) -> subprocess.CompletedProcess:
-  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=module_env(devices),
+               timeout: int = 300, compile_cache: bool = True) -> subprocess.CompletedProcess:
+  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO,
+                        env=module_env(devices, compile_cache),
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f'{module} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
@@ -47,9 +62,9 @@ def train_args(workdir, tfds_dir, config='configs/default.py', **overrides) -> l
 
 
 def train(workdir, tfds_dir, config='configs/default.py', devices=1, check=True, extra_flags=(),
-          **overrides):
+          compile_cache=True, **overrides):
   return run_module('gpt_jax.train', *train_args(workdir, tfds_dir, config, **overrides),
-                    *extra_flags, devices=devices, check=check)
+                    *extra_flags, devices=devices, check=check, compile_cache=compile_cache)
 
 
 def read_metrics(workdir, key):

@@ -26,7 +26,8 @@ def test_loss_decreases_on_builtin_corpus_then_sample(tmp_path, tfds_dir):
   workdir = str(tmp_path / 'run')
   train(workdir, tfds_dir, **{'train.num_steps': 100, 'train.log_every': 20,
                               'train.eval_every': 50, 'optim.warmup_steps': 10,
-                              'model.num_layers': 3})  # an override that must reach the model
+                              'model.num_layers': 3},  # an override that must reach the model
+        compile_cache=False)  # the default cache, <workdir>/jax_cache, checked below
   losses = read_metrics(workdir, 'train_loss')
   val = read_metrics(workdir, 'val_loss')
   assert sorted(losses) == [20, 40, 60, 80, 100] and sorted(val) == [50, 100]
@@ -108,6 +109,25 @@ def test_two_hosts_and_eight_devices_match_one_device(tmp_path, tfds_dir):
   assert sample.stdout.startswith('The ')
 
 
+def test_compilation_cache_in_jax_compilation_cache_dir_and_off_when_disabled(tmp_path, tfds_dir):
+  cache = tmp_path / 'shared_cache'
+  env = {**module_env(), 'JAX_COMPILATION_CACHE_DIR': str(cache)}
+  # The disabled run's model differs, so that a cache left on would gain new entries.
+  for name, enabled, layers in (('on', True, 2), ('off', False, 1)):
+    workdir = tmp_path / name
+    args = train_args(str(workdir), tfds_dir, **{'train.num_steps': 1, 'train.eval_every': 0,
+                                                'train.compilation_cache': enabled,
+                                                'model.num_layers': layers})
+    subprocess.run([sys.executable, '-m', 'gpt_jax.train', *args], cwd=REPO, env=env,
+                   check=True, capture_output=True)
+    assert not (workdir / 'jax_cache').exists()
+    entries = sorted(os.listdir(cache))
+    if enabled:
+      assert any(f.startswith('jit_train_step') for f in entries), entries
+      cached = entries
+  assert entries == cached  # the disabled run wrote nothing
+
+
 def test_gradient_accumulation_matches_full_batch(tmp_path, tfds_dir):
   common = {'train.num_steps': 3, 'train.log_every': 1, 'train.eval_every': 0,
             'data.cache_dir': str(tmp_path / 'cache')}
@@ -153,3 +173,24 @@ def test_metrics_without_tensorboard_write_only_jsonl(tmp_path):
     writer.close()
     assert read_metrics(str(workdir), 'train_loss') == {1: 2.5}
     assert (workdir / 'tensorboard').is_dir() == tensorboard
+
+
+def test_tensorboard_events_hold_the_scalars_without_loading_torch(tmp_path):
+  # A fresh process: torch (installed here) must not be imported by writing TensorBoard events.
+  script = ('import sys; from gpt_jax.metrics import MetricWriter; '
+            f'w = MetricWriter({str(tmp_path)!r}); '
+            "w.write(1, {'train_loss': 2.5}); w.write(2, {'train_loss': 2.25}); w.close(); "
+            "print('torch' in sys.modules)")
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=module_env(),
+                        capture_output=True, text=True, check=True)
+  assert proc.stdout.split() == ['False']
+  from tensorboardX.proto import event_pb2
+  [path] = (tmp_path / 'tensorboard').iterdir()
+  data, scalars = path.read_bytes(), {}
+  while data:  # TFRecord framing: length (8 bytes), its CRC (4), the Event, its CRC (4)
+    length = int.from_bytes(data[:8], 'little')
+    event = event_pb2.Event.FromString(data[12:12 + length])
+    data = data[16 + length:]
+    for value in event.summary.value:
+      scalars[(event.step, value.tag)] = value.simple_value
+  assert scalars == {(1, 'train_loss'): 2.5, (2, 'train_loss'): 2.25}

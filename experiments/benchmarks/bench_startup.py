@@ -9,12 +9,16 @@ Per repeat, in a fresh workdir (TFDS data dir inside it):
            <workdir>/jax_cache), trains 3 steps, checkpoints;
   restart  the same command with 6 steps: restores step 3, reads the compiled steps from the
            cache, trains steps 4-6;
-  restart, no cache  as restart, with train.compilation_cache=False (what the cache saves).
+  restart, no cache  as restart, with train.compilation_cache=False (what the cache saves);
+  restart, TensorBoard  as restart, with train.tensorboard=True (the default of most configs;
+           every other run here writes metrics.jsonl only): what writing TensorBoard events
+           costs at start-up (tensorboardX imports torch where torch is installed).
 "First step done" is when the process appends its first training row to metrics.jsonl (logged
 every step here), polled every 5 ms from this process; the whole process time is reported too.
 Also prints the compile time of the train step from the cold run's log (JAX_LOG_COMPILES).
 """
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -51,6 +55,7 @@ def first_step_seconds(workdir, args, num_steps, resume_step=0, extra=()):
          '--config.train.log_every=1', '--config.train.eval_every=0',
          '--config.train.sample_tokens=0', '--config.train.measure_peak=False',
          '--config.train.progress_bar=False', '--config.train.tensorboard=False', *extra]
+  # (a later --config flag overrides an earlier one: `extra` can turn TensorBoard back on)
   env = dict(os.environ, JAX_LOG_COMPILES='1')
   start = time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -75,6 +80,7 @@ def main():
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--json', default='')
   args = p.parse_args()
+  torch_installed = importlib.util.find_spec('torch') is not None
   results = {'config': args.config, 'load_before': os.getloadavg()[0], 'repeats': []}
   for _ in range(args.repeats):
     workdir = tempfile.mkdtemp(prefix='bench_startup_')
@@ -87,13 +93,18 @@ def main():
       shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
       no_cache, no_cache_total, _ = first_step_seconds(
           workdir, args, 6, resume_step=3, extra=['--config.train.compilation_cache=False'])
+      shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+      tensorboard, tensorboard_total, _ = first_step_seconds(
+          workdir, args, 6, resume_step=3, extra=['--config.train.tensorboard=True'])
     finally:
       shutil.rmtree(workdir, ignore_errors=True)
     row = {'cold_first_step_s': cold, 'cold_process_s': cold_total,
            'train_step_compile_s': compiles[0] if compiles else None,
            'restart_first_step_s': restart, 'restart_process_s': restart_total,
            'restart_no_cache_first_step_s': no_cache, 'restart_no_cache_process_s': no_cache_total,
-           'restart_cache_hits': cache_hits}
+           'restart_tensorboard_first_step_s': tensorboard,
+           'restart_tensorboard_process_s': tensorboard_total,
+           'restart_cache_hits': cache_hits, 'torch_installed': torch_installed}
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}),
           flush=True)
     results['repeats'].append(row)
@@ -104,7 +115,10 @@ def main():
         f"compilation cache {median('restart_first_step_s'):.2f} s, without "
         f"{median('restart_no_cache_first_step_s'):.2f} s: the cache makes restarts "
         f"{median('restart_no_cache_first_step_s') / median('restart_first_step_s'):.2f}x "
-        f"faster to their first step")
+        f"faster to their first step; with TensorBoard events "
+        f"{median('restart_tensorboard_first_step_s'):.2f} s "
+        f"({median('restart_tensorboard_first_step_s') / median('restart_first_step_s'):.2f}x "
+        f"the restart without them; torch {'' if torch_installed else 'not '}installed)")
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=1)
