@@ -12,6 +12,7 @@ adapters and the rows of the chat tokens. Its base is `init_from` at the recorde
 
 import json
 import os
+import re
 import time
 
 from absl import logging
@@ -155,8 +156,19 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, no permission); older ones are intact."""
 
 
+def _write_reason(e: Exception) -> str:
+  """'No space left on device', whether Python's file writes or tensorstore's failed."""
+  error = e
+  while error is not None:
+    if isinstance(error, OSError) and error.strerror:
+      return error.strerror
+    error = error.__cause__ or error.__context__
+  reason = str(e).strip().splitlines()[0].rsplit(': ', 1)[-1]
+  return re.sub(r" \[os_error_code='?\d+'?\]$", '', reason)  # tensorstore's suffix
+
+
 def _write_error(manager, e: Exception) -> CheckpointWriteError:
-  reason = str(e).strip().splitlines()[0].rsplit(': ', 1)[-1]  # e.g. 'No space left on device'
+  reason = _write_reason(e)
   return CheckpointWriteError(
       f'Writing a checkpoint to {manager.directory} failed: {reason}. The newest complete '
       f'checkpoint is step {manager.latest_step()}.')

@@ -216,8 +216,10 @@ def test_disk_full_at_checkpoint_time_stops_cleanly(tmp_path, tfds_dir):
   proc = subprocess.run(['unshare', '-rm', 'sh', '-c', script], cwd=REPO, env=module_env(),
                         capture_output=True, text=True, timeout=300)
   error = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  # The same message whichever write meets the full disk first (a tensorstore array or a
+  # Python-written metadata file: it varies from run to run).
   assert error == [f'error: Writing a checkpoint to {workdir}/checkpoints failed: No space left '
-                   "on device [os_error_code='28']. The newest complete checkpoint is step 4."], proc.stderr[-3000:]
+                   'on device. The newest complete checkpoint is step 4.'], proc.stderr[-3000:]
   assert 'exit code 1' in proc.stdout and 'restored step 4' in proc.stdout, proc.stdout
 
 
