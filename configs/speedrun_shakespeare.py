@@ -55,6 +55,6 @@ def get_config():
   config.train.sample_tokens = 0
   config.train.measure_peak = False
   config.train.progress_bar = False
-  config.train.tensorboard = False   # tensorboardX imports torch where it is installed: seconds
+  config.train.tensorboard = False   # metrics.jsonl only: no event files to write
   config.checkpoint.every_steps = 100_000  # only the last step's (train.py always saves it)
   return config

@@ -64,8 +64,9 @@ class MetricWriter:
 
 
 def _import_tensorboardx():
-  """tensorboardX imports torch where it is installed, only for type hints: 1.5-2 s of every
-  run's start-up. Unless torch is already loaded, that import is made to fail while it loads."""
+  """tensorboardX imports torch where it is installed, only for type hints: about 2 s of every
+  run's start-up (bench_startup.py). Unless torch is already loaded, that import is made to fail
+  while it loads."""
   if 'torch' in sys.modules:
     import tensorboardX
     return tensorboardX
