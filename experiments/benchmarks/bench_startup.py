@@ -4,11 +4,12 @@ done, for a cold start and for a restart that finds the persistent compilation c
   python experiments/benchmarks/bench_startup.py --data=../shared/data/tinyshakespeare.txt \
       [--config=configs/shakespeare_char.py] [--repeats=3] [--json=FILE]
 
-Per repeat, in a fresh workdir (TFDS data dir inside it):
+Every run is the same command (6 steps, a checkpoint every 3), as after a preemption. Per
+repeat, in a fresh workdir (TFDS data dir inside it):
   cold     the first run: builds the dataset and the tokenizer, compiles (and fills
-           <workdir>/jax_cache), trains 3 steps, checkpoints;
-  restart  the same command with 6 steps: restores step 3, reads the compiled steps from the
-           cache, trains steps 4-6;
+           <workdir>/jax_cache), trains 6 steps, checkpoints steps 3 and 6;
+  restart  checkpoint 6 removed, the same command again: restores step 3, reads the compiled
+           steps from the cache, trains steps 4-6;
   restart, no cache  as restart, with train.compilation_cache=False (what the cache saves);
   restart, TensorBoard  as restart, with train.tensorboard=True (the default of most configs;
            every other run here writes metrics.jsonl only): what writing TensorBoard events
@@ -40,7 +41,7 @@ def train_rows(metrics):
   return [row for row in map(json.loads, lines) if 'train_loss' in row]
 
 
-def first_step_seconds(workdir, args, num_steps, resume_step=0, extra=()):
+def first_step_seconds(workdir, args, resume_step=0, extra=()):
   """(seconds until a training row past `resume_step` is in metrics.jsonl, whole process
   seconds, stderr)."""
   metrics = os.path.join(workdir, 'metrics.jsonl')
@@ -51,7 +52,7 @@ def first_step_seconds(workdir, args, num_steps, resume_step=0, extra=()):
   cmd = [sys.executable, '-m', 'gpt_jax.train', f'--config={args.config}',
          f'--workdir={workdir}', f'--config.data.text_files={os.path.abspath(args.data)}',
          f'--config.data.tfds_data_dir={os.path.join(workdir, "tfds")}',
-         f'--config.train.num_steps={num_steps}', '--config.optim.decay_steps=6',
+         '--config.train.num_steps=6', '--config.checkpoint.every_steps=3',
          '--config.train.log_every=1', '--config.train.eval_every=0',
          '--config.train.sample_tokens=0', '--config.train.measure_peak=False',
          '--config.train.progress_bar=False', '--config.train.tensorboard=False', *extra]
@@ -85,17 +86,19 @@ def main():
   for _ in range(args.repeats):
     workdir = tempfile.mkdtemp(prefix='bench_startup_')
     try:
-      cold, cold_total, log = first_step_seconds(workdir, args, 3)
+      cold, cold_total, log = first_step_seconds(workdir, args)
       compiles = [float(s) for s in re.findall(
           r'Finished XLA compilation of jit\(train_step\) in ([0-9.]+) sec', log)]
-      restart, restart_total, log = first_step_seconds(workdir, args, 6, resume_step=3)
+      drop_last_checkpoint = lambda: shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+      drop_last_checkpoint()
+      restart, restart_total, log = first_step_seconds(workdir, args, resume_step=3)
       cache_hits = len(re.findall(r'Persistent compilation cache hit', log))
-      shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+      drop_last_checkpoint()
       no_cache, no_cache_total, _ = first_step_seconds(
-          workdir, args, 6, resume_step=3, extra=['--config.train.compilation_cache=False'])
-      shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+          workdir, args, resume_step=3, extra=['--config.train.compilation_cache=False'])
+      drop_last_checkpoint()
       tensorboard, tensorboard_total, _ = first_step_seconds(
-          workdir, args, 6, resume_step=3, extra=['--config.train.tensorboard=True'])
+          workdir, args, resume_step=3, extra=['--config.train.tensorboard=True'])
     finally:
       shutil.rmtree(workdir, ignore_errors=True)
     row = {'cold_first_step_s': cold, 'cold_process_s': cold_total,
