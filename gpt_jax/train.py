@@ -30,7 +30,8 @@ import numpy as np
 import optax
 import tqdm
 
-from gpt_jax import chat_template, checkpoint, cli, data, decode, flops, optim, sft_data, sharding
+from gpt_jax import (chat_template, checkpoint, cli, data, decode, flops, optim, sft_data,
+                     sharding, traced_steps)
 from gpt_jax import config as config_lib
 from gpt_jax import lora as lora_lib
 from gpt_jax.metrics import MetricWriter, MetricsWriteError
@@ -110,7 +111,10 @@ def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules,
   def boxed_state(rng):
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
     trained, frozen = trainable.split(params)
-    return TrainState.create(apply_fn=model.apply, params=trained, tx=tx), frozen
+    state = TrainState.create(apply_fn=model.apply, params=trained, tx=tx)
+    # int32, not weakly typed: a restored step and every step's output are the same type, so the
+    # train step is traced and compiled once.
+    return state.replace(step=jnp.zeros((), jnp.int32)), frozen
 
   boxed = jax.eval_shape(boxed_state, jax.random.key(0))
   # optax's masked transforms (muon's AdamW part, for one) keep a parameter's box around an
@@ -371,12 +375,21 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
           + (f', matmul peak {peak / 1e9:.0f} GFLOP/s per device' if peak else ''), flush=True)
 
   # ------------------------------------------------------------------ step
+  # The state goes in and out as the list of its leaves: traced_steps saves the traced step
+  # with its argument trees, which must be plain containers to be saved.
+  state_def = jax.tree.structure(abstract_state)
+  step_fn = make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed, trainable)
+
+  def train_step(state_leaves, batch, frozen):
+    new_state, metrics = step_fn(jax.tree.unflatten(state_def, state_leaves), batch, frozen)
+    return jax.tree.leaves(new_state), metrics
+
+  leaf_shardings = jax.tree.leaves(state_shardings)
+  train_step_options = dict(in_shardings=(leaf_shardings, batch_sharding, frozen_shardings),
+                            out_shardings=(leaf_shardings, None),
+                            donate_argnums=0)  # the old state's buffers are reused for the new one
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    train_step = jax.jit(
-        make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed, trainable),
-        in_shardings=(state_shardings, batch_sharding, frozen_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=0)  # the old state's buffers are reused for the new one
+    train_step = jax.jit(train_step, **train_step_options)
     eval_step = jax.jit(make_eval_step(model, trainable), in_shardings=(
         state_shardings.params, batch_sharding, frozen_shardings))
 
@@ -390,10 +403,18 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   step = saved_step = start_step
   skipped, first_skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # on device
   stop = StopRequest()
+  run_train_step = None
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for step in range(start_step + 1, num_steps + 1):
-        state, metrics = train_step(state, to_global(next(train_iter)), frozen)
+        args = (jax.tree.leaves(state), to_global(next(train_iter)), frozen)
+        if run_train_step is None:  # traced for the first batch, or read as saved
+          run_train_step = train_step if not config.train.compilation_cache else (
+              traced_steps.traced_once(
+                  train_step, args, os.path.join(workdir, 'traced_steps'), 'train_step',
+                  config.to_json_best_effort(sort_keys=True), **train_step_options))
+        state_leaves, metrics = run_train_step(*args)
+        state = jax.tree.unflatten(state_def, state_leaves)
         # Counted on device: no host round trip per step.
         first_skipped = jnp.where((first_skipped == 0) & (metrics['nonfinite'] > 0), step,
                                   first_skipped)
