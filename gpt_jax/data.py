@@ -7,7 +7,9 @@
    when the tokenizer has one, and cached as
    `<data.cache_dir or <workdir>/data_cache>/<dataset>-<split>-<hash>.npy`, the hash
    covering the dataset (name/config/version), split and tokenizer files, so every
-   run of a sweep reuses it. uint16 when the vocabulary fits, else uint32.
+   run of a sweep reuses it. uint16 when the vocabulary fits, else uint32. For our own
+   builders a pointer file, named by the files (paths, sizes, mtimes) or the CPython version
+   the documents come from, finds the stream without importing TFDS.
 3. Packing: the stream is cut into windows of seq_len + 1 tokens, with no padding;
    inputs = window[:-1], targets = window[1:].
 
@@ -25,9 +27,12 @@ seq_len] holding this process's rows of the global batch: process p has rows
 [p * local_batch, (p + 1) * local_batch) of the batch a single process would see.
 """
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import platform
 import re
 import tempfile
 from collections.abc import Iterator
@@ -36,9 +41,7 @@ from absl import logging
 import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
-from gpt_jax import datasets  # Registers the pydoc_topics and text_files builders.
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
@@ -47,8 +50,11 @@ from gpt_jax.errors import ConfigError
 # ---------------------------------------------------------------------------
 
 
-def _tfds_builder(data_config) -> tfds.core.DatasetBuilder:
+def _tfds_builder(data_config):
   """The (not yet prepared) TFDS builder for the configured corpus."""
+  # Imported here: a run whose token streams are cached never needs TFDS (0.2-0.3 s to import).
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from gpt_jax import datasets  # pylint: disable=g-import-not-at-top  (registers our builders)
   kwargs = {'data_dir': data_config.tfds_data_dir or None, 'file_format': 'array_record'}
   if data_config.text_files:
     config = datasets.text_files.builder_config(data_config.text_files, data_config.val_fraction)
@@ -111,14 +117,43 @@ def _tokenizer_digest(tokenizer: tokenizer_lib.Tokenizer) -> str:
   return digest.hexdigest()
 
 
+def _source_identity(data_config) -> dict | None:
+  """What our own builders' documents are made from, known without TFDS (the files matching
+  data.text_files as they are on disk; CPython's version for pydoc_topics); None for other
+  TFDS datasets."""
+  if data_config.text_files:
+    files = sorted(os.path.abspath(f) for f in glob.glob(
+        os.path.expanduser(data_config.text_files), recursive=True) if os.path.isfile(f))
+    return {'text_files': [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
+            'val_fraction': data_config.val_fraction}
+  if data_config.tfds_name == 'pydoc_topics':
+    return {'pydoc_topics': platform.python_version(), 'val_fraction': data_config.val_fraction}
+  return None
+
+
 def token_stream(data_config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
                  split: str) -> np.ndarray:
   """All tokens of `split`, each document followed by EOS; cached, memory-mapped."""
+  cache_dir = data_config.cache_dir or os.path.join(workdir, 'data_cache')
+  tokenizer_digest = _tokenizer_digest(tokenizer)
+  # A pointer to the cached stream, named by what the documents are made from, finds it
+  # without building the TFDS builder (and importing TFDS): a restarted run starts sooner.
+  source = _source_identity(data_config)
+  pointer = None
+  if source is not None:
+    source_key = hashlib.sha256(json.dumps(
+        {'source': source, 'split': split, 'text_key': data_config.text_key,
+         'tokenizer': tokenizer_digest}, sort_keys=True).encode()).hexdigest()[:16]
+    pointer = os.path.join(cache_dir, f'source-{source_key}.txt')
+    if os.path.exists(pointer):
+      with open(pointer) as f:
+        path = os.path.join(cache_dir, f.read().strip())
+      if os.path.exists(path):
+        return np.load(path, mmap_mode='r')
   builder = _tfds_builder(data_config)
   identity = {'dataset': builder.info.full_name, 'split': split,
-              'text_key': data_config.text_key, 'tokenizer': _tokenizer_digest(tokenizer)}
+              'text_key': data_config.text_key, 'tokenizer': tokenizer_digest}
   key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-  cache_dir = data_config.cache_dir or os.path.join(workdir, 'data_cache')
   safe_split = re.sub(r'[^\w.-]', '_', split)  # e.g. 'train[:10%]'
   path = os.path.join(cache_dir, f'{builder.name}-{safe_split}-{key}.npy')
   if not os.path.exists(path):
@@ -127,15 +162,24 @@ def token_stream(data_config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
     docs = [np.asarray(tokenizer.encode(text) + eos, dtype)
             for text in open_texts(data_config, split) if text]
     tokens = np.concatenate(docs) if docs else np.zeros([0], dtype)
-    os.makedirs(cache_dir, exist_ok=True)
-    # Write then rename, so a concurrent or interrupted run never sees half a file.
-    tmp_path = f'{path}.{os.getpid()}.tmp'
-    with open(tmp_path, 'wb') as f:
+    with _written_whole(path, 'wb') as f:
       np.save(f, tokens)
-    os.replace(tmp_path, path)
     logging.info('Tokenized %s split %r: %d documents, %d tokens -> %s',
                  builder.info.full_name, split, len(docs), len(tokens), path)
+  if pointer is not None:
+    with _written_whole(pointer, 'w') as f:
+      f.write(os.path.basename(path))
   return np.load(path, mmap_mode='r')
+
+
+@contextlib.contextmanager
+def _written_whole(path: str, mode: str):
+  """A file written then renamed, so a concurrent or interrupted run never sees half of it."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp_path = f'{path}.{os.getpid()}.tmp'
+  with open(tmp_path, mode) as f:
+    yield f
+  os.replace(tmp_path, path)
 
 
 # ---------------------------------------------------------------------------

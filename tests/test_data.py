@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -239,7 +241,32 @@ def test_token_cache_is_reused_and_keyed_by_tokenizer(corpus, tmp_path):
       make_config(tmp_path, tokenizer='char').data,
       data.open_texts(config.data, 'train'), str(tmp_path / 'char'))
   data.token_stream(config.data, char_tokenizer, workdir, 'train')
-  assert len(os.listdir(cache)) == len(files) + 1
+  streams = lambda: [f for f in os.listdir(cache) if f.endswith('.npy')]
+  assert len(streams()) == len([f for f in files if f.endswith('.npy')]) + 1
+
+
+def test_cached_stream_is_read_without_tfds_and_follows_the_files(tmp_path):
+  write_random_files(tmp_path / 'files', [3000, 2000])
+  config = make_config(tmp_path, text_files=str(tmp_path / 'files' / '*.txt'))
+  workdir = str(tmp_path / 'workdir')
+  tokenizer = data.prepare_tokenizer(config, workdir)
+  built = np.asarray(data.token_stream(config.data, tokenizer, workdir, 'train'))
+  # A new process (a restarted run) finds the stream without importing TFDS.
+  script = (
+      'import json, sys, ml_collections, numpy as np\n'
+      'from gpt_jax import data, tokenizer\n'
+      f'config = ml_collections.ConfigDict(json.loads({config.data.to_json()!r}))\n'
+      f'stream = data.token_stream(config, tokenizer.load({workdir!r} + "/tokenizer"), '
+      f'{workdir!r}, "train")\n'
+      'print(json.dumps([np.asarray(stream).tolist(), "tensorflow_datasets" in sys.modules]))')
+  out = subprocess.run([sys.executable, '-c', script], check=True, capture_output=True,
+                       text=True).stdout
+  tokens, imported_tfds = json.loads(out.splitlines()[-1])
+  assert tokens == built.tolist() and not imported_tfds
+  # A changed file is another corpus: built and tokenized anew, not read from the cache.
+  with open(tmp_path / 'files' / 'doc1.txt', 'a', encoding='utf-8') as f:
+    f.write('more text ' * 100)
+  assert len(data.token_stream(config.data, tokenizer, workdir, 'train')) == len(built) + 900
 
 
 def test_default_corpus_with_sentencepiece(tmp_path):
