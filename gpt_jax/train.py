@@ -116,7 +116,7 @@ def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules,
     # train step is traced and compiled once.
     return state.replace(step=jnp.zeros((), jnp.int32)), frozen
 
-  boxed = jax.eval_shape(boxed_state, jax.random.key(0))
+  boxed = jax.eval_shape(lambda: boxed_state(jax.random.key(0)))  # no eager key program
   # optax's masked transforms (muon's AdamW part, for one) keep a parameter's box around an
   # empty MaskedNode: such a box holds no array and gets no sharding.
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
@@ -167,6 +167,14 @@ def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: i
     return new_state, metrics
 
   return train_step
+
+
+@jax.jit
+def count_skipped(skipped, first_skipped, nonfinite, step):
+  """(steps skipped so far, the first of them or 0), counted on device: no host round trip per
+  step, and one small program rather than one per operation."""
+  first_skipped = jnp.where((first_skipped == 0) & (nonfinite > 0), step, first_skipped)
+  return skipped + nonfinite, first_skipped
 
 
 def make_eval_step(model: Transformer, trainable: lora_lib.Trainable):
@@ -324,7 +332,6 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
       model, tx, config.data.seq_len, mesh, rules, trainable)
   state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, abstract_frozen)
-  rng = jax.random.key(config.seed)
 
   # ------------------------------------------------------------------ checkpoint (resume)
   manager = checkpoint.make_manager(workdir, config.checkpoint)
@@ -332,6 +339,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     state, start_step = checkpoint.restore_latest(manager, abstract_state, train_iter)
     if state is None:
       start_step = 0
+      rng = jax.random.key(config.seed)
       state, frozen = compile_once_run(jax.jit(
           init_state, out_shardings=(state_shardings, frozen_shardings)), rng)(rng)
     else:
@@ -401,7 +409,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   last = {}
   timer_step, timer_start = start_step, time.perf_counter()
   step = saved_step = start_step
-  skipped, first_skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # on device
+  skipped, first_skipped = np.int32(0), np.int32(0)
   stop = StopRequest()
   run_train_step = None
   try:
@@ -415,10 +423,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
                   config.to_json_best_effort(sort_keys=True), **train_step_options))
         state_leaves, metrics = run_train_step(*args)
         state = jax.tree.unflatten(state_def, state_leaves)
-        # Counted on device: no host round trip per step.
-        first_skipped = jnp.where((first_skipped == 0) & (metrics['nonfinite'] > 0), step,
-                                  first_skipped)
-        skipped = skipped + metrics.pop('nonfinite')
+        skipped, first_skipped = count_skipped(skipped, first_skipped, metrics.pop('nonfinite'),
+                                               step)
         progress.update()
 
         if step % config.train.log_every == 0 or step == num_steps:
