@@ -132,6 +132,18 @@ def test_corrupted_checkpoint_falls_back_to_previous(tmp_path, tfds_dir, straigh
   assert_same_run(workdir, straight)
 
 
+def test_fingerprint_on_host_equals_the_device_program():
+  # A checkpoint written on several devices (the device program) is verified on one CPU device
+  # (numpy), and the other way round: both must give the same checksums, wrapping alike.
+  rng = np.random.default_rng(0)
+  tree = {'f32': rng.standard_normal((300, 7)).astype(np.float32), 'i32': np.int32(-7),
+          'bf16': rng.standard_normal((5, 33)).astype(jax.numpy.bfloat16),
+          'ints': rng.integers(-2**31, 2**31, 4099).astype(np.int32)}
+  on_device = jax.device_get(checkpoint._checksum_all(tree))
+  for name, x in tree.items():
+    np.testing.assert_array_equal(checkpoint._checksum_on_host(x), on_device[name], name)
+
+
 def test_unreadable_checkpoints_never_restart_silently(tmp_path, tfds_dir):
   workdir = str(tmp_path / 'all_bad')
   train(workdir, tfds_dir, **{**RUN, 'train.num_steps': 4})
