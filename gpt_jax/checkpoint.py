@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gpt_jax import chat_template, lora as lora_lib
+from gpt_jax import chat_template, files, lora as lora_lib
 from gpt_jax import config as config_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
@@ -36,11 +36,8 @@ CHECKPOINT_DIR = 'checkpoints'
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + '.tmp')
-    with open(tmp, 'w') as f:
+    with files.written_whole(os.path.join(workdir, CONFIG_FILE)) as f:
       f.write(config.to_json(indent=2))
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))  # atomic: never a half-written config
 
 
 def prepare_workdir(workdir: str, config, model_cfg: ModelConfig, start_over: bool) -> None:

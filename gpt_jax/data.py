@@ -27,7 +27,6 @@ seq_len] holding this process's rows of the global batch: process p has rows
 [p * local_batch, (p + 1) * local_batch) of the batch a single process would see.
 """
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -42,6 +41,7 @@ import grain
 import jax
 import numpy as np
 
+from gpt_jax import files
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
@@ -162,24 +162,14 @@ def token_stream(data_config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
     docs = [np.asarray(tokenizer.encode(text) + eos, dtype)
             for text in open_texts(data_config, split) if text]
     tokens = np.concatenate(docs) if docs else np.zeros([0], dtype)
-    with _written_whole(path, 'wb') as f:
+    with files.written_whole(path, 'wb') as f:
       np.save(f, tokens)
     logging.info('Tokenized %s split %r: %d documents, %d tokens -> %s',
                  builder.info.full_name, split, len(docs), len(tokens), path)
   if pointer is not None:
-    with _written_whole(pointer, 'w') as f:
+    with files.written_whole(pointer, 'w') as f:
       f.write(os.path.basename(path))
   return np.load(path, mmap_mode='r')
-
-
-@contextlib.contextmanager
-def _written_whole(path: str, mode: str):
-  """A file written then renamed, so a concurrent or interrupted run never sees half of it."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp_path = f'{path}.{os.getpid()}.tmp'
-  with open(tmp_path, mode) as f:
-    yield f
-  os.replace(tmp_path, path)
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import sys
 
 import jax
 
+from gpt_jax import files
+
 
 class MetricsWriteError(OSError):
   """metrics.jsonl or the TensorBoard events could not be written (e.g. the disk is full)."""
@@ -36,9 +38,8 @@ class MetricWriter:
       path = os.path.join(workdir, 'metrics.jsonl')
       if os.path.exists(path):
         kept = [row for row in read_metrics(workdir) if row['step'] <= resume_step]
-        with open(path + '.tmp', 'w') as f:
+        with files.written_whole(path) as f:
           f.writelines(json.dumps(row) + '\n' for row in kept)
-        os.replace(path + '.tmp', path)
       self._jsonl = open(path, 'a')
       self._tensorboard = None
       if tensorboard:

@@ -31,6 +31,8 @@ import flax
 import jax
 import optax
 
+from gpt_jax import files
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # JAX options that cannot change the compiled program.
 _UNRELATED_OPTIONS = ('cache', 'log', 'dump', 'traceback', 'explain')
@@ -100,11 +102,8 @@ def traced_once(jitted, args, directory: str, name: str, config_json: str, **jit
 def _save(directory: str, prefix: str, path: str, exported) -> None:
   try:
     serialized = exported.serialize()
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = f'{path}.{os.getpid()}.tmp'  # written whole, then renamed: never half a file
-    with open(tmp_path, 'wb') as f:
+    with files.written_whole(path, 'wb') as f:
       f.write(serialized)
-    os.replace(tmp_path, path)
     for old in glob.glob(os.path.join(directory, prefix + '*.bin')):
       if old != path:  # traced for an earlier config or version: never read again
         os.remove(old)
