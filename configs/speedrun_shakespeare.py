@@ -27,6 +27,7 @@ def get_config():
   config.data.tokenizer = 'char'
   config.data.seq_len = 64
   config.data.batch_size = 12
+  config.data.eval_batch_size = 286  # 1,716 validation windows = 6 batches of 286
 
   config.model.max_len = 64
   config.model.num_layers = 4
@@ -36,12 +37,15 @@ def get_config():
   config.model.dropout = 0.0
   config.model.use_bias = False
   config.model.scan_layers = True  # Muon orthogonalizes each kernel of all 4 layers in one op
+  config.model.scan_unroll = 4     # ... and the step runs the 4 layers as straight-line code
   config.model.position = 'rope'
   config.model.norm = 'rmsnorm'
   config.model.mlp = 'swiglu'
   config.optim.name = 'muon'
-  config.optim.muon_lr = 0.02
+  config.optim.muon_lr = 0.025
   config.optim.muon_momentum = 0.9
+  config.optim.muon_ns_coeffs = 'polar_express'
+  config.optim.muon_ns_steps = 3     # the schedule's first 3 of 5 steps
   config.optim.lr = 1e-2             # AdamW's: embeddings and norm scales
   config.optim.warmup_steps = 10
   config.optim.min_lr_ratio = 0.1

@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.spm_model = ''              # an existing sentencepiece .model ('' -> train one)
   c.data.spm_train_chars = 20_000_000  # cap on characters fed to sentencepiece training
   c.data.batch_size = 16             # global batch, in sequences per optimizer step
+  c.data.eval_batch_size = 0         # sequences per validation batch in training; 0 -> batch_size
   c.data.seq_len = 128               # tokens per training sequence (<= model.max_len)
   c.data.cache_dir = ''              # tokenized corpus cache; '' -> <workdir>/data_cache
   c.data.prefetch = 2                # batches prepared ahead in background threads
@@ -47,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.muon_lr = 0.02             # Muon's peak learning rate (optim.name='muon')
   c.optim.muon_momentum = 0.95
   c.optim.muon_ns_steps = 5          # Newton-Schulz iterations that orthogonalize each update
+  c.optim.muon_ns_coeffs = 'standard'  # their coefficients: 'standard' or 'polar_express'
   c.optim.warmup_steps = 100
   c.optim.decay_steps = 0            # cosine decay length; 0 -> train.num_steps
   c.optim.min_lr_ratio = 0.1         # final lr = lr * min_lr_ratio
@@ -101,6 +103,7 @@ def validate(config) -> None:
   _choice('data.tokenizer', config.data.tokenizer, ('sentencepiece', 'char', 'byte'))
   _choice('train.on_nonfinite', config.train.on_nonfinite, ('halt', 'skip'))
   _choice('optim.name', config.optim.name, ('adamw', 'muon'))
+  _choice('optim.muon_ns_coeffs', config.optim.muon_ns_coeffs, ('standard', 'polar_express'))
   _choice('model.remat', model.remat, ('none', 'full', 'dots_saveable'))
   for dtype_field in ('compute_dtype', 'param_dtype'):
     _choice(f'model.{dtype_field}', getattr(model, dtype_field), ('float32', 'bfloat16', 'float16'))
@@ -114,6 +117,9 @@ def validate(config) -> None:
   for name, value in positive.items():
     if value <= 0:
       raise ConfigError(f'config.{name} must be positive, got {value}')
+  if config.data.eval_batch_size < 0:
+    raise ConfigError(f'config.data.eval_batch_size must be 0 (data.batch_size) or positive, '
+                      f'got {config.data.eval_batch_size}')
   if model.emb_dim % model.num_heads:
     raise ConfigError(f'config.model.emb_dim ({model.emb_dim}) must be divisible by '
                      f'model.num_heads ({model.num_heads})')
@@ -122,6 +128,11 @@ def validate(config) -> None:
                      f'model.num_kv_heads ({model.kv_heads})')
   if model.position == 'rope' and model.head_dim % 2:
     raise ConfigError(f'rope needs an even head dim, got emb_dim/num_heads = {model.head_dim}')
+  if config.optim.muon_ns_coeffs == 'polar_express':
+    from gpt_jax.optim import POLAR_EXPRESS_COEFFS  # pylint: disable=import-outside-toplevel
+    if not 1 <= config.optim.muon_ns_steps <= len(POLAR_EXPRESS_COEFFS):
+      raise ConfigError(f'config.optim.muon_ns_steps ({config.optim.muon_ns_steps}) must be 1 to '
+                        f'{len(POLAR_EXPRESS_COEFFS)} with optim.muon_ns_coeffs=polar_express')
   if config.data.seq_len > model.max_len:
     raise ConfigError(f'config.data.seq_len ({config.data.seq_len}) exceeds '
                      f'config.model.max_len ({model.max_len})')

@@ -55,6 +55,8 @@ class ModelConfig:
   remat: str = 'none'            # backward pass: 'none' | 'full' (recompute each block) |
                                  # 'dots_saveable' (keep matmul outputs, recompute the rest)
   scan_layers: bool = False      # one nn.scan over the blocks: compile time independent of depth
+  scan_unroll: int = 1           # blocks per scan iteration (num_layers: straight-line code over
+                                 # the stacked parameters)
 
   @property
   def kv_heads(self) -> int:
@@ -360,6 +362,7 @@ class Transformer(nn.Module):
       blocks = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True,
                                                                            'dropout': True},
                        in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+                       unroll=cfg.scan_unroll,
                        metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = blocks(cfg, deterministic, self.lora, name='blocks')(x, positions, segment_ids,
                                                                   None)
@@ -400,7 +403,7 @@ def unstack_layers(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
   stacked = params.pop('blocks')
   for i in range(cfg.num_layers):
     params[f'block_{i}'] = jax.tree.map(lambda x: x[i], stacked)
-  return dataclasses.replace(cfg, scan_layers=False), params
+  return dataclasses.replace(cfg, scan_layers=False, scan_unroll=1), params
 
 
 def count_params(params) -> int:

@@ -8,6 +8,17 @@ from optax.contrib import MuonDimensionNumbers, muon  # MuonDimensionNumbers: fo
 
 OPTIMIZERS = ('adamw', 'muon')
 
+# Polar Express (Amsel et al. 2025, arXiv:2505.16932), as in modded-nanogpt: each step's quintic
+# is the minimax-optimal one for the singular values the previous steps leave, so the first k
+# steps are the best k-step schedule; fewer steps orthogonalize better than the fixed quintic's.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
 
 def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
   """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `decay_steps`."""
@@ -44,6 +55,13 @@ def muon_dimension_numbers(params):
       spec, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
+def newton_schulz_coeffs(optim_config):
+  """optax.contrib.muon's `ns_coeffs`: one quintic for every step, or one per step."""
+  if optim_config.muon_ns_coeffs == 'standard':
+    return 'standard'
+  return POLAR_EXPRESS_COEFFS[:optim_config.muon_ns_steps]  # optax would take the last `steps`: the first ones matter
+
+
 def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
   schedule = learning_rate_schedule(optim_config, num_steps)
   if optim_config.name == 'adamw':
@@ -55,6 +73,7 @@ def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation
     muon_config = optim_config.copy_and_resolve_references()
     muon_config.lr = optim_config.muon_lr
     update = muon(learning_rate_schedule(muon_config, num_steps), beta=optim_config.muon_momentum,
+                  ns_coeffs=newton_schulz_coeffs(optim_config),
                   ns_steps=optim_config.muon_ns_steps,
                   weight_decay=optim_config.weight_decay,
                   adam_learning_rate=schedule, adam_b1=optim_config.b1, adam_b2=optim_config.b2,

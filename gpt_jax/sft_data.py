@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from gpt_jax import chat_template
+from gpt_jax import data as text_data
 from gpt_jax.errors import ConfigError
 
 Example = dict[str, np.ndarray]
@@ -154,15 +155,16 @@ def make_eval_batches(config, tokenizer, num_batches: int, process_index: int | 
   """Up to `num_batches` packed batches of `data.val_chat_files`, in file order; the last one
   is filled with empty rows (weight 0)."""
   data = config.data
-  rows = _process_rows(data.batch_size, process_index, process_count)
+  batch_size = text_data.eval_batch_size(data)
+  rows = _process_rows(batch_size, process_index, process_count)
   examples = load_examples(config, tokenizer, data.val_chat_files, 'data.val_chat_files')
   packed = list(_pack(grain.MapDataset.source(examples).to_iter_dataset(), data.seq_len,
-                      num_bins=data.batch_size))
+                      num_bins=batch_size))
   empty = {k: np.zeros_like(v) for k, v in packed[0].items()}
-  packed += [empty] * (-len(packed) % data.batch_size)
+  packed += [empty] * (-len(packed) % batch_size)
   batches = []
-  for start in range(0, len(packed), data.batch_size):
-    batch = {k: np.stack([row[k] for row in packed[start:start + data.batch_size]])
+  for start in range(0, len(packed), batch_size):
+    batch = {k: np.stack([row[k] for row in packed[start:start + batch_size]])
              for k in packed[0]}
     batches.append({k: v[rows] for k, v in batch.items()})
   if len(batches) > num_batches:

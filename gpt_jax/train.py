@@ -12,6 +12,7 @@ Fine-tuning (`init_from` set) starts from another workdir's parameters at `init_
 (`lora.Trainable`); the frozen base rides beside the state and is never saved.
 """
 
+import dataclasses
 import math
 import os
 import shutil
@@ -108,8 +109,12 @@ def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules,
   and the rules; a name without a rule, or a dimension that does not divide over its mesh axes,
   is an error here, before any compilation.
   """
+  # Unrolling the layer scan changes how the step runs, not the parameters; rolled, the
+  # initialisation compiles 1-1.6 s faster (speedrun config, XLA:CPU).
+  init_model = model.clone(cfg=dataclasses.replace(model.cfg, scan_unroll=1))
+
   def boxed_state(rng):
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+    params = init_model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
     trained, frozen = trainable.split(params)
     state = TrainState.create(apply_fn=model.apply, params=trained, tx=tx)
     # int32, not weakly typed: a restored step and every step's output are the same type, so the
@@ -285,6 +290,9 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     raise ConfigError(f'The micro-batch of {micro_batch} sequences (data.batch_size / '
                      f'optim.grad_accum_steps) does not divide over data x fsdp = {data_shards} '
                      'devices')
+  if config.data.eval_batch_size % data_shards:
+    raise ConfigError(f'data.eval_batch_size ({config.data.eval_batch_size}) does not divide '
+                     f'over data x fsdp = {data_shards} devices')
   logging.info('Mesh %s on %d devices, %d processes', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
@@ -409,7 +417,9 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   last = {}
   timer_step, timer_start = start_step, time.perf_counter()
   step = saved_step = start_step
-  skipped, first_skipped = np.int32(0), np.int32(0)
+  # Placed as count_skipped returns them, so it compiles once.
+  skipped, first_skipped = jax.device_put((np.int32(0), np.int32(0)),
+                                          jax.sharding.NamedSharding(mesh, jax.P()))
   stop = StopRequest()
   run_train_step = None
   try:

@@ -25,7 +25,7 @@ def make_config(tmp_path, **data_overrides):
       tfds_name='pydoc_topics', tfds_data_dir=str(tmp_path / 'tfds'), text_key='text',
       train_split='train', val_split='validation', text_files='', val_fraction=0.1,
       tokenizer='byte', vocab_size=512, spm_model='', spm_train_chars=1_000_000,
-      batch_size=8, seq_len=32, cache_dir='', prefetch=2))
+      batch_size=8, eval_batch_size=0, seq_len=32, cache_dir='', prefetch=2))
   config.data.update(data_overrides)
   return config
 
@@ -227,6 +227,14 @@ def test_eval_batches(corpus):
   too_big.data.batch_size = 64
   with pytest.raises(ValueError, match="'validation' has 903 tokens"):
     data.make_eval_batches(too_big, tokenizer, workdir, 1, 0, 1)
+  # A larger eval batch holds the same windows in fewer, larger batches.
+  wide = config.copy_and_resolve_references()
+  wide.data.eval_batch_size = 16
+  wide_batches = data.make_eval_batches(wide, tokenizer, workdir, 1, 0, 1)
+  assert len(wide_batches) == 1 and wide_batches[0]['inputs'].shape == (16, 32)
+  for key in ('inputs', 'targets'):
+    np.testing.assert_array_equal(wide_batches[0][key],
+                                  np.concatenate([batches[0][key], batches[1][key]]))
 
 
 def test_token_cache_is_reused_and_keyed_by_tokenizer(corpus, tmp_path):

@@ -69,6 +69,48 @@ def test_muon_dimension_numbers_send_embeddings_head_norms_and_adapters_to_adamw
   assert specs['query']['kernel'] == optim.MuonDimensionNumbers(1, (2, 3))
 
 
+def test_polar_express_runs_its_first_steps_and_orthogonalizes_better_in_five():
+  rng = np.random.default_rng(0)
+  u, _ = np.linalg.qr(rng.normal(size=(32, 32)))
+  v, _ = np.linalg.qr(rng.normal(size=(64, 32)))
+  spread = (u * np.geomspace(1, 0.01, 32)) @ v.T  # singular values over two orders of magnitude
+  params = {'fc_in': {'kernel': jnp.zeros((32, 64))}}
+
+  def update(gradient, coeffs, steps):
+    config = muon_config()
+    config.muon_ns_coeffs, config.muon_ns_steps = coeffs, steps
+    tx = optim.make_optimizer(config, num_steps=10)
+    updates, _ = tx.update({'fc_in': {'kernel': gradient.astype(np.float32)}}, tx.init(params),
+                           params)
+    return np.asarray(updates['fc_in']['kernel'], np.float64)
+
+  def relative_singular_values(x):
+    s = np.linalg.svd(x, compute_uv=False)
+    return s / s.max()
+
+  for gradient in (spread, rng.normal(size=(32, 64))):
+    # Fewer steps run the schedule's first ones (optax alone would take its last ones).
+    x = gradient / np.linalg.norm(gradient)
+    for a, b, c in optim.POLAR_EXPRESS_COEFFS[:3]:
+      gram = x @ x.T
+      x = a * x + (b * gram + c * gram @ gram) @ x
+    three = update(gradient, 'polar_express', 3)
+    np.testing.assert_allclose(three / np.linalg.norm(three), -x / np.linalg.norm(x), atol=2e-5)
+    # All five steps: every singular value within 0.7-1 of the largest, unlike the fixed quintic.
+    polar = relative_singular_values(update(gradient, 'polar_express', 5))
+    standard = relative_singular_values(update(gradient, 'standard', 5))
+    assert polar.min() > 0.7 and polar.min() > standard.min() + 0.1, (polar.min(), standard.min())
+
+  config = config_lib.base_config()
+  config.data.tfds_name = 'x'
+  config.optim.muon_ns_coeffs, config.optim.muon_ns_steps = 'polar_express', 6
+  with pytest.raises(ConfigError, match='muon_ns_steps .6. must be 1 to 5'):
+    config_lib.validate(config)
+  config.optim.muon_ns_coeffs = 'cubic'
+  with pytest.raises(ConfigError, match='optim.muon_ns_coeffs must be one of'):
+    config_lib.validate(config)
+
+
 def test_unknown_optimizer_is_a_config_error():
   config = config_lib.base_config()
   config.optim.name = 'sgd'
