@@ -60,5 +60,6 @@ def get_config():
   config.train.measure_peak = False
   config.train.progress_bar = False
   config.train.tensorboard = False   # metrics.jsonl only: no event files to write
+  config.train.compilation_cache = False  # a fresh run: nothing to read, so no cache to write
   config.checkpoint.every_steps = 100_000  # only the last step's (train.py always saves it)
   return config
