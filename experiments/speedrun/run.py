@@ -16,13 +16,16 @@ Each repeat runs, one after another on the same machine:
      once (a check of 2's loss; its own time is reported beside it);
   4. with --without_torch, 2 again with torch made unimportable (as in a default install,
      where torch is only a test dependency: tensorboardX imports it whenever it is installed);
-  5. with --startup, the same training process stopped after one step: the fixed costs.
+  5. with --startup, the same training process stopped after one step: the fixed costs;
+  6. with --versus=OVERRIDES, 2 again with those config overrides (before 2 in odd repeats,
+     after 3 in even ones): what a change to the config bought, in the same invocation.
 Prints one row per run and the ratio fastest baseline time / gpt_jax time.
 """
 import argparse
 import datetime
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -109,6 +112,10 @@ def main():
   p.add_argument('--without_torch', action='store_true',
                  help='also run gpt_jax with torch made unimportable, as in a default install')
   p.add_argument('--skip_baseline', action='store_true')
+  p.add_argument('--versus', default='',
+                 help="config overrides, e.g. an earlier record's settings: each repeat also "
+                      'times gpt_jax with them, before gpt_jax in odd repeats and after it in '
+                      'even ones, and prints the ratio of the two wall times')
   p.add_argument('--json', default='')
   args = p.parse_args()
   args.data, args.torch_gpt = os.path.abspath(args.data), os.path.abspath(args.torch_gpt)
@@ -118,7 +125,15 @@ def main():
     rows = [] if args.skip_baseline else [
         baseline(args, int(t)) for t in args.torch_threads.split(',')]
     n_base = len(rows)
+    versus = []
+    if args.versus and repeat % 2 == 0:
+      versus = [ours(args, shlex.split(args.versus))]
     rows += [ours(args), full_eval(args)]
+    if args.versus and repeat % 2 == 1:
+      versus = [ours(args, shlex.split(args.versus))]
+    for row in versus:
+      row['run'] = f'gpt_jax {args.versus}'
+    rows += versus
     if args.without_torch:
       rows.append(ours(args, without_torch=True))
     if args.startup:
@@ -136,6 +151,9 @@ def main():
         print(f'fastest baseline / {ours_row["run"]}: {best / ours_row["wall_s"]:.2f}x; '
               f'val {ours_row["val_loss"]:.4f} '
               f'{"<=" if ours_row["val_loss"] <= TARGET else ">"} {TARGET}', flush=True)
+    if versus:
+      print(f'gpt_jax {args.versus} / gpt_jax: {versus[0]["wall_s"] / rows[n_base]["wall_s"]:.2f}x '
+            'the wall time', flush=True)
     results['repeats'].append({'rows': rows, 'load_after': os.getloadavg()[0]})
   if args.json:  # appended to the invocations already recorded there
     recorded = {'invocations': []}
