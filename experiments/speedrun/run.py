@@ -17,8 +17,8 @@ Each repeat runs, one after another on the same machine:
   4. with --without_torch, 2 again with torch made unimportable (as in a default install,
      where torch is only a test dependency: tensorboardX imports it whenever it is installed);
   5. with --startup, the same training process stopped after one step: the fixed costs;
-  6. with --versus=OVERRIDES, 2 again with those config overrides (before 2 in odd repeats,
-     after 3 in even ones): what a change to the config bought, in the same invocation.
+  6. with --versus=OVERRIDES, 2 again with those config overrides (before 2 in the first, third,
+     ... repeat, after 3 in the others): what a change to the config bought, in one invocation.
 Prints one row per run and the ratio fastest baseline time / gpt_jax time.
 """
 import argparse
@@ -114,8 +114,8 @@ def main():
   p.add_argument('--skip_baseline', action='store_true')
   p.add_argument('--versus', default='',
                  help="config overrides, e.g. an earlier record's settings: each repeat also "
-                      'times gpt_jax with them, before gpt_jax in odd repeats and after it in '
-                      'even ones, and prints the ratio of the two wall times')
+                      'times gpt_jax with them, before gpt_jax in the first, third, ... repeat and '
+                      'after it in the others, and prints the ratio of the two wall times')
   p.add_argument('--json', default='')
   args = p.parse_args()
   args.data, args.torch_gpt = os.path.abspath(args.data), os.path.abspath(args.torch_gpt)
