@@ -1,7 +1,6 @@
 """The optimizers of gpt_jax.optim: which parameters Muon orthogonalizes, and how."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
