@@ -110,7 +110,8 @@ def validate(config) -> None:
   positive = {
       'model.num_layers': model.num_layers, 'model.num_heads': model.num_heads,
       'model.emb_dim': model.emb_dim, 'model.mlp_dim': model.mlp_dim,
-      'model.max_len': model.max_len, 'data.batch_size': config.data.batch_size,
+      'model.max_len': model.max_len, 'model.scan_unroll': model.scan_unroll,
+      'data.batch_size': config.data.batch_size,
       'data.seq_len': config.data.seq_len, 'train.num_steps': config.train.num_steps,
       'train.log_every': config.train.log_every, 'optim.grad_accum_steps':
       config.optim.grad_accum_steps, 'checkpoint.every_steps': config.checkpoint.every_steps}

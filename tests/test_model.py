@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import sharding
+from gpt_jax import config as config_lib, sharding
+from gpt_jax.errors import ConfigError
 from gpt_jax.decode import Generator, sample_logits
 from gpt_jax.model import ModelConfig, Projection, Transformer, unstack_layers
 
@@ -160,6 +161,18 @@ def test_remat_and_scan_change_nothing_numerically():
     for a, b in zip(jax.tree.leaves(grads(dataclasses.replace(base, remat=policy))),
                     jax.tree.leaves(reference)):
       np.testing.assert_array_equal(a, b)
+
+
+def test_scan_unroll_and_eval_batch_size_are_checked():
+  config = config_lib.base_config()
+  config.model.scan_unroll = 0
+  with pytest.raises(ConfigError, match='config.model.scan_unroll must be positive, got 0'):
+    config_lib.validate(config)
+  config.model.scan_unroll = 2
+  config.data.eval_batch_size = -1
+  with pytest.raises(ConfigError, match='data.eval_batch_size must be 0 .data.batch_size. or '
+                     'positive, got -1'):
+    config_lib.validate(config)
 
 
 @pytest.mark.parametrize('layout', [GPT2, LLAMA], ids=['gpt2', 'llama'])

@@ -199,6 +199,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tfds_dir):
       **{'mesh.tensor': 8, 'mesh.data': 1})
   assert 'does not divide over data x fsdp = 4' in error_of(
       **{'data.batch_size': 6, 'mesh.data': 4, 'mesh.tensor': 2})
+  assert 'data.eval_batch_size (6) does not divide over data x fsdp = 4' in error_of(
+      **{'data.eval_batch_size': 6, 'mesh.data': 4, 'mesh.tensor': 2})
   empty, latin1, tiny = tmp_path / 'empty.txt', tmp_path / 'latin1.txt', tmp_path / 'tiny.txt'
   empty.write_text('')
   latin1.write_bytes('caf\xe9 au lait\n'.encode('latin-1') * 100)
