@@ -122,9 +122,10 @@ def _source_identity(data_config) -> dict | None:
   data.text_files as they are on disk; CPython's version for pydoc_topics); None for other
   TFDS datasets."""
   if data_config.text_files:
-    files = sorted(os.path.abspath(f) for f in glob.glob(
-        os.path.expanduser(data_config.text_files), recursive=True) if os.path.isfile(f))
-    return {'text_files': [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
+    paths = sorted(os.path.abspath(p) for p in glob.glob(
+        os.path.expanduser(data_config.text_files), recursive=True) if os.path.isfile(p))
+    stats = [(p, os.stat(p)) for p in paths]
+    return {'text_files': [(p, st.st_size, st.st_mtime_ns) for p, st in stats],
             'val_fraction': data_config.val_fraction}
   if data_config.tfds_name == 'pydoc_topics':
     return {'pydoc_topics': platform.python_version(), 'val_fraction': data_config.val_fraction}
