@@ -88,7 +88,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # Model fields that decide the parameters' shapes and layout.
 _PARAMETER_FIELDS = ('vocab_size', 'max_len', 'num_layers', 'num_heads', 'num_kv_heads',
                      'emb_dim', 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias',
-                     'tie_embeddings', 'param_dtype')
+                     'tie_embeddings', 'qk_norm', 'param_dtype')
 
 
 def check_compatible(workdir: str, model_cfg: ModelConfig, vocab_may_grow: bool = False) -> None:

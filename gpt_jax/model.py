@@ -49,6 +49,7 @@ class ModelConfig:
   mlp: str = 'gelu'              # 'gelu' (tanh approximation, as GPT-2) | 'swiglu'
   use_bias: bool = True          # biases in Dense layers (and LayerNorm)
   tie_embeddings: bool = True    # output projection = token embedding transposed
+  qk_norm: bool = False          # RMSNorm of each head's query and key (before RoPE)
   dropout: float = 0.0
   param_dtype: str = 'float32'
   compute_dtype: str = 'float32'  # matmul inputs and outputs, activations (residual: float32)
@@ -182,11 +183,12 @@ def _project(module: nn.Module, x: Array, einsum_str: str, shape: tuple[int, ...
   return y + lora.scale * update
 
 
-def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+def make_norm(cfg: ModelConfig, name: str, rms: bool = False) -> nn.Module:
+  """The configured norm (`rms`: RMSNorm whatever cfg.norm says) over the last axis."""
   kwargs = dict(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.compute_dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype), name=name,
                 scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)))
-  if cfg.norm == 'layernorm':
+  if cfg.norm == 'layernorm' and not rms:
     return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=nn.with_logical_partitioning(
         nn.initializers.zeros, ('norm',)), **kwargs)
   return nn.RMSNorm(**kwargs)
@@ -262,6 +264,9 @@ class Attention(nn.Module):
                for name, heads, head_name in (('query', cfg.num_heads, 'heads'),
                                               ('key', cfg.kv_heads, 'kv_heads'),
                                               ('value', cfg.kv_heads, 'kv_heads')))
+    if cfg.qk_norm:
+      q = make_norm(cfg, 'q_norm', rms=True)(q).astype(q.dtype)
+      k = make_norm(cfg, 'k_norm', rms=True)(k).astype(k.dtype)
     if cfg.position == 'rope':
       q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
     q = _constrain(q, ('batch', 'length', 'act_heads', 'head_dim'))

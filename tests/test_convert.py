@@ -144,6 +144,11 @@ def test_errors_name_the_problem(hf_dir, converted, tmp_path):
   checkpoint.save_config(str(rope), config)
   with pytest.raises(ConfigError, match="config.model.position='rope'.*not in the GPT-2 layout"):
     to_hf.export(str(rope), str(tmp_path / 'out'))
+  config.model.position = 'learned'
+  config.model.qk_norm = True
+  checkpoint.save_config(str(tmp_path / 'qk_norm'), config)
+  with pytest.raises(ConfigError, match='config.model.qk_norm=True.*not in the GPT-2 layout'):
+    to_hf.export(str(tmp_path / 'qk_norm'), str(tmp_path / 'out'))
   # The binaries print one line.
   proc = run_module('gpt_jax.convert.from_hf', f'--hf_dir={tmp_path / "missing"}',
                     f'--workdir={tmp_path / "w"}', check=False)

@@ -17,6 +17,7 @@ from gpt_jax.model import ModelConfig, Projection, Transformer, unstack_layers
 GPT2 = dict()
 LLAMA = dict(position='rope', norm='rmsnorm', mlp='swiglu', num_kv_heads=2, use_bias=False,
              tie_embeddings=False)
+QK_NORM = dict(LLAMA, qk_norm=True)
 
 
 def make(layout, **kw):
@@ -78,7 +79,7 @@ def test_projection_as_one_2d_product_equals_the_einsum(x_shape, kernel_shape, n
                expected)
 
 
-@pytest.mark.parametrize('layout', [GPT2, LLAMA], ids=['gpt2', 'llama'])
+@pytest.mark.parametrize('layout', [GPT2, LLAMA, QK_NORM], ids=['gpt2', 'llama', 'qk_norm'])
 def test_greedy_decoding_equals_full_forward_argmax(layout):
   cfg, model, params = make(layout)
   generator = Generator(cfg, params)
@@ -94,6 +95,26 @@ def test_greedy_decoding_equals_full_forward_argmax(layout):
       padded[0, :len(sequence)] = sequence
       assert int(jnp.argmax(forward(padded)[0, len(sequence) - 1])) == token
       sequence.append(token)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+  cfg, model, params = make(QK_NORM)
+  for name in ('q_norm', 'k_norm'):  # RMSNorm over each head's dims
+    assert params['block_0']['attn'][name]['scale'].shape == (cfg.head_dim,)
+  tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, 61)
+
+  def scaled(params, factor):
+    attn = dict(params['block_0']['attn'])
+    for name in ('query', 'key'):
+      attn[name] = {'kernel': attn[name]['kernel'] * factor}
+    return {**params, 'block_0': {**params['block_0'], 'attn': attn}}
+
+  logits = model.apply({'params': params}, tokens)[0]
+  np.testing.assert_allclose(model.apply({'params': scaled(params, 7.0)}, tokens)[0], logits,
+                             rtol=1e-4, atol=1e-4)
+  _, plain_model, plain_params = make(LLAMA)  # without qk_norm the scale matters
+  assert not np.allclose(plain_model.apply({'params': scaled(plain_params, 7.0)}, tokens)[0],
+                         plain_model.apply({'params': plain_params}, tokens)[0], atol=1e-3)
 
 
 def test_decoding_rejects_too_long_requests():

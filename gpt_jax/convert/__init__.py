@@ -139,9 +139,10 @@ def model_fields_from_hf(hf: dict) -> dict:
 
 def check_gpt2_layout(model) -> None:
   """ConfigError naming the first config.model field that has no GPT-2 equivalent."""
-  expected = dict(position='learned', norm='layernorm', mlp='gelu', use_bias=True)
+  expected = dict(position='learned', norm='layernorm', mlp='gelu', use_bias=True,
+                  qk_norm=False)
   for field, value in expected.items():
-    if model[field] != value:
+    if model.get(field, value) != value:  # configs saved before a field existed lack it
       raise ConfigError(f'config.model.{field}={model[field]!r}: a Hugging Face GPT-2 needs '
                         f'{value!r}; this model is not in the GPT-2 layout')
   if model['num_kv_heads'] not in (0, model['num_heads']):
