@@ -27,7 +27,7 @@ from gpt_jax import cli
 _NOT_RUNS = {'checkpoints', 'tensorboard', 'tokenizer', 'data_cache', 'corrupt_checkpoints'}
 # Model fields that decide the parameters' shapes.
 _SHAPE_FIELDS = {'vocab_size', 'max_len', 'num_layers', 'num_heads', 'num_kv_heads', 'emb_dim',
-                 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias', 'tie_embeddings'}
+                 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias', 'tie_embeddings', 'qk_norm'}
 # Config fields that differ between runs without describing them.
 _IGNORED_FIELDS = {'data.cache_dir', 'data.tfds_data_dir', 'init_from'}
 
