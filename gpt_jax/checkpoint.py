@@ -28,7 +28,7 @@ from gpt_jax import chat_template, files, lora as lora_lib
 from gpt_jax import config as config_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
-from gpt_jax.model import ModelConfig, Transformer, unstack_layers
+from gpt_jax.model import PARAMETER_FIELDS, ModelConfig, Transformer, unstack_layers
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -85,19 +85,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-# Model fields that decide the parameters' shapes and layout.
-_PARAMETER_FIELDS = ('vocab_size', 'max_len', 'num_layers', 'num_heads', 'num_kv_heads',
-                     'emb_dim', 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias',
-                     'tie_embeddings', 'qk_norm', 'param_dtype')
-
-
 def check_compatible(workdir: str, model_cfg: ModelConfig, vocab_may_grow: bool = False) -> None:
   """The checkpoints in `workdir` hold parameters for `model_cfg`, or a ConfigError lists why not.
 
   With `vocab_may_grow`, `model_cfg` may have more vocabulary rows (fine-tuning adds tokens).
   """
   saved = ModelConfig.from_config(load_config(workdir).model)
-  fields = [f for f in _PARAMETER_FIELDS if getattr(saved, f) != getattr(model_cfg, f)
+  fields = [f for f in PARAMETER_FIELDS if getattr(saved, f) != getattr(model_cfg, f)
             and not (f == 'max_len' and saved.position == model_cfg.position == 'rope')
             and not (f == 'vocab_size' and vocab_may_grow
                      and saved.vocab_size < model_cfg.vocab_size)]

@@ -77,6 +77,13 @@ class ModelConfig:
     return cls(**given)
 
 
+# ModelConfig fields that decide the parameters' shapes and layout (checkpoint compatibility,
+# parameter counts).
+PARAMETER_FIELDS = ('vocab_size', 'max_len', 'num_layers', 'num_heads', 'num_kv_heads',
+                    'emb_dim', 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias',
+                    'tie_embeddings', 'qk_norm', 'param_dtype')
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """Low-rank adapters. Field names equal the keys of `config.lora`; rank 0 means none."""

@@ -25,9 +25,6 @@ from gpt_jax import cli
 
 # Folders inside a workdir that never hold another run.
 _NOT_RUNS = {'checkpoints', 'tensorboard', 'tokenizer', 'data_cache', 'corrupt_checkpoints'}
-# Model fields that decide the parameters' shapes.
-_SHAPE_FIELDS = {'vocab_size', 'max_len', 'num_layers', 'num_heads', 'num_kv_heads', 'emb_dim',
-                 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias', 'tie_embeddings', 'qk_norm'}
 # Config fields that differ between runs without describing them.
 _IGNORED_FIELDS = {'data.cache_dir', 'data.tfds_data_dir', 'init_from'}
 
@@ -64,14 +61,13 @@ def count_params(model_config: dict) -> tuple[int, int]:
   Only the fields that decide shapes are read, so that runs written by other gpt_jax versions
   count too; (nan, nan) when the model cannot be built.
   """
-  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from gpt_jax.model import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
-  known = {f.name for f in dataclasses.fields(ModelConfig)} & _SHAPE_FIELDS
-  cfg = ModelConfig.from_config({k: v for k, v in model_config.items() if k in known})
+  from gpt_jax import model  # pylint: disable=g-import-not-at-top
+  cfg = model.ModelConfig.from_config(
+      {k: v for k, v in model_config.items() if k in model.PARAMETER_FIELDS})
   try:
-    shapes = jax.eval_shape(lambda: Transformer(cfg).init(
+    shapes = jax.eval_shape(lambda: model.Transformer(cfg).init(
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params'])
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('Cannot count the parameters of %s: %s', model_config, e)
