@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from gpt_jax.errors import ConfigError
+from gpt_jax.matmul import matmul
 
 Array = jax.Array
 # One layer's KV cache: {'k': [batch, kv_heads, max_len, head_dim], 'v': same}. Each head's slots
@@ -137,7 +138,7 @@ class Projection(nn.Module):
     kernel = self.param('kernel', self.kernel_init, self.shape, self.param_dtype)
     fan_in = math.prod(self.shape[:self.num_inputs])
     batch_shape = x.shape[:x.ndim - self.num_inputs]
-    y = x.reshape(-1, fan_in).astype(self.dtype) @ kernel.reshape(fan_in, -1).astype(self.dtype)
+    y = matmul(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1), self.dtype)
     y = y.reshape(batch_shape + self.shape[self.num_inputs:])
     if self.use_bias:
       bias = self.param('bias', self.bias_init, self.shape[self.num_inputs:], self.param_dtype)
@@ -389,8 +390,8 @@ class Transformer(nn.Module):
     x = make_norm(cfg, 'ln_f')(x)
 
     if cfg.tie_embeddings:
-      dtype = jnp.dtype(cfg.compute_dtype)
-      logits = jnp.einsum('bte,ve->btv', x.astype(dtype), embed.embedding.astype(dtype))
+      logits = matmul(x.reshape(-1, cfg.emb_dim), embed.embedding, cfg.compute_dtype,
+                      w_transposed=True).reshape(x.shape[:-1] + (cfg.vocab_size,))
     else:
       logits = _dense((cfg.emb_dim, cfg.vocab_size), 1, ('embed', 'vocab'), cfg, name='lm_head',
                       use_bias=False)(x)

@@ -1,0 +1,70 @@
+"""2-D products in a low-precision compute dtype that stay on the fast matmul path, gradients
+included.
+
+In bfloat16, XLA:CPU's fast (YNNPACK) products need float32 accumulation to be asked for and the
+left operand's contracted axis to be its last in memory. A plain `x @ w` in bf16 returns bf16
+and ran at 145-190 GFLOP/s where the fast path reaches 300-415 on a CPU with AVX-512-bf16; its
+weight gradient, x^T @ dy, contracts the token axis of both operands and ran at 150-190 as well
+(experiments/benchmarks/README.md). `matmul` asks for float32 accumulation in all three products
+of a projection and, on CPU, copies the left operand of the weight gradient into transposed
+memory order first. In float32 it is a plain product.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _transposed_in_memory(x: Array) -> Array:
+  """x.T, laid out row-major. XLA folds a plain transpose into the product's dimension numbers
+  (or into a layout), which is the slow form; a 1-D reshape behind a barrier forces the copy."""
+  if jax.default_backend() != 'cpu':
+    return x.T  # GPU and TPU libraries take a transposed operand at full speed
+  flat = jax.lax.optimization_barrier(x.T.reshape(-1))
+  return flat.reshape(x.shape[::-1])
+
+
+def _product(a: Array, b: Array, dtype) -> Array:
+  return jnp.matmul(a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _low_precision_matmul(x: Array, w: Array, dtype, w_transposed: bool) -> Array:
+  return _product(x, w.T if w_transposed else w, dtype)
+
+
+def _forward(x, w, dtype, w_transposed):
+  return _low_precision_matmul(x, w, dtype, w_transposed), (x, w)
+
+
+def _backward(dtype, w_transposed, residuals, dy):
+  x, w = residuals
+  if w_transposed:  # y = x @ w.T with w [m, k]
+    dx = _product(dy, w, dtype)
+    dw = jnp.matmul(_transposed_in_memory(dy.astype(dtype)), x.astype(dtype),
+                    preferred_element_type=jnp.float32)
+  else:             # y = x @ w with w [k, m]
+    dx = _product(dy, w.T, dtype)
+    dw = jnp.matmul(_transposed_in_memory(x.astype(dtype)), dy.astype(dtype),
+                    preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_low_precision_matmul.defvjp(_forward, _backward)
+
+
+def matmul(x: Array, w: Array, dtype, w_transposed: bool = False) -> Array:
+  """x [n, k] @ w [k, m] (or @ w.T for w [m, k] when `w_transposed`) -> [n, m] in `dtype`.
+
+  Operands are cast to `dtype`; the gradient of `w` is summed in float32 and returned in w's
+  own dtype (float32 parameters get float32 gradients without a bf16 rounding in between).
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    x, w = x.astype(dtype), w.astype(dtype)
+    return x @ (w.T if w_transposed else w)
+  return _low_precision_matmul(x, w, dtype, w_transposed)

@@ -1,0 +1,40 @@
+"""matmul: bf16 products with float32 accumulation, forward and backward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax.matmul import matmul
+
+
+@pytest.mark.parametrize('w_transposed', [False, True], ids=['w', 'w_transposed'])
+def test_bfloat16_matmul_and_its_gradients_equal_exact_products_of_the_rounded_inputs(
+    w_transposed):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((40, 96)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((24, 96) if w_transposed else (96, 24)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((40, 24)), jnp.bfloat16)
+
+  y, vjp = jax.vjp(lambda x, w: matmul(x, w, 'bfloat16', w_transposed), x, w)
+  dx, dw = jax.jit(vjp)(dy)
+
+  # What a bf16 matmul unit computes: products of bf16-rounded inputs, summed in float32.
+  as_bf16 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+  xb, wb, dyb = as_bf16(x), as_bf16(w), as_bf16(dy)
+  wm = wb.T if w_transposed else wb  # [96, 24]
+  assert y.dtype == jnp.bfloat16 and dx.dtype == jnp.float32 and dw.dtype == jnp.float32
+  np.testing.assert_allclose(y.astype(jnp.float32), as_bf16(xb @ wm), rtol=2 ** -7)
+  np.testing.assert_allclose(dx, dyb @ wm.T, rtol=2 ** -8, atol=1e-5)
+  # The weight gradient is summed in float32 and returned without a bf16 rounding.
+  exact_dw = (xb.T @ dyb).T if w_transposed else xb.T @ dyb
+  np.testing.assert_allclose(dw, exact_dw, rtol=1e-5, atol=1e-4)
+  assert np.abs(np.asarray(dw) - as_bf16(exact_dw)).max() > 1e-3
+
+
+def test_float32_matmul_is_the_plain_product():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
+  np.testing.assert_array_equal(matmul(x, w, 'float32'), x @ w)
+  np.testing.assert_array_equal(matmul(x, w.T, jnp.float32, w_transposed=True), x @ w)
