@@ -5,9 +5,12 @@ In bfloat16, XLA:CPU's fast (YNNPACK) products need float32 accumulation to be a
 left operand's contracted axis to be its last in memory. A plain `x @ w` in bf16 returns bf16
 and ran at 145-190 GFLOP/s where the fast path reaches 300-415 on a CPU with AVX-512-bf16; its
 weight gradient, x^T @ dy, contracts the token axis of both operands and ran at 150-190 as well
-(experiments/benchmarks/README.md). `matmul` asks for float32 accumulation in all three products
-of a projection and, on CPU, copies the left operand of the weight gradient into transposed
-memory order first. In float32 it is a plain product.
+(experiments/benchmarks/README.md). Inside a model, where the bf16 operands are converted from
+float32 ones, XLA:CPU also ran every product with a transposed right operand (x @ w.T: the tied
+output head, and dy @ w.T in every projection's backward pass) in float32. `matmul` asks for
+float32 accumulation in all three products of a projection and, on CPU, hands each product
+row-major operands in the [n, k] @ [k, m] form, copying the transposed ones (a weight
+gradient's x.T, a kernel's w.T) first. In float32 it is a plain product.
 """
 
 import functools
@@ -34,7 +37,7 @@ def _product(a: Array, b: Array, dtype) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _low_precision_matmul(x: Array, w: Array, dtype, w_transposed: bool) -> Array:
-  return _product(x, w.T if w_transposed else w, dtype)
+  return _product(x, _transposed_in_memory(w.astype(dtype)) if w_transposed else w, dtype)
 
 
 def _forward(x, w, dtype, w_transposed):
@@ -48,7 +51,7 @@ def _backward(dtype, w_transposed, residuals, dy):
     dw = jnp.matmul(_transposed_in_memory(dy.astype(dtype)), x.astype(dtype),
                     preferred_element_type=jnp.float32)
   else:             # y = x @ w with w [k, m]
-    dx = _product(dy, w.T, dtype)
+    dx = _product(dy, _transposed_in_memory(w.astype(dtype)), dtype)
     dw = jnp.matmul(_transposed_in_memory(x.astype(dtype)), dy.astype(dtype),
                     preferred_element_type=jnp.float32)
   return dx.astype(x.dtype), dw.astype(w.dtype)

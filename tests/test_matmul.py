@@ -1,5 +1,7 @@
 """matmul: bf16 products with float32 accumulation, forward and backward."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,3 +40,25 @@ def test_float32_matmul_is_the_plain_product():
   w = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
   np.testing.assert_array_equal(matmul(x, w, 'float32'), x @ w)
   np.testing.assert_array_equal(matmul(x, w.T, jnp.float32, w_transposed=True), x @ w)
+
+
+@pytest.mark.parametrize('w_transposed', [False, True], ids=['w', 'w_transposed'])
+def test_compiled_bfloat16_products_keep_bfloat16_operands(w_transposed):
+  """XLA:CPU runs a product whose bf16 operands were converted from float32 in float32 when its
+  right operand is transposed; every product of the compiled forward and backward must still
+  take bf16 operands."""
+  x = jax.ShapeDtypeStruct((64, 96), jnp.float32)
+  w = jax.ShapeDtypeStruct((32, 96) if w_transposed else (96, 32), jnp.float32)
+
+  def value_and_grads(x, w):
+    return jax.value_and_grad(
+        lambda x, w: jnp.sum(matmul(x, w, 'bfloat16', w_transposed).astype(jnp.float32) ** 2),
+        argnums=(0, 1))(x, w)
+
+  program = jax.jit(value_and_grads).lower(x, w).compile().as_text()
+  operands = re.findall(r'dot\(([^)]*)\)', program)
+  assert len(operands) == 3, operands
+  for dot in re.findall(r'\n\s*ROOT %\S+ = \w+\[[\d,]*\]\{[\d,]*\} dot\(%(\S+), %(\S+)\)', program):
+    for name in dot:
+      dtype = re.search(rf'%{re.escape(name)} = (\w+)\[', program).group(1)
+      assert dtype == 'bf16', (name, dtype)
