@@ -7,6 +7,7 @@ parameters + optimizer state; saves the final parameters to WORKDIR/<mesh>.npz. 
 tests/test_sharding.py in a subprocess (the device count is fixed when jax starts).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from gpt_jax.model import LoraConfig, ModelConfig, Transformer
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
 MUON_MESHES = [(1, 1, 1), (1, 8, 1), (2, 2, 2)]  # Muon orthogonalizes sharded matrices
+BF16_MESHES = [(1, 1, 1), (2, 2, 2)]  # bf16 compute: gpt_jax.matmul's custom VJP, sharded
 
 
 def main(workdir, tfds_dir):
@@ -34,21 +36,26 @@ def main(workdir, tfds_dir):
   iterator = data.make_train_iterator(config, tokenizer, workdir)
   batches = [next(iterator) for _ in range(5)]
   model = Transformer(ModelConfig.from_config(config.model))
+  bf16_model = Transformer(dataclasses.replace(ModelConfig.from_config(config.model),
+                                               compute_dtype='bfloat16'))
   schedule = optim.learning_rate_schedule(config.optim, 5)
   trainable = lora.Trainable(LoraConfig())  # every parameter, nothing frozen
 
   results = {}
-  runs = [('adamw', shape) for shape in MESHES] + [('muon', shape) for shape in MUON_MESHES]
-  for optimizer, shape in runs:
+  runs = ([('adamw', shape) for shape in MESHES] + [('muon', shape) for shape in MUON_MESHES]
+          + [('bf16', shape) for shape in BF16_MESHES])
+  for variant, shape in runs:
+    optimizer = 'adamw' if variant == 'bf16' else variant
     optim_config = config.optim.copy_and_resolve_references()
     optim_config.name = optimizer
-    if optimizer == 'muon':
-      optim_config.warmup_steps = 0  # the full learning rate at once: 5 steps show Muon's updates
+    if variant in ('muon', 'bf16'):
+      optim_config.warmup_steps = 0  # the full learning rate at once: 5 steps of real updates
     tx = optim.make_optimizer(optim_config, 5)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:int(np.prod(shape))])
     rules = sharding.logical_rules(config.mesh)
-    init, (abstract, _) = train.sharded_state(model, tx, config.data.seq_len, mesh, rules,
+    run_model = bf16_model if variant == 'bf16' else model
+    init, (abstract, _) = train.sharded_state(run_model, tx, config.data.seq_len, mesh, rules,
                                               trainable)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -57,7 +64,7 @@ def main(workdir, tfds_dir):
       # As train.py initialises: compiled at XLA:CPU optimisation level 0 (half the compile time).
       state, frozen = train.compile_once_run(
           jax.jit(init, out_shardings=(shardings, {})), rng)(rng)
-      step = jax.jit(train.make_train_step(model, schedule, 1, config.seed, trainable),
+      step = jax.jit(train.make_train_step(run_model, schedule, 1, config.seed, trainable),
                      in_shardings=(shardings, batch_sharding, {}),
                      out_shardings=(shardings, None), donate_argnums=0)
       losses = []
@@ -66,7 +73,7 @@ def main(workdir, tfds_dir):
                         for k, v in batch.items()}
         state, metrics = step(state, global_batch, frozen)
         losses.append(float(metrics['train_loss']))
-    name = 'x'.join(map(str, shape)) + ('' if optimizer == 'adamw' else f'-{optimizer}')
+    name = 'x'.join(map(str, shape)) + ('' if variant == 'adamw' else f'-{variant}')
     flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
     np.savez(os.path.join(workdir, f'{name}.npz'),
              **{jax.tree_util.keystr(p): np.asarray(x) for p, x in flat})

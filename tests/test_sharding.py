@@ -24,7 +24,8 @@ EXPECTED_SPECS = {
 }
 
 
-MESHES = ['8x1x1', '1x8x1', '2x4x1', '2x2x2', '1x2x4', '1x1x8', '1x8x1-muon', '2x2x2-muon']
+MESHES = ['8x1x1', '1x8x1', '2x4x1', '2x2x2', '1x2x4', '1x1x8', '1x8x1-muon', '2x2x2-muon',
+          '2x2x2-bf16']
 
 
 def test_every_mesh_trains_like_one_device_sharded_as_the_rules_say(tmp_path, tfds_dir):
@@ -42,7 +43,15 @@ def test_every_mesh_trains_like_one_device_sharded_as_the_rules_say(tmp_path, tf
 
 
 def _check_mesh_matches_one_device(workdir, runs, mesh):
-  one_device = '1x1x1-muon' if mesh.endswith('-muon') else '1x1x1'
+  one_device = '1x1x1' + mesh[len('2x2x2'):]  # the same variant ('-muon', '-bf16') on one device
+  if mesh.endswith('-bf16'):
+    # bf16 products round their outputs, so sums split across devices round differently, and
+    # Adam turns those roundings in near-zero gradients into whole-size steps: compare the
+    # losses of 5 full-learning-rate steps (they fall by ~0.17) rather than the parameters.
+    losses = runs[mesh]['losses']
+    np.testing.assert_allclose(losses, runs[one_device]['losses'], rtol=1e-4, err_msg=mesh)
+    assert losses[-1] < losses[0] - 0.1, losses
+    return
   np.testing.assert_allclose(runs[mesh]['losses'], runs[one_device]['losses'], rtol=1e-5,
                              err_msg=mesh)
   reference = np.load(os.path.join(workdir, f'{one_device}.npz'))
