@@ -3,8 +3,8 @@ included.
 
 In bfloat16, XLA:CPU's fast (YNNPACK) products need float32 accumulation to be asked for and the
 left operand's contracted axis to be its last in memory. A plain `x @ w` in bf16 returns bf16
-and ran at 145-190 GFLOP/s where the fast path reaches 300-415 on a CPU with AVX-512-bf16; its
-weight gradient, x^T @ dy, contracts the token axis of both operands and ran at 150-190 as well
+and ran at 142-196 GFLOP/s where the fast path reaches 300-415 on a CPU with AVX-512-bf16; its
+weight gradient, x^T @ dy, contracts the token axis of both operands and ran at 137-182 as well
 (experiments/benchmarks/README.md). Inside a model, where the bf16 operands are converted from
 float32 ones, XLA:CPU also ran every product with a transposed right operand (x @ w.T: the tied
 output head, and dy @ w.T in every projection's backward pass) in float32. `matmul` asks for
@@ -30,9 +30,10 @@ def _transposed_in_memory(x: Array) -> Array:
   return flat.reshape(x.shape[::-1])
 
 
-def _product(a: Array, b: Array, dtype) -> Array:
+def _product(a: Array, b: Array, dtype, out_dtype=None) -> Array:
+  """a @ b with operands in `dtype`, summed in float32, returned in `out_dtype` (or `dtype`)."""
   return jnp.matmul(a.astype(dtype), b.astype(dtype),
-                    preferred_element_type=jnp.float32).astype(dtype)
+                    preferred_element_type=jnp.float32).astype(out_dtype or dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -48,13 +49,11 @@ def _backward(dtype, w_transposed, residuals, dy):
   x, w = residuals
   if w_transposed:  # y = x @ w.T with w [m, k]
     dx = _product(dy, w, dtype)
-    dw = jnp.matmul(_transposed_in_memory(dy.astype(dtype)), x.astype(dtype),
-                    preferred_element_type=jnp.float32)
+    dw = _product(_transposed_in_memory(dy.astype(dtype)), x, dtype, w.dtype)
   else:             # y = x @ w with w [k, m]
     dx = _product(dy, _transposed_in_memory(w.astype(dtype)), dtype)
-    dw = jnp.matmul(_transposed_in_memory(x.astype(dtype)), dy.astype(dtype),
-                    preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dw.astype(w.dtype)
+    dw = _product(_transposed_in_memory(x.astype(dtype)), dy, dtype, w.dtype)
+  return dx.astype(x.dtype), dw  # dw: summed in float32, then in w's dtype
 
 
 _low_precision_matmul.defvjp(_forward, _backward)
