@@ -23,6 +23,7 @@ for the row's dtype, measured in this process just before the row.
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -36,7 +37,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..', '..'))
 sys.path.insert(0, os.path.join(HERE, '..', '..', '..', 'shared', 'peers'))
-from gpt_jax import config as config_lib, flops, lora, optim, sharding, train  # noqa: E402
+from gpt_jax import config as config_lib, flops, host_memory, lora, optim, sharding, train  # noqa: E402
 from gpt_jax.model import LoraConfig, ModelConfig, Transformer, count_params  # noqa: E402
 import torch_gpt  # noqa: E402
 
@@ -134,16 +135,48 @@ class Reference:
     return time.perf_counter() - start
 
 
+def _reference_worker(conn, shape, dtype: str, num_batches: int):
+  ref = Reference(shape, dtype, num_batches)
+  conn.send(ref.num_params)
+  while (request := conn.recv()) is not None:
+    n, threads = request
+    seconds = ref.steps(n, threads)
+    conn.send((seconds, ref.last_loss))
+
+
+class ReferenceInOwnProcess:
+  """The reference in a fresh process (glibc's malloc defaults, as a plain PyTorch script runs),
+  timed there; it waits while gpt_jax's blocks run, so the sides still alternate."""
+
+  def __init__(self, shape, dtype: str, num_batches: int):
+    context = multiprocessing.get_context('spawn')
+    self._conn, child = context.Pipe()
+    self._process = context.Process(target=_reference_worker, daemon=True,
+                                    args=(child, shape, dtype, num_batches))
+    self._process.start()
+    self.num_params = self._conn.recv()
+
+  def steps(self, n: int, threads: int = 2) -> float:
+    self._conn.send((n, threads))
+    seconds, self.last_loss = self._conn.recv()
+    return seconds
+
+  def close(self):
+    self._conn.send(None)
+    self._process.join()
+
+
 # ---------------------------------------------------------------------------------- benchmark
 
-def bench(name: str, dtype: str, quick: bool, torch_threads: list[int]) -> dict:
+def bench(name: str, dtype: str, quick: bool, torch_threads: list[int],
+          torch_process: str = 'same') -> dict:
   shape = SHAPES[name]
   layers, heads, emb, ctx, batch, vocab, block_steps, blocks = shape
   if quick:
     block_steps, blocks = 5, 3
   peak = flops.measure_matmul_peak(dtype)
   ours = Ours(shape, dtype, num_batches=4)
-  ref = Reference(shape, dtype, num_batches=4)
+  ref = (ReferenceInOwnProcess if torch_process == 'own' else Reference)(shape, dtype, 4)
   first_ours = ours.steps(1)
   first_ref = ref.steps(1, torch_threads[0])
   ours.steps(1)  # warm-up
@@ -154,6 +187,8 @@ def bench(name: str, dtype: str, quick: bool, torch_threads: list[int]) -> dict:
     times_ours.append(ours.steps(block_steps) / block_steps)
     for t in torch_threads:
       times_ref[t].append(ref.steps(block_steps, t) / block_steps)
+  if torch_process == 'own':
+    ref.close()
   step_ours = statistics.median(times_ours)
   step_ref = {t: statistics.median(v) for t, v in times_ref.items()}
   best_threads = min(step_ref, key=step_ref.get)
@@ -171,6 +206,7 @@ def bench(name: str, dtype: str, quick: bool, torch_threads: list[int]) -> dict:
       'model_flops_per_step': flops_per_step, 'peak_flops': peak,
       'mfu_ours': flops_per_step / step_ours / peak,
       'loss_ours': ours.last_loss, 'loss_torch': ref.last_loss,
+      'torch_process': torch_process,
       'torch_best_threads': best_threads,
       'speedup_vs_best_torch': step_ref[best_threads] / step_ours,
       'mfu_best_torch': flops_per_step / step_ref[best_threads] / peak,
@@ -210,8 +246,17 @@ def main():
   parser.add_argument('--dtypes', default='float32,bfloat16', help='float32 and/or bfloat16')
   parser.add_argument('--torch_threads', default='2,1',
                       help='torch.set_num_threads values to time the reference at (alternating)')
+  parser.add_argument('--host_memory', default='keep', choices=['keep', 'default'],
+                      help='keep: freed host memory stays in the process, as gpt_jax.train does '
+                      'on CPU (gpt_jax/host_memory.py); default: glibc\'s defaults')
+  parser.add_argument('--torch_process', default='same', choices=['same', 'own'],
+                      help='same: the reference runs in this process (and gets --host_memory '
+                      'too); own: in a fresh process with glibc\'s defaults, as a plain '
+                      'PyTorch script runs')
   parser.add_argument('--json', default='', help='write the rows here as JSON')
   args = parser.parse_args()
+  kept = args.host_memory == 'keep' and host_memory.keep_freed_memory()
+  print(f'freed host memory kept: {kept}; torch runs in {args.torch_process} process', flush=True)
   torch_threads = [int(t) for t in args.torch_threads.split(',')]
   shapes = ['baby'] if args.quick else args.shapes.split(',')
   dtypes = ['float32'] if args.quick else args.dtypes.split(',')
@@ -219,13 +264,14 @@ def main():
   rows = []
   for name in shapes:
     for dtype in dtypes:
-      row = bench(name, dtype, args.quick, torch_threads)
+      row = bench(name, dtype, args.quick, torch_threads, args.torch_process)
       rows.append(row)
       print(json.dumps({k: v for k, v in row.items() if not k.startswith('block_')}), flush=True)
   print(table(rows, torch_threads))
   if args.json:
     meta = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-            'argv': sys.argv[1:], 'torch_threads': torch_threads, 'load_average': os.getloadavg(), 'jax': jax.__version__,
+            'argv': sys.argv[1:], 'torch_threads': torch_threads, 'host_memory_kept': kept,
+            'torch_process': args.torch_process, 'load_average': os.getloadavg(), 'jax': jax.__version__,
             'torch': torch.__version__, 'wall_s': time.time() - started}
     with open(args.json, 'w') as f:
       json.dump({'meta': meta, 'rows': rows}, f, indent=1)
