@@ -1,13 +1,25 @@
-"""What every gpt_jax binary does: one-line errors for user mistakes, quiet library logs."""
+"""What every gpt_jax binary does: one-line errors for user mistakes, quiet library logs, and
+for the binaries that run whole models on the CPU, freed host memory kept."""
 
 import contextlib
 import sys
 
 from absl import flags, logging
 
+from gpt_jax import host_memory
 from gpt_jax.errors import ConfigError
 
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of errors in the input.')
+_KEEP_FREED_HOST_MEMORY = flags.DEFINE_bool(
+    'keep_freed_host_memory', True, 'gpt_jax.train, finetune and eval on CPU (Linux, glibc): '
+    'keep freed memory in the process rather than returning it to the system, so that XLA '
+    'does not fault in each step\'s temporary buffer afresh (gpt_jax/host_memory.py).')
+
+
+def keep_freed_host_memory() -> None:
+  """Unless --keep_freed_host_memory=false; call before anything starts JAX."""
+  if _KEEP_FREED_HOST_MEMORY.value:
+    host_memory.keep_freed_memory()
 
 
 def quiet_logs(level=logging.WARNING) -> None:

@@ -310,6 +310,7 @@ def evaluate_chat(workdir: str, chat_files: str, max_new_tokens: int = 128, batc
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.keep_freed_host_memory()
   cli.quiet_logs(logging.ERROR)
   with cli.one_line_errors():
     if not FLAGS.workdir:

@@ -31,8 +31,8 @@ import numpy as np
 import optax
 import tqdm
 
-from gpt_jax import (chat_template, checkpoint, cli, data, decode, flops, host_memory, optim,
-                     sft_data, sharding, traced_steps)
+from gpt_jax import (chat_template, checkpoint, cli, data, decode, flops, optim, sft_data,
+                     sharding, traced_steps)
 from gpt_jax import config as config_lib
 from gpt_jax import lora as lora_lib
 from gpt_jax.metrics import MetricWriter, MetricsWriteError
@@ -54,10 +54,6 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _START_OVER = flags.DEFINE_bool(
     'start_over', False, 'Move existing checkpoints aside and train from step 0 (needed when '
     'none of them can be read).')
-_KEEP_FREED_HOST_MEMORY = flags.DEFINE_bool(
-    'keep_freed_host_memory', True, 'On CPU (Linux, glibc): keep freed memory in the process '
-    'rather than returning it to the system, so that XLA does not fault in each step\'s '
-    'temporary buffer afresh (gpt_jax/host_memory.py).')
 
 
 class TrainState(train_state.TrainState):
@@ -533,8 +529,7 @@ def main(argv, configure=None):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('--config and --workdir are required')
-  if _KEEP_FREED_HOST_MEMORY.value:
-    host_memory.keep_freed_memory()  # before JAX starts its CPU client
+  cli.keep_freed_host_memory()
   cli.quiet_logs()
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
