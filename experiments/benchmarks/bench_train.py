@@ -3,6 +3,7 @@ r"""Training-step speed: gpt_jax's jitted train step against a plain PyTorch GPT
   python experiments/benchmarks/bench_train.py                  # baby, 10M, GPT-2 124M shapes
   python experiments/benchmarks/bench_train.py --quick          # baby only, few steps (< 1 min)
   python experiments/benchmarks/bench_train.py --shapes=baby,10m --json=/tmp/bench.json
+  python experiments/benchmarks/bench_train.py --shapes=124m --torch_process=own  # torch as a plain script runs
 
 For each shape and precision, both sides train on the same random token batches:
 - ours: the real step (`train.sharded_state` + `train.make_train_step` + `optim.make_optimizer`
@@ -13,6 +14,9 @@ For each shape and precision, both sides train on the same random token batches:
   torch AdamW with weight decay on matrices only, grad-norm clipping. It is timed at
   torch.set_num_threads(2) and (1): on two cores shared with other jobs, 2 threads can be several
   times slower than 1 (each OpenMP barrier waits for a descheduled thread). bf16 rows run its forward under torch.autocast('cpu', torch.bfloat16).
+The process keeps freed host memory as `gpt_jax.train` does on CPU (gpt_jax/host_memory.py;
+--host_memory=default: glibc's defaults). The reference runs in this process, with the same
+malloc settings, or with --torch_process=own in a fresh process with glibc's defaults.
 Timed blocks alternate (ours, torch 2T, torch 1T, ours, ...) so that load from other processes falls
 on both; the step time is the median over blocks of the block's mean step time. Compile time is
 ours' `lower().compile()`; "first step" is each side's first call, unwarmed. Model FLOPs are
