@@ -162,11 +162,11 @@ def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: i
       loss = losses.mean()
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads=grads)
     # A non-finite loss or gradient leaves parameters and optimizer state as they were, so no
-    # NaN ever reaches a checkpoint; the loop halts or counts the skipped step.
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                             state.replace(step=new_state.step))
+    # NaN ever reaches a checkpoint; the loop halts or counts the skipped step. A cond rather
+    # than a select of old and new: the update runs in place, without keeping the old state.
+    new_state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads=grads),
+                             lambda s: s.replace(step=s.step + 1), state)
     metrics = {'train_loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
                'nonfinite': jnp.logical_not(finite).astype(jnp.int32)}
     return new_state, metrics
