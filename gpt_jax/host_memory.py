@@ -4,8 +4,10 @@ XLA:CPU allocates each step's temporary buffer (2.4 GB for the GPT-2 124M train 
 malloc, from its worker threads. glibc serves an allocation that large from a thread's arena by
 a fresh mmap and unmaps it on free, so every step faults in every page of it again: 580k page
 faults per 124M step, about a tenth of the step (experiments/benchmarks). With one arena, no
-mmap and no trimming, the buffer is reused in place from the second step on. The cost: the
-process keeps its peak host memory until it exits, which a training process does anyway.
+mmap and no trimming, the buffer is reused in place from the second step on. The costs: the
+process keeps its peak host memory until it exits, which a training process does anyway, and
+XLA's compiler threads share one malloc lock (the baby step compiles in about 3.7 s instead of
+2.7 s); over a run the steps win (the default config's 1000 steps: 165 s instead of 205 s).
 
 It must run before JAX starts its CPU client: a thread that has allocated keeps its arena.
 """
