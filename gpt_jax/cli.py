@@ -6,7 +6,6 @@ import sys
 
 from absl import flags, logging
 
-from gpt_jax import host_memory
 from gpt_jax.errors import ConfigError
 
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of errors in the input.')
@@ -19,6 +18,8 @@ _KEEP_FREED_HOST_MEMORY = flags.DEFINE_bool(
 def keep_freed_host_memory() -> None:
   """Unless --keep_freed_host_memory=false; call before anything starts JAX."""
   if _KEEP_FREED_HOST_MEMORY.value:
+    # Imported here: host_memory imports jax, which gpt_jax.report and gpt_jax.sweep never load.
+    from gpt_jax import host_memory  # pylint: disable=import-outside-toplevel
     host_memory.keep_freed_memory()
 
 
