@@ -21,11 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpt_jax.matmul import FEW_ROWS, few_rows_product
 from gpt_jax.model import PROJECTION_INPUT_AXES, Projection
-
-# Products with more rows than this (prefills) keep the activations on the left: the kernel-left
-# form only pays when the activations are a handful of rows.
-MAX_ROWS_KERNEL_LEFT = 64
 
 
 def wanted() -> bool:
@@ -66,10 +63,8 @@ def _project_output_major(next_fun, args, kwargs, context):
   rows = math.prod(batch_shape)
   x = x.reshape(rows, -1).astype(module.dtype)
   kernel = module.get_variable('params', 'kernel').astype(module.dtype)
-  if rows <= MAX_ROWS_KERNEL_LEFT:
-    # The barrier keeps XLA from folding the transpose back into the product, which would put
-    # the activations on the left again.
-    y = jax.lax.optimization_barrier(jnp.einsum('nk,mk->nm', kernel, x)).T
+  if rows <= FEW_ROWS:  # the kernel-left form pays only for a handful of rows
+    y = few_rows_product(kernel, x, module.dtype)
   else:
     y = jnp.einsum('mk,nk->mn', x, kernel)
   y = y.reshape(batch_shape + tuple(module.shape[num_inputs:]))

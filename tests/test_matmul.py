@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax.matmul import matmul
+from gpt_jax.matmul import FEW_ROWS, matmul
 
 
 @pytest.mark.parametrize('w_transposed', [False, True], ids=['w', 'w_transposed'])
@@ -61,6 +61,27 @@ def test_compiled_bfloat16_products_keep_bfloat16_operands(w_transposed):
   operand_dtypes = _compiled_dot_operand_dtypes(program)
   assert len(operand_dtypes) == 3, program
   assert all(dtypes == ('bf16', 'bf16') for dtypes in operand_dtypes), operand_dtypes
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='a form chosen for XLA:CPU')
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_few_rows_times_a_transposed_kernel_put_the_kernel_on_the_left(dtype):
+  """x @ w.T (the tied output head) for a few rows runs as (w @ x.T).T; one row and many rows
+  keep x on the left."""
+  rng = np.random.default_rng(2)
+  w = jnp.asarray(rng.standard_normal((48, 96)), jnp.float32)
+  for rows, kernel_left in ((1, False), (8, True), (FEW_ROWS, True), (FEW_ROWS + 1, False)):
+    x = jnp.asarray(rng.standard_normal((rows, 96)), jnp.float32)
+    product = jax.jit(lambda x, w: matmul(x, w, dtype, w_transposed=True))
+    y = product(x, w)
+    as_dtype = lambda a: np.asarray(jnp.asarray(a).astype(dtype), np.float64)
+    np.testing.assert_allclose(np.asarray(y, np.float64), as_dtype(as_dtype(x) @ as_dtype(w).T),
+                               rtol=2e-6 if dtype == 'float32' else 2 ** -7, atol=1e-5)
+    program = product.lower(x, w).compile().as_text()
+    left_shapes = [re.search(rf'%{re.escape(left)} = \w+\[([\d,]+)\]', program).group(1)
+                   for left, _ in re.findall(r'\bdot\(%(\S+), %(\S+)\)', program)]
+    assert len(left_shapes) == 1 and (left_shapes[0] == '48,96') == kernel_left, (rows,
+                                                                                 left_shapes)
 
 
 def _compiled_dot_operand_dtypes(program: str) -> list[tuple[str, str]]:
