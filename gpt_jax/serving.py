@@ -103,7 +103,7 @@ class Engine:
     """Feeds tokens [slots] at positions [slots]; returns the next token of every slot."""
     logits, cache = self._apply(params, tokens[:, None], positions[:, None], cache)
     logits = decode.restrict_vocab(logits[:, 0], self.num_tokens)
-    greedy = jnp.argmax(logits, axis=-1)
+    greedy = decode.greedy_tokens(logits)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     filtered = jnp.where((top_p < 1.0)[:, None],
                          decode._filter(scaled, 0, top_p[:, None]), scaled)  # pylint: disable=protected-access

@@ -35,6 +35,16 @@ def generator(params):
   return Generator(CFG, params)
 
 
+LONG = dataclasses.replace(CFG, max_len=256)
+
+
+@pytest.fixture(scope='module')
+def long_generator():
+  """A context of 256 tokens: long requests grow the decoding loop's cache (cache_windows)."""
+  init = Transformer(LONG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  return Generator(LONG, nn.unbox(init)['params'])
+
+
 def collect(stream):
   """Rows of a token stream, PAD dropped."""
   steps = np.stack(list(stream), axis=1)
@@ -174,21 +184,62 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_drawn(generator, params):
   assert drawn.size == len(PROMPTS) * 4 * 20 and (drawn < 200).all()
 
 
+@pytest.mark.parametrize('vocab', [512, 257])
+def test_greedy_tokens_is_the_first_argmax(vocab):
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((6, vocab)).astype(np.float32)
+  logits[0, [7, 130]] = 9.0            # a tie in two chunks: the first wins
+  logits[1, [127, 128]] = 9.0          # a tie across a chunk boundary
+  logits[2, :] = -np.inf
+  logits[2, vocab - 1] = 0.0           # all but the last id masked
+  logits[3, :] = 1.0                   # all equal
+  logits[4, [vocab - 2, vocab - 1]] = 9.0
+  np.testing.assert_array_equal(decode.greedy_tokens(jnp.asarray(logits)),
+                                np.argmax(logits, axis=-1))
+
+
+def test_cache_windows_double_up_to_the_cache_length():
+  assert decode.cache_windows(16, 256) == [64, 128, 256]
+  assert decode.cache_windows(16, 200) == [64, 128, 200]
+  assert decode.cache_windows(16, 32) == [32]
+  assert decode.cache_windows(128, 1024) == [128, 256, 512, 1024]
+
+
+def test_generate_through_growing_caches_equals_streaming_over_one(long_generator):
+  # Rows of 3, 50 and 1 prompt tokens and 150 new ones: generate's loop attends over 64, then
+  # 128, then 256 slots, each row passing the windows' ends at its own step; stream attends over
+  # one cache of 256 slots throughout.
+  prompts = [[1, 2, 3], list(range(10, 60)), [9]]
+  assert decode.cache_windows(64, 256) == [64, 128, 256]
+  greedy = long_generator.generate(prompts, 150, temperature=0)
+  assert greedy == collect(long_generator.stream(prompts, 150, temperature=0))
+  sampling = dict(temperature=0.9, top_k=40, seed=5)
+  sampled = long_generator.generate(prompts, 150, **sampling)
+  assert sampled == collect(long_generator.stream(prompts, 150, **sampling))
+  eos = greedy[1][100]  # ends row 1 (at least) in the last window
+  assert (long_generator.generate(prompts, 150, temperature=0, eos_id=eos)
+          == collect(long_generator.stream(prompts, 150, temperature=0, eos_id=eos)))
+
+
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='checks XLA:CPU buffer assignment')
 @pytest.mark.parametrize('rows', [1, 3])
-def test_decoding_loop_updates_the_cache_in_place(generator, rows):
+def test_decoding_loop_updates_the_cache_in_place(long_generator, rows):
   # A copy of a cache-sized buffer in the compiled loop costs a cache read and write per layer
   # per token: the batch-1 decoding loop once held 4 per k or v array per token.
-  req = generator._request([[1, 2, 3]] * rows, 20, 1, False, None, 0, temperature=0)  # pylint: disable=protected-access
+  generator = long_generator
+  req = generator._request([[1, 2, 3]] * rows, 200, 1, False, None, 0, temperature=0)  # pylint: disable=protected-access
   compiled = generator._generate.lower(  # pylint: disable=protected-access
       generator.params, req.tokens, req.lengths, req.max_new, req.dynamic, mode=req.mode,
       cache_len=req.cache_len).compile()
   text = compiled.as_text()
-  body_name = re.search(r' while\(.*body=%([\w.-]+)', text).group(1)
-  body = re.search(rf'^%{re.escape(body_name)} .*?^}}', text, re.M | re.S).group(0)
-  cache_shape = f'f32[{rows},{CFG.kv_heads},{req.cache_len},{CFG.head_dim}]'
-  copies = [line for line in body.splitlines() if f'= {cache_shape}' in line and ' copy(' in line]
-  assert not copies, copies[:2]
+  body_names = re.findall(r' while\(.*body=%([\w.-]+)', text)
+  assert len(body_names) == len(decode.cache_windows(req.tokens.shape[1], req.cache_len))
+  cache_shape = re.compile(rf'= f32\[{rows},{CFG.kv_heads},\d+,{CFG.head_dim}\]')
+  for body_name in body_names:
+    body = re.search(rf'^%{re.escape(body_name)} .*?^}}', text, re.M | re.S).group(0)
+    copies = [line for line in body.splitlines()
+              if cache_shape.search(line) and ' copy(' in line]
+    assert not copies, copies[:2]
 
 
 LLAMA = dataclasses.replace(CFG, position='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
