@@ -193,9 +193,9 @@ class Generator:
 
   # ---------------------------------------------------------------- device programs
 
-  def _apply(self, params, tokens, positions, cache):
+  def _apply(self, params, tokens, positions, cache, logits_at=None):
     with kernel_layout.output_major_projections(self.output_major):
-      return self.model.apply({'params': params}, tokens, positions, cache)
+      return self.model.apply({'params': params}, tokens, positions, cache, logits_at=logits_at)
 
   def _next_tokens(self, logits, seen, seed, rows, step, dynamic, mode: _Mode):
     """Sampled tokens [rows] from logits [rows, vocab] (repetition penalty applied first)."""
@@ -224,8 +224,8 @@ class Generator:
     rows, width = tokens.shape
     cache = init_cache(dataclasses.replace(self.cfg, max_len=cache_len), rows)
     positions = jnp.broadcast_to(jnp.arange(width), tokens.shape)
-    logits, cache = self._apply(params, tokens, positions, cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits, cache = self._apply(params, tokens, positions, cache, logits_at=(lengths - 1)[:, None])
+    last = logits[:, 0]
     seen = jnp.zeros((rows, logits.shape[-1] if mode.penalty else 0), bool)
     seen = self._mark(seen, jnp.where(positions < lengths[:, None], tokens, PAD), mode)
     first = self._next_tokens(last, seen, dynamic[1], jnp.arange(rows), 0, dynamic, mode)

@@ -342,7 +342,9 @@ class Transformer(nn.Module):
   """tokens [batch, length] -> (logits [batch, length, vocab] float32, updated cache or None).
 
   positions default to 0..length-1; segment_ids [batch, length] (packed sequences) restrict
-  attention to equal ids.
+  attention to equal ids. logits_at [batch, n] (indices along length): the logits of those
+  tokens only, [batch, n, vocab] (a prefill needs its last token's, and the output head is a
+  large product).
   """
   cfg: ModelConfig
   lora: LoraConfig = NO_LORA
@@ -350,7 +352,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None,
                cache: list[LayerCache] | None = None, deterministic: bool = True,
-               segment_ids: Array | None = None):
+               segment_ids: Array | None = None, logits_at: Array | None = None):
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -387,6 +389,8 @@ class Transformer(nn.Module):
             x, positions, segment_ids, None if cache is None else cache[i])
         if cache is not None:
           new_cache.append(layer_cache)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
     x = make_norm(cfg, 'ln_f')(x)
 
     if cfg.tie_embeddings:

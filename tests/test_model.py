@@ -40,6 +40,18 @@ def test_causal(layout):
     assert not np.allclose(logits[:, t + 1:], logits2[:, t + 1:])
 
 
+@pytest.mark.parametrize('layout', [GPT2, LLAMA], ids=['gpt2', 'llama'])
+def test_logits_at_selects_tokens_of_the_full_forward(layout):
+  _, model, params = make(layout)
+  tokens = jax.random.randint(jax.random.key(1), (3, 20), 0, 61)
+  full, _ = model.apply({'params': params}, tokens)
+  at = jnp.array([[19, 0], [4, 4], [11, 18]])
+  selected, _ = model.apply({'params': params}, tokens, logits_at=at)
+  assert selected.shape == (3, 2, 61)
+  np.testing.assert_allclose(selected, jnp.take_along_axis(full, at[:, :, None], axis=1),
+                             atol=1e-5, rtol=1e-5)
+
+
 def test_gpt2_layout_parameters():
   """GPT-2 layout: learned positions, LayerNorm with bias, tied embeddings (no lm_head)."""
   cfg, _, params = make(GPT2)

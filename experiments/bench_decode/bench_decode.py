@@ -2,6 +2,7 @@ r"""Greedy decoding speed, gpt_jax against Hugging Face transformers, on the sam
 
   python experiments/bench_decode/bench_decode.py            # full run (a few minutes on 2 cores)
   python experiments/bench_decode/bench_decode.py --quick    # fewer tokens and repeats
+  python experiments/bench_decode/bench_decode.py --json=experiments/bench_decode/results.json
 
 A randomly initialised GPT-2 124M (`GPT2LMHeadModel(GPT2Config())`, float32) is converted in
 memory with gpt_jax.convert; both sides decode 128 new tokens greedily after a 16-token random
@@ -16,6 +17,7 @@ array, the best of numpy and a jitted XLA copy); the table gives the fraction of
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import time
@@ -64,7 +66,9 @@ def main():
   parser.add_argument('--bf16', action='store_true', help='also time ours with bfloat16 params')
   parser.add_argument('--trained_layout', action='store_true',
                       help='also time ours with the kernels as trained (not output-major)')
+  parser.add_argument('--json', default='', help='write the rows and every timing here as JSON')
   args = parser.parse_args()
+  started = time.time()
   new_tokens = 32 if args.quick else args.new_tokens
   repeats = 1 if args.quick else args.repeats
 
@@ -99,6 +103,7 @@ def main():
         cfg16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))))
 
   rows = []
+  all_times = {}
   rng = np.random.default_rng(0)
   for batch in [int(b) for b in args.batch_sizes.split(',')]:
     prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len))
@@ -126,6 +131,7 @@ def main():
         times[name].append(_timed(runs[name]))
       # The bound takes its turn too: the best bandwidth seen goes with the best times.
       bandwidth = max(bandwidth, measure_bandwidth())
+    all_times[batch] = times
     best = {name: min(t) for name, t in times.items()}
     t_hf = best['transformers']
     print(f'  batch {batch}: transformers {batch * new_tokens / t_hf:.1f} tokens/s', flush=True)
@@ -146,6 +152,20 @@ def main():
     print(f'| {batch} | {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | '
           f'{f"{bound:.1f}" if b1 else "-"} | {f"{ours / bound:.0%}" if b1 else "-"} | '
           f'{"-" if same != same else f"{same:.0%}"} |')
+  if args.json:
+    meta = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+            'argv': sys.argv[1:], 'new_tokens': new_tokens, 'prompt_len': args.prompt_len,
+            'copy_bandwidth_GBps': bandwidth / 1e9, 'load_average': os.getloadavg(),
+            'jax': jax.__version__, 'torch': torch.__version__,
+            'transformers': transformers.__version__, 'wall_s': time.time() - started}
+    keys = ('batch', 'params', 'gpt_jax_tokens_per_s', 'transformers_tokens_per_s',
+            'same_greedy_tokens')
+    with open(args.json, 'w') as f:
+      json.dump({'meta': meta,
+                 'rows': [dict(zip(keys, (b, n, o, t, None if s != s else s)),
+                               ratio=o / t, fraction_of_bound=o / bound if b == 1 else None)
+                          for b, n, o, t, s in rows],
+                 'seconds_per_run': {str(b): t for b, t in all_times.items()}}, f, indent=1)
 
 
 if __name__ == '__main__':
