@@ -4,11 +4,12 @@ Row b's token at position p always lives in cache slot p, and each row keeps its
 so prompts of different lengths share a batch and padding never leaks into attention.
 
 Two paths, one sampling rule (so the same seed gives the same tokens on both):
-- `Generator.generate`: prefill and the whole decode loop in one jitted call (a `while_loop`
-  that ends when every row is done): no per-token dispatch. Used by train's final sample and
-  the benchmark in experiments/bench_decode/.
+- `Generator.generate`: prefill and the whole decode loop in one jitted call (`while_loop`s
+  that end when every row is done, one per cache window: see cache_windows): no per-token
+  dispatch. Used by train's final sample, eval and the benchmark in experiments/bench_decode/.
 - `Generator.stream`: one jitted prefill, then one jitted step per token, each step dispatched
-  before the previous token is read back, so the host work overlaps the device's.
+  before the previous token is read back, so the host work overlaps the device's. Its cache is
+  the whole bucket from the start, so that no new window compiles in the middle of a reply.
 `stream_text` / `generate_text` add text on top: stop strings, and whole characters only when a
 multi-byte character spans tokens.
 
