@@ -206,10 +206,10 @@ def test_cache_windows_double_up_to_the_cache_length():
 
 
 def test_generate_through_growing_caches_equals_streaming_over_one(long_generator):
-  # Rows of 3, 50 and 1 prompt tokens and 150 new ones: generate's loop attends over 64, then
-  # 128, then 256 slots, each row passing the windows' ends at its own step; stream attends over
-  # one cache of 256 slots throughout.
-  prompts = [[1, 2, 3], list(range(10, 60)), [9]]
+  # Rows of 3, 50, 1 and 64 prompt tokens and 150 new ones: generate's loop attends over 64,
+  # then 128, then 256 slots, each row passing the windows' ends at its own step (the last row
+  # fills the first window with its prompt); stream attends over one cache of 256 slots.
+  prompts = [[1, 2, 3], list(range(10, 60)), [9], list(range(100, 164))]
   assert decode.cache_windows(64, 256) == [64, 128, 256]
   greedy = long_generator.generate(prompts, 150, temperature=0)
   assert greedy == collect(long_generator.stream(prompts, 150, temperature=0))
