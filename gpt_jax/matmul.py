@@ -14,7 +14,7 @@ gradient's x.T, a kernel's w.T) first. In float32 it is a plain product.
 
 A product of a few rows (a decoding step) runs on XLA:CPU at about twice the speed with the
 many-row operand on the left: `few_rows_product` computes x @ w.T for w stored [out, in] as
-(w @ x.T).T. The tied output head at 8 rows took 11.3 ms as x @ E.T and 6.2 ms so
+(w @ x.T).T. The tied output head at 8 rows took 11.3 ms as x @ E.T and 6.2 ms in that form
 (experiments/bench_decode/README.md).
 """
 
