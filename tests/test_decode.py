@@ -226,10 +226,9 @@ def test_generate_through_growing_caches_equals_streaming_over_one(long_generato
 def test_decoding_loop_updates_the_cache_in_place(long_generator, rows):
   # A copy of a cache-sized buffer in the compiled loop costs a cache read and write per layer
   # per token: the batch-1 decoding loop once held 4 per k or v array per token.
-  generator = long_generator
-  req = generator._request([[1, 2, 3]] * rows, 200, 1, False, None, 0, temperature=0)  # pylint: disable=protected-access
-  compiled = generator._generate.lower(  # pylint: disable=protected-access
-      generator.params, req.tokens, req.lengths, req.max_new, req.dynamic, mode=req.mode,
+  req = long_generator._request([[1, 2, 3]] * rows, 200, 1, False, None, 0, temperature=0)  # pylint: disable=protected-access
+  compiled = long_generator._generate.lower(  # pylint: disable=protected-access
+      long_generator.params, req.tokens, req.lengths, req.max_new, req.dynamic, mode=req.mode,
       cache_len=req.cache_len).compile()
   text = compiled.as_text()
   body_names = re.findall(r' while\(.*body=%([\w.-]+)', text)
