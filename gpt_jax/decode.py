@@ -70,15 +70,24 @@ def restrict_vocab(logits, num_tokens: int | None):
 def greedy_tokens(logits, chunk: int = 128):
   """argmax of logits [batch, vocab] over the vocabulary (the first of equal maxima), in two
   levels: the best chunk of `chunk` ids, then the best id in it. XLA:CPU runs a one-level
-  argmax over a 50k vocabulary on one thread in about 0.96 ms; in two levels, 0.09 ms (8 rows).
+  argmax over a 50k vocabulary on one thread in about 0.95 ms; in two levels, 0.06 ms (8 rows).
+
+  A vocabulary that is no multiple of `chunk` (GPT-2's 50,257) is padded with -inf for the
+  first level only, and the second reads the unpadded logits from the best chunk's start, moved
+  back to fit when it is the last: the ids it then reads twice are below the best (an equal
+  maximum there would have made its own chunk the best).
   """
   batch, vocab = logits.shape
-  if vocab % chunk:
+  if vocab <= chunk:
     return jnp.argmax(logits, axis=-1)
-  chunks = logits.reshape(batch, vocab // chunk, chunk)
-  best_chunk = jnp.argmax(chunks.max(axis=-1), axis=-1)
-  within = jnp.take_along_axis(chunks, best_chunk[:, None, None], axis=1)[:, 0]
-  return best_chunk * chunk + jnp.argmax(within, axis=-1)
+  whole = vocab // chunk * chunk
+  chunk_max = logits[:, :whole].reshape(batch, -1, chunk).max(axis=-1)
+  if whole < vocab:
+    chunk_max = jnp.concatenate([chunk_max, logits[:, whole:].max(axis=-1, keepdims=True)], 1)
+  best_chunk = jnp.argmax(chunk_max, axis=-1)
+  start = jnp.minimum(best_chunk * chunk, vocab - chunk)
+  within = jnp.take_along_axis(logits, start[:, None] + jnp.arange(chunk), axis=1)
+  return start + jnp.argmax(within, axis=-1)
 
 
 def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):

@@ -184,7 +184,7 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_drawn(generator, params):
   assert drawn.size == len(PROMPTS) * 4 * 20 and (drawn < 200).all()
 
 
-@pytest.mark.parametrize('vocab', [512, 257])
+@pytest.mark.parametrize('vocab', [512, 257, 300])
 def test_greedy_tokens_is_the_first_argmax(vocab):
   rng = np.random.default_rng(0)
   logits = rng.standard_normal((6, vocab)).astype(np.float32)
