@@ -12,7 +12,8 @@ import pytest
 from gpt_jax import config as config_lib, sharding
 from gpt_jax.errors import ConfigError
 from gpt_jax.decode import Generator, sample_logits
-from gpt_jax.model import ModelConfig, Projection, Transformer, unstack_layers
+from gpt_jax.model import (ModelConfig, Projection, Transformer, causal_attention,
+                            unstack_layers)
 
 GPT2 = dict()
 LLAMA = dict(position='rope', norm='rmsnorm', mlp='swiglu', num_kv_heads=2, use_bias=False,
@@ -208,6 +209,31 @@ def test_scan_unroll_and_eval_batch_size_are_checked():
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize('heads,kv_heads', [(4, 4), (8, 2), (4, 1)])
+def test_causal_attention_equals_jax_dot_product_attention(heads, kv_heads):
+  b, t, d = 2, 12, 8
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (b, t, heads, d))
+  k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in keys[1:3])
+  weights = jax.random.normal(keys[3], (b, t, heads, d))
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  segments = jnp.array([[0] * t, [0] * 5 + [1] * (t - 5)])  # row 1: two packed sequences
+  mask = ((positions[:, None, :, None] >= positions[:, None, None, :])
+          & (segments[:, None, :, None] == segments[:, None, None, :]))
+
+  def reference(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+  def ours(q, k, v):
+    return causal_attention(q, k, v, mask)
+
+  np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=1e-6)
+  grads = [jax.grad(lambda *qkv, f=f: jnp.sum(f(*qkv) * weights), argnums=(0, 1, 2))(q, k, v)
+           for f in (ours, reference)]
+  for got, expected in zip(*grads):
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize('layout', [GPT2, LLAMA], ids=['gpt2', 'llama'])
 def test_bfloat16_compute_runs_the_backward_matmuls_in_bfloat16(layout):
   cfg, model, params = make(layout, compute_dtype='bfloat16')
@@ -221,8 +247,8 @@ def test_bfloat16_compute_runs_the_backward_matmuls_in_bfloat16(layout):
   products = re.findall(r'stablehlo\.dot_general .*?: \(tensor<(?:\d+x)*(\w+)>, '
                         r'tensor<(?:\d+x)*(\w+)>\) -> tensor<(?:\d+x)*(\w+)>', program)
   assert len(products) > 10 * cfg.num_layers
-  # Only jax.nn.dot_product_attention's float32 logits send a float32 cotangent back into two
-  # products per layer; every projection, the output head and their gradients take bf16.
+  # Only attention's float32 logits send a float32 cotangent back into two products per layer;
+  # every projection, the output head and their gradients take bf16.
   float32 = [types for types in products if 'f32' in types[:2]]
   assert len(float32) <= 2 * cfg.num_layers, float32
   # ... and accumulate in float32 (XLA:CPU's fast bf16 products need that asked for).

@@ -1,0 +1,83 @@
+r"""The model's attention against jax.nn.dot_product_attention in the train step, in one run.
+
+  python experiments/benchmarks/bench_attention.py                       # baby, 10m, 124m; float32 and bf16
+  python experiments/benchmarks/bench_attention.py --shapes=10m --dtypes=float32 --blocks=6
+
+`model.causal_attention` writes attention as two einsums over [batch, heads, t, s] logits; the
+reference is `jax.nn.dot_product_attention`, which the model called before (the same float32
+logits and softmax). Both train steps are bench_train.py's real step (same shapes, optimizer,
+donation), compiled in this process; the reference is put in the model while its step is
+traced. Timed blocks alternate; each row prints the median block's ms/step and the speedup.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import jax
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_train  # noqa: E402
+from gpt_jax import host_memory, model  # noqa: E402
+
+OURS = 'causal_attention'
+VARIANTS = {
+    OURS: model.causal_attention,
+    'jax.nn': lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask),
+}
+
+
+def bench(name: str, dtype: str, blocks: int) -> dict:
+  shape = bench_train.SHAPES[name]
+  steps = shape[6]
+  sides = {}
+  for variant, attention in VARIANTS.items():
+    model.causal_attention = attention  # what Attention calls while this step is traced
+    try:
+      sides[variant] = bench_train.Ours(shape, dtype, 4)
+    finally:
+      model.causal_attention = VARIANTS[OURS]
+  for side in sides.values():
+    side.steps(1)
+  times = {variant: [] for variant in sides}
+  for _ in range(blocks):
+    for variant, side in sides.items():
+      times[variant].append(side.steps(steps) / steps * 1000)
+  medians = {variant: statistics.median(t) for variant, t in times.items()}
+  return {'shape': name, 'dtype': dtype, 'ms_per_step': medians, 'blocks': times,
+          'last_loss': {variant: side.last_loss for variant, side in sides.items()}}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--shapes', default='baby,10m,124m')
+  parser.add_argument('--dtypes', default='float32,bfloat16')
+  parser.add_argument('--blocks', type=int, default=4, help='timed blocks per variant')
+  parser.add_argument('--json', default='', help='write every row and block time here')
+  args = parser.parse_args()
+  host_memory.keep_freed_memory()  # as gpt_jax.train does on CPU; before JAX starts
+  print(f'jax {jax.__version__}, {os.cpu_count()} CPUs')
+  print('| shape | dtype | causal_attention ms/step | jax.nn.dot_product_attention ms/step | '
+        'speedup |')
+  print('|---|---|---|---|---|')
+  rows = []
+  for name in args.shapes.split(','):
+    for dtype in args.dtypes.split(','):
+      row = bench(name, dtype, args.blocks)
+      rows.append(row)
+      ms = row['ms_per_step']
+      print(f"| {name} | {dtype} | {ms[OURS]:.1f} | {ms['jax.nn']:.1f} | "
+            f"{ms['jax.nn'] / ms[OURS]:.2f}x |", flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                 'argv': sys.argv[1:], 'jax': jax.__version__, 'load_average': os.getloadavg(),
+                 'rows': rows}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
