@@ -41,12 +41,7 @@ def bench(name: str, dtype: str, blocks: int) -> dict:
       sides[variant] = bench_train.Ours(shape, dtype, 4)
     finally:
       model.causal_attention = VARIANTS[OURS]
-  for side in sides.values():
-    side.steps(1)
-  times = {variant: [] for variant in sides}
-  for _ in range(blocks):
-    for variant, side in sides.items():
-      times[variant].append(side.steps(steps) / steps * 1000)
+  times = bench_train.alternate(sides, steps, blocks)
   medians = {variant: statistics.median(t) for variant, t in times.items()}
   return {'shape': name, 'dtype': dtype, 'ms_per_step': medians, 'blocks': times,
           'last_loss': {variant: side.last_loss for variant, side in sides.items()}}

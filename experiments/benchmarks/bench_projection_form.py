@@ -59,12 +59,7 @@ def bench(name: str, blocks: int) -> dict:
   sides = {'2-D products': bench_train.Ours(shape, 'float32', 4)}
   with nn.intercept_methods(_einsum_form):  # active while the step is traced and compiled
     sides['einsum form'] = bench_train.Ours(shape, 'float32', 4)
-  for side in sides.values():
-    side.steps(1)
-  times = {side: [] for side in sides}
-  for _ in range(blocks):
-    for side_name, side in sides.items():
-      times[side_name].append(side.steps(steps) / steps * 1000)
+  times = bench_train.alternate(sides, steps, blocks)
   medians = {side: statistics.median(t) for side, t in times.items()}
   losses = {side: s.last_loss for side, s in sides.items()}
   return {'ms_per_step': medians, 'last_loss': losses,

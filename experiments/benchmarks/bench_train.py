@@ -101,6 +101,18 @@ class Ours:
     return time.perf_counter() - start
 
 
+def alternate(sides: dict, steps: int, blocks: int) -> dict:
+  """Each side's ms/step in `blocks` timed blocks of `steps` steps, the sides taking turns, after
+  one untimed step each; for comparing variants of our step compiled in one process."""
+  for side in sides.values():
+    side.steps(1)
+  times = {name: [] for name in sides}
+  for _ in range(blocks):
+    for name, side in sides.items():
+      times[name].append(side.steps(steps) / steps * 1000)
+  return times
+
+
 # ---------------------------------------------------------------------------------- torch side
 
 class Reference:
