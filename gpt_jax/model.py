@@ -255,7 +255,7 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
   return y.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)
 
 
-def causal_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+def masked_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """Softmax attention of q [b, t, heads, d] over k, v [b, s, kv_heads, d] where mask
   [b, 1, t, s] is true; query head i reads kv head i // (heads / kv_heads). The same as
   `jax.nn.dot_product_attention(q, k, v, mask=mask)` (float32 logits and softmax), written as
@@ -306,7 +306,7 @@ class Attention(nn.Module):
       mask = (positions[:, None, :, None] >= positions[:, None, None, :])
       if segment_ids is not None:  # packed sequences: attend within one's own segment only
         mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-      y = causal_attention(q, k, v, mask)
+      y = masked_attention(q, k, v, mask)
     else:
       # Decoding: attend to the cache's earlier slots and to this call's keys and values, then
       # write those into their positions' slots.

@@ -12,7 +12,7 @@ import pytest
 from gpt_jax import config as config_lib, sharding
 from gpt_jax.errors import ConfigError
 from gpt_jax.decode import Generator, sample_logits
-from gpt_jax.model import (ModelConfig, Projection, Transformer, causal_attention,
+from gpt_jax.model import (ModelConfig, Projection, Transformer, masked_attention,
                             unstack_layers)
 
 GPT2 = dict()
@@ -210,7 +210,7 @@ def test_scan_unroll_and_eval_batch_size_are_checked():
 
 
 @pytest.mark.parametrize('heads,kv_heads', [(4, 4), (8, 2), (4, 1)])
-def test_causal_attention_equals_jax_dot_product_attention(heads, kv_heads):
+def test_masked_attention_equals_jax_dot_product_attention(heads, kv_heads):
   b, t, d = 2, 12, 8
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (b, t, heads, d))
@@ -225,7 +225,7 @@ def test_causal_attention_equals_jax_dot_product_attention(heads, kv_heads):
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
   def ours(q, k, v):
-    return causal_attention(q, k, v, mask)
+    return masked_attention(q, k, v, mask)
 
   np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=1e-6)
   grads = [jax.grad(lambda *qkv, f=f: jnp.sum(f(*qkv) * weights), argnums=(0, 1, 2))(q, k, v)

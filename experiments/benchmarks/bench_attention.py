@@ -3,7 +3,7 @@ r"""The model's attention against jax.nn.dot_product_attention in the train step
   python experiments/benchmarks/bench_attention.py                       # baby, 10m, 124m; float32 and bf16
   python experiments/benchmarks/bench_attention.py --shapes=10m --dtypes=float32 --blocks=6
 
-`model.causal_attention` writes attention as two einsums over [batch, heads, t, s] logits; the
+`model.masked_attention` writes attention as two einsums over [batch, heads, t, s] logits; the
 reference is `jax.nn.dot_product_attention`, which the model called before (the same float32
 logits and softmax). Both train steps are bench_train.py's real step (same shapes, optimizer,
 donation), compiled in this process; the reference is put in the model while its step is
@@ -24,9 +24,9 @@ sys.path.insert(0, HERE)
 import bench_train  # noqa: E402
 from gpt_jax import host_memory, model  # noqa: E402
 
-OURS = 'causal_attention'
+OURS = 'masked_attention'
 VARIANTS = {
-    OURS: model.causal_attention,
+    OURS: model.masked_attention,
     'jax.nn': lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask),
 }
 
@@ -36,11 +36,11 @@ def bench(name: str, dtype: str, blocks: int) -> dict:
   steps = shape[6]
   sides = {}
   for variant, attention in VARIANTS.items():
-    model.causal_attention = attention  # what Attention calls while this step is traced
+    model.masked_attention = attention  # what Attention calls while this step is traced
     try:
       sides[variant] = bench_train.Ours(shape, dtype, 4)
     finally:
-      model.causal_attention = VARIANTS[OURS]
+      model.masked_attention = VARIANTS[OURS]
   times = bench_train.alternate(sides, steps, blocks)
   medians = {variant: statistics.median(t) for variant, t in times.items()}
   return {'shape': name, 'dtype': dtype, 'ms_per_step': medians, 'blocks': times,
@@ -56,7 +56,7 @@ def main():
   args = parser.parse_args()
   host_memory.keep_freed_memory()  # as gpt_jax.train does on CPU; before JAX starts
   print(f'jax {jax.__version__}, {os.cpu_count()} CPUs')
-  print('| shape | dtype | causal_attention ms/step | jax.nn.dot_product_attention ms/step | '
+  print('| shape | dtype | masked_attention ms/step | jax.nn.dot_product_attention ms/step | '
         'speedup |')
   print('|---|---|---|---|---|')
   rows = []
