@@ -265,16 +265,15 @@ def masked_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   b, t, heads, d = q.shape
   kv_heads = k.shape[2]
   if kv_heads == heads:  # XLA:CPU ran the grouped form below with groups of one more slowly
-    logits = jnp.einsum('btnd,bsnd->bnts', q, k, preferred_element_type=jnp.float32)
-  else:
+    scores, weighted = 'btnd,bsnd->bnts', 'bnts,bsnd->btnd'
+  else:  # query heads grouped over their kv head
+    scores, weighted = 'btkgd,bskd->bkgts', 'bkgts,bskd->btkgd'
     q = q.reshape(b, t, kv_heads, heads // kv_heads, d)
-    logits = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
     mask = mask[:, :, None]
+  logits = jnp.einsum(scores, q, k, preferred_element_type=jnp.float32)
   logits = jnp.where(mask, logits * d ** -0.5, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  if kv_heads == heads:
-    return jnp.einsum('bnts,bsnd->btnd', probs, v)
-  return jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(b, t, heads, d)
+  return jnp.einsum(weighted, probs, v).reshape(b, t, heads, d)
 
 
 class Attention(nn.Module):
