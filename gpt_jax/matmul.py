@@ -104,3 +104,65 @@ def matmul(x: Array, w: Array, dtype, w_transposed: bool = False) -> Array:
     x, w = x.astype(dtype), w.astype(dtype)
     return x @ (w.T if w_transposed else w)
   return _low_precision_matmul(x, w, dtype, w_transposed)
+
+
+def _einsum_in(spec: str, a: Array, b: Array, dtype, out_dtype) -> Array:
+  """jnp.einsum(spec, a, b) summed in float32, as one product [batch, m, k] @ [batch, k, n]
+  transposed to the output. XLA:CPU's bf16 products run only in its fast (YNNPACK) path, which
+  takes an operand laid out [batch, k, n] only on the right: an einsum handed to it with
+  such an operand on the left compiled to a product that failed at run time ("Unsupported
+  element type for DotThunk"). So that operand goes on the right."""
+  inputs, out = spec.split('->')
+  a_axes, b_axes = inputs.split(',')
+  if _rows_by_columns(a_axes, b_axes, out) and not _rows_by_columns(b_axes, a_axes, out):
+    (a_axes, a), (b_axes, b) = (b_axes, b), (a_axes, a)
+  batch = [x for x in a_axes if x in b_axes and x in out]
+  product = ''.join(batch + [x for x in a_axes if x not in b_axes]
+                    + [x for x in b_axes if x not in a_axes])
+  y = jnp.einsum(f'{a_axes},{b_axes}->{product}', a.astype(dtype), b.astype(dtype),
+                 preferred_element_type=jnp.float32)
+  return jnp.transpose(y, [product.index(x) for x in out]).astype(out_dtype)
+
+
+def _rows_by_columns(axes: str, other: str, out: str) -> bool:
+  """Whether an operand with these axes is laid out [batch..., contracted..., free...]."""
+  batch = [x for x in axes if x in other and x in out]
+  contracted = [x for x in axes if x in other and x not in out]
+  free = [x for x in axes if x not in other]
+  return list(axes) == batch + contracted + free and bool(contracted) and bool(free)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _low_precision_einsum(spec: str, a: Array, b: Array, dtype, out_dtype) -> Array:
+  return _einsum_in(spec, a, b, dtype, out_dtype)
+
+
+def _einsum_forward(spec, a, b, dtype, out_dtype):
+  return _einsum_in(spec, a, b, dtype, out_dtype), (a, b)
+
+
+def _einsum_backward(spec, dtype, out_dtype, residuals, dy):
+  a, b = residuals
+  inputs, out = spec.split('->')
+  a_axes, b_axes = inputs.split(',')
+  # Every axis of each operand is in the other or in the output (no axis summed out alone),
+  # so each gradient is the same kind of product.
+  da = _einsum_in(f'{out},{b_axes}->{a_axes}', dy, b, dtype, a.dtype)
+  db = _einsum_in(f'{a_axes},{out}->{b_axes}', a, dy, dtype, b.dtype)
+  return da, db
+
+
+_low_precision_einsum.defvjp(_einsum_forward, _einsum_backward)
+
+
+def einsum(spec: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
+  """jnp.einsum(spec, a, b) with operands in `dtype`, summed in float32, returned in `out_dtype`
+  (or `dtype`). In a low-precision dtype its gradients are the same kind of product: the
+  cotangent is cast to `dtype`, so that a float32 output (attention's logits) does not send
+  float32 operands into the backward products. Every axis of `a` must be in `b` or the output,
+  and likewise for `b`."""
+  dtype = jnp.dtype(dtype)
+  out_dtype = jnp.dtype(out_dtype or dtype)
+  if dtype == jnp.float32:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype)).astype(out_dtype)
+  return _low_precision_einsum(spec, a, b, dtype, out_dtype)

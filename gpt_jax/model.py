@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from gpt_jax.errors import ConfigError
-from gpt_jax.matmul import matmul
+from gpt_jax.matmul import einsum, matmul
 
 Array = jax.Array
 # One layer's KV cache: {'k': [batch, kv_heads, max_len, head_dim], 'v': same}. Each head's slots
@@ -270,10 +270,10 @@ def masked_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     scores, weighted = 'btkgd,bskd->bkgts', 'bkgts,bskd->btkgd'
     q = q.reshape(b, t, kv_heads, heads // kv_heads, d)
     mask = mask[:, :, None]
-  logits = jnp.einsum(scores, q, k, preferred_element_type=jnp.float32)
+  logits = einsum(scores, q, k, q.dtype, jnp.float32)
   logits = jnp.where(mask, logits * d ** -0.5, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum(weighted, probs, v).reshape(b, t, heads, d)
+  return einsum(weighted, probs, v, v.dtype).reshape(b, t, heads, d)
 
 
 class Attention(nn.Module):

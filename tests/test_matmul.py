@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax.matmul import FEW_ROWS, matmul
+from gpt_jax.matmul import FEW_ROWS, einsum, matmul
 
 
 @pytest.mark.parametrize('w_transposed', [False, True], ids=['w', 'w_transposed'])
@@ -101,3 +101,39 @@ def _xla_keeps_bfloat16_products() -> bool:
   program = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)).lower(
       a, b).compile().as_text()
   return _compiled_dot_operand_dtypes(program) == [('bf16', 'bf16')]
+
+
+@pytest.mark.parametrize('out_dtype', ['bfloat16', 'float32'])
+def test_bfloat16_einsum_and_its_gradients_are_products_of_bfloat16_operands(out_dtype):
+  # Attention's two products: logits (float32 out) and probabilities @ values (bf16 out).
+  spec = 'btnd,bsnd->bnts' if out_dtype == 'float32' else 'bnts,bsnd->btnd'
+  a_shape, b_shape = ((2, 6, 3, 8), (2, 5, 3, 8)) if out_dtype == 'float32' else (
+      (2, 3, 6, 5), (2, 5, 3, 8))
+  rng = np.random.default_rng(2)
+  a, b = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in (a_shape, b_shape))
+  y, vjp = jax.vjp(lambda a, b: einsum(spec, a, b, 'bfloat16', out_dtype), a, b)
+  dy = jnp.asarray(rng.standard_normal(y.shape), out_dtype)
+  da, db = jax.jit(vjp)(dy)
+
+  as_bf16 = lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float64)
+  exact = lambda spec, x, z: np.einsum(spec, as_bf16(x), as_bf16(z))
+  inputs, out = spec.split('->')
+  a_axes, b_axes = inputs.split(',')
+  assert y.dtype == out_dtype and da.dtype == db.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float64), exact(spec, a, b), rtol=2 ** -7, atol=1e-5)
+  # The cotangent is rounded to bf16 first (a float32 one would make float32 products).
+  np.testing.assert_allclose(np.asarray(da, np.float64), exact(f'{out},{b_axes}->{a_axes}', dy, b),
+                             rtol=2 ** -7, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(db, np.float64), exact(f'{a_axes},{out}->{b_axes}', a, dy),
+                             rtol=2 ** -7, atol=2e-2)
+  program = jax.jit(vjp).lower(dy).as_text()
+  assert re.findall(r'stablehlo\.dot_general .*?: \(tensor<(?:\d+x)*(\w+)>, '
+                    r'tensor<(?:\d+x)*(\w+)>\)', program) == [('bf16', 'bf16')] * 2
+
+
+def test_float32_einsum_is_the_plain_einsum():
+  rng = np.random.default_rng(3)
+  a = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+  np.testing.assert_array_equal(einsum('bid,bjd->bij', a, b, 'float32'),
+                                jnp.einsum('bid,bjd->bij', a, b))
