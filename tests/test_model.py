@@ -233,6 +233,16 @@ def test_masked_attention_equals_jax_dot_product_attention(heads, kv_heads):
   for got, expected in zip(*grads):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
+  # bf16 operands: values and gradients (bf16 products, float32 sums) near the float32 ones.
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  np.testing.assert_allclose(ours(*bf16).astype(jnp.float32), reference(q, k, v), atol=0.05)
+  bf16_grads = jax.jit(jax.grad(lambda *qkv: jnp.sum(ours(*qkv).astype(jnp.float32) * weights),
+                                argnums=(0, 1, 2)))(*bf16)
+  for got, expected in zip(bf16_grads, grads[1]):
+    assert got.dtype == jnp.bfloat16
+    scale = float(jnp.abs(expected).max())
+    np.testing.assert_allclose(got.astype(jnp.float32), expected, atol=0.03 * scale)
+
 
 @pytest.mark.parametrize('layout', [GPT2, LLAMA], ids=['gpt2', 'llama'])
 def test_bfloat16_compute_runs_the_backward_matmuls_in_bfloat16(layout):
