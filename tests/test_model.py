@@ -225,20 +225,24 @@ def test_masked_attention_equals_jax_dot_product_attention(heads, kv_heads):
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
   def ours(q, k, v):
+    return masked_attention(q, k, v, mask, causal=True)  # the mask is causal: halves skipped
+
+  def ours_whole(q, k, v):
     return masked_attention(q, k, v, mask)
 
   np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=1e-6)
   grads = [jax.grad(lambda *qkv, f=f: jnp.sum(f(*qkv) * weights), argnums=(0, 1, 2))(q, k, v)
-           for f in (ours, reference)]
-  for got, expected in zip(*grads):
+           for f in (reference, ours, ours_whole)]
+  for expected, got, got_whole in zip(*grads):
     np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got_whole, expected, atol=1e-5)
 
   # bf16 operands: values and gradients (bf16 products, float32 sums) near the float32 ones.
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
   np.testing.assert_allclose(ours(*bf16).astype(jnp.float32), reference(q, k, v), atol=0.05)
   bf16_grads = jax.jit(jax.grad(lambda *qkv: jnp.sum(ours(*qkv).astype(jnp.float32) * weights),
                                 argnums=(0, 1, 2)))(*bf16)
-  for got, expected in zip(bf16_grads, grads[1]):
+  for got, expected in zip(bf16_grads, grads[0]):
     assert got.dtype == jnp.bfloat16
     scale = float(jnp.abs(expected).max())
     np.testing.assert_allclose(got.astype(jnp.float32), expected, atol=0.03 * scale)

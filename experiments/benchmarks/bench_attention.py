@@ -1,13 +1,17 @@
-r"""The model's attention against jax.nn.dot_product_attention in the train step, in one run.
+r"""The model's attention against earlier forms of it and jax.nn.dot_product_attention, in the
+train step, in one run.
 
   python experiments/benchmarks/bench_attention.py                       # baby, 10m, 124m; float32 and bf16
   python experiments/benchmarks/bench_attention.py --shapes=10m --dtypes=float32 --blocks=6
 
-`model.masked_attention` writes attention as two einsums over [batch, heads, t, s] logits; the
-reference is `jax.nn.dot_product_attention`, which the model called before (the same float32
-logits and softmax). Both train steps are bench_train.py's real step (same shapes, optimizer,
-donation), compiled in this process; the reference is put in the model while its step is
-traced. Timed blocks alternate; each row prints the median block's ms/step and the speedup.
+`model.masked_attention` writes attention as two einsums over [batch, heads, t, s] logits
+through `gpt_jax.matmul.einsum` and, the mask being causal, computes the first half of the
+queries over the first half of the keys only. The others: "whole logits", the same without
+the halves; "jnp.einsum", the einsums as `jnp.einsum` (bf16 sums in the second product, float32
+gradient products for the logits); "jax.nn", `jax.nn.dot_product_attention` (the same float32
+logits and softmax). All train steps are bench_train.py's real step (same shapes, optimizer,
+donation), compiled in this process; each variant is put in the model while its step is
+traced. Timed blocks alternate; each row prints the median block's ms/step and the speedups.
 """
 
 import argparse
@@ -27,7 +31,7 @@ from gpt_jax import host_memory, model  # noqa: E402
 
 
 
-def jnp_einsum_attention(q, k, v, mask):
+def jnp_einsum_attention(q, k, v, mask, causal=False):
   """model.masked_attention as it was before its products went through gpt_jax.matmul.einsum:
   the same two einsums by jnp.einsum, float32 sums asked for in the logits only, so that in
   bf16 the second product sums in bf16 and the logits' gradients are float32 products."""
@@ -48,8 +52,9 @@ def jnp_einsum_attention(q, k, v, mask):
 OURS = 'masked_attention'
 VARIANTS = {
     OURS: model.masked_attention,
+    'whole logits': lambda q, k, v, mask, causal=False: model.masked_attention(q, k, v, mask),
     'jnp.einsum': jnp_einsum_attention,
-    'jax.nn': lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask),
+    'jax.nn': lambda q, k, v, mask, causal=False: jax.nn.dot_product_attention(q, k, v, mask=mask),
 }
 
 
@@ -78,17 +83,20 @@ def main():
   args = parser.parse_args()
   host_memory.keep_freed_memory()  # as gpt_jax.train does on CPU; before JAX starts
   print(f'jax {jax.__version__}, {os.cpu_count()} CPUs')
-  print('| shape | dtype | masked_attention ms/step | jnp.einsum form ms/step | '
-        'jax.nn.dot_product_attention ms/step | speedup over jnp.einsum | over jax.nn |')
-  print('|---|---|---|---|---|---|---|')
+  others = [name for name in VARIANTS if name != OURS]
+  print(f'| shape | dtype | {OURS} ms/step | '
+        + ' | '.join(f'{name} ms/step' for name in others) + ' | '
+        + ' | '.join(f'speedup over {name}' for name in others) + ' |')
+  print('|---' * (3 + 2 * len(others)) + '|')
   rows = []
   for name in args.shapes.split(','):
     for dtype in args.dtypes.split(','):
       row = bench(name, dtype, args.blocks)
       rows.append(row)
       ms = row['ms_per_step']
-      print(f"| {name} | {dtype} | {ms[OURS]:.1f} | {ms['jnp.einsum']:.1f} | {ms['jax.nn']:.1f} | "
-            f"{ms['jnp.einsum'] / ms[OURS]:.2f}x | {ms['jax.nn'] / ms[OURS]:.2f}x |", flush=True)
+      print(f'| {name} | {dtype} | {ms[OURS]:.1f} | '
+            + ' | '.join(f'{ms[other]:.1f}' for other in others) + ' | '
+            + ' | '.join(f'{ms[other] / ms[OURS]:.2f}x' for other in others) + ' |', flush=True)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
