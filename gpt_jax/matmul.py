@@ -161,6 +161,12 @@ def einsum(spec: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
   cotangent is cast to `dtype`, so that a float32 output (attention's logits) does not send
   float32 operands into the backward products. Every axis of `a` must be in `b` or the output,
   and likewise for `b`."""
+  inputs, out = spec.split('->')
+  a_axes, b_axes = inputs.split(',')
+  summed_alone = set(a_axes) - set(b_axes + out) | set(b_axes) - set(a_axes + out)
+  if summed_alone:
+    raise ValueError(f'einsum {spec!r}: axes {sorted(summed_alone)} are summed out of one '
+                     'operand alone; sum them before the product')
   dtype = jnp.dtype(dtype)
   out_dtype = jnp.dtype(out_dtype or dtype)
   if dtype == jnp.float32:

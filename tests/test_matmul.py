@@ -137,3 +137,8 @@ def test_float32_einsum_is_the_plain_einsum():
   b = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
   np.testing.assert_array_equal(einsum('bid,bjd->bij', a, b, 'float32'),
                                 jnp.einsum('bid,bjd->bij', a, b))
+
+
+def test_einsum_names_an_axis_summed_out_of_one_operand_alone():
+  with pytest.raises(ValueError, match=r"axes \['j'\] are summed out of one operand alone"):
+    einsum('ij,ik->ik', jnp.ones((2, 3)), jnp.ones((2, 4)), 'bfloat16')
