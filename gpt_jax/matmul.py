@@ -12,6 +12,10 @@ float32 accumulation in all three products of a projection and, on CPU, hands ea
 row-major operands in the [n, k] @ [k, m] form, copying the transposed ones (a weight
 gradient's x.T, a kernel's w.T) first. In float32 it is a plain product.
 
+`einsum` does the same for batched products (attention's two): operands in the compute dtype,
+sums in float32, and gradients that are products of the same kind, the float32 cotangent of
+attention's logits included (cast to bf16 first, as FlashAttention does).
+
 A product of a few rows (a decoding step) runs on XLA:CPU at about twice the speed with the
 many-row operand on the left: `few_rows_product` computes x @ w.T for w stored [out, in] as
 (w @ x.T).T. The tied output head at 8 rows took 11.3 ms as x @ E.T and 6.2 ms in that form
