@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from gpt_jax.errors import ConfigError
-from gpt_jax.matmul import einsum, matmul
+from gpt_jax.matmul import add_bias, einsum, matmul
 
 Array = jax.Array
 # One layer's KV cache: {'k': [batch, kv_heads, max_len, head_dim], 'v': same}. Each head's slots
@@ -139,11 +139,10 @@ class Projection(nn.Module):
     fan_in = math.prod(self.shape[:self.num_inputs])
     batch_shape = x.shape[:x.ndim - self.num_inputs]
     y = matmul(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1), self.dtype)
-    y = y.reshape(batch_shape + self.shape[self.num_inputs:])
     if self.use_bias:
       bias = self.param('bias', self.bias_init, self.shape[self.num_inputs:], self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+      y = add_bias(y, bias.reshape(-1))
+    return y.reshape(batch_shape + self.shape[self.num_inputs:])
 
 
 def _dense(shape: tuple[int, ...], num_inputs: int, names: tuple[str, ...], cfg: ModelConfig,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax.matmul import FEW_ROWS, einsum, matmul
+from gpt_jax.matmul import FEW_ROWS, add_bias, einsum, matmul
 
 
 @pytest.mark.parametrize('w_transposed', [False, True], ids=['w', 'w_transposed'])
@@ -142,3 +142,24 @@ def test_float32_einsum_is_the_plain_einsum():
 def test_einsum_names_an_axis_summed_out_of_one_operand_alone():
   with pytest.raises(ValueError, match=r"axes \['j'\] are summed out of one operand alone"):
     einsum('ij,ik->ik', jnp.ones((2, 3)), jnp.ones((2, 4)), 'bfloat16')
+
+
+def test_bfloat16_bias_gradient_is_a_product_summed_in_float32():
+  rng = np.random.default_rng(4)
+  y = jnp.asarray(rng.standard_normal((300, 16)), jnp.bfloat16)
+  bias = jnp.asarray(rng.standard_normal(16), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((300, 16)), jnp.bfloat16)
+  out, vjp = jax.vjp(add_bias, y, bias)
+  dy_back, dbias = jax.jit(vjp)(dy)
+  np.testing.assert_array_equal(out, y + bias.astype(jnp.bfloat16))
+  np.testing.assert_array_equal(dy_back, dy)
+  # Summed in float32 over 300 rows: far closer than a bf16 sum could be.
+  exact = np.asarray(dy, np.float64).sum(axis=0)
+  assert dbias.dtype == jnp.float32
+  np.testing.assert_allclose(dbias, exact, rtol=1e-5, atol=1e-4)
+  program = jax.jit(vjp).lower(dy).as_text()
+  assert re.findall(r'stablehlo\.dot_general .*?: \(tensor<(?:\d+x)*(\w+)>, '
+                    r'tensor<(?:\d+x)*(\w+)>\)', program) == [('bf16', 'bf16')]
+  # float32: the plain sum.
+  np.testing.assert_allclose(jax.grad(lambda b: jnp.sum(add_bias(y.astype(jnp.float32), b) * 2))(bias),
+                             np.full(16, 600.0))
