@@ -14,12 +14,10 @@ donation), compiled in this process; each variant is put in the model while its 
 traced. Timed blocks alternate; each row prints the median block's ms/step and the speedups.
 """
 
-import argparse
-import datetime
-import json
+import contextlib
 import os
-import statistics
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +25,7 @@ import jax.numpy as jnp
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_train  # noqa: E402
-from gpt_jax import host_memory, model  # noqa: E402
-
+from gpt_jax import model  # noqa: E402
 
 
 def jnp_einsum_attention(q, k, v, mask, causal=False):
@@ -49,61 +46,21 @@ def jnp_einsum_attention(q, k, v, mask, causal=False):
   return jnp.einsum(weighted, probs, v).reshape(b, t, heads, d)
 
 
+def attention(form):
+  """What Attention calls while a step is traced."""
+  return lambda: mock.patch.object(model, 'masked_attention', form)
+
+
+masked_attention = model.masked_attention
 OURS = 'masked_attention'
-masked_attention = model.masked_attention  # the model's, before bench() swaps in a variant
 VARIANTS = {
-    OURS: masked_attention,
-    'whole logits': lambda q, k, v, mask, causal=False: masked_attention(q, k, v, mask),
-    'jnp.einsum': jnp_einsum_attention,
-    'jax.nn': lambda q, k, v, mask, causal=False: jax.nn.dot_product_attention(q, k, v, mask=mask),
+    OURS: contextlib.nullcontext,
+    'whole logits': attention(lambda q, k, v, mask, causal=False: masked_attention(q, k, v, mask)),
+    'jnp.einsum': attention(jnp_einsum_attention),
+    'jax.nn': attention(lambda q, k, v, mask, causal=False:
+                        jax.nn.dot_product_attention(q, k, v, mask=mask)),
 }
 
 
-def bench(name: str, dtype: str, blocks: int) -> dict:
-  shape = bench_train.SHAPES[name]
-  steps = shape[6]
-  sides = {}
-  for variant, attention in VARIANTS.items():
-    model.masked_attention = attention  # what Attention calls while this step is traced
-    try:
-      sides[variant] = bench_train.Ours(shape, dtype, 4)
-    finally:
-      model.masked_attention = VARIANTS[OURS]
-  times = bench_train.alternate(sides, steps, blocks)
-  medians = {variant: statistics.median(t) for variant, t in times.items()}
-  return {'shape': name, 'dtype': dtype, 'ms_per_step': medians, 'blocks': times,
-          'last_loss': {variant: side.last_loss for variant, side in sides.items()}}
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--shapes', default='baby,10m,124m')
-  parser.add_argument('--dtypes', default='float32,bfloat16')
-  parser.add_argument('--blocks', type=int, default=4, help='timed blocks per variant')
-  parser.add_argument('--json', default='', help='write every row and block time here')
-  args = parser.parse_args()
-  host_memory.keep_freed_memory()  # as gpt_jax.train does on CPU; before JAX starts
-  print(f'jax {jax.__version__}, {os.cpu_count()} CPUs')
-  others = [name for name in VARIANTS if name != OURS]
-  print(f'| shape | dtype | {OURS} ms/step | '
-        + ' | '.join(f'{name} ms/step' for name in others) + ' | '
-        + ' | '.join(f'speedup over {name}' for name in others) + ' |')
-  print('|---' * (3 + 2 * len(others)) + '|')
-  rows = []
-  for name in args.shapes.split(','):
-    for dtype in args.dtypes.split(','):
-      row = bench(name, dtype, args.blocks)
-      rows.append(row)
-      ms = row['ms_per_step']
-      print(f'| {name} | {dtype} | {ms[OURS]:.1f} | '
-            + ' | '.join(f'{ms[other]:.1f}' for other in others) + ' | '
-            + ' | '.join(f'{ms[other] / ms[OURS]:.2f}x' for other in others) + ' |', flush=True)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                 'argv': sys.argv[1:], 'jax': jax.__version__, 'load_average': os.getloadavg(),
-                 'rows': rows}, f, indent=1)
-
-
 if __name__ == '__main__':
-  main()
+  bench_train.compare_in_step(__doc__.split('\n')[0], VARIANTS, OURS)

@@ -113,6 +113,45 @@ def alternate(sides: dict, steps: int, blocks: int) -> dict:
   return times
 
 
+def compare_in_step(description: str, variants: dict, ours: str) -> None:
+  """The command line of a script comparing forms of our step: for each shape and dtype asked
+  for, one step per variant, compiled while variants[name]() (a context manager, e.g.
+  `unittest.mock.patch.object` of a model function) is active, timed by `alternate`; prints a
+  Markdown row per shape and dtype with the speedup of `ours` over each other variant."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument('--shapes', default='baby,10m,124m')
+  parser.add_argument('--dtypes', default='float32,bfloat16')
+  parser.add_argument('--blocks', type=int, default=4, help='timed blocks per variant')
+  parser.add_argument('--json', default='', help='write every row and block time here')
+  args = parser.parse_args()
+  host_memory.keep_freed_memory()  # as gpt_jax.train does on CPU; before JAX starts
+  print(f'jax {jax.__version__}, {os.cpu_count()} CPUs')
+  others = [name for name in variants if name != ours]
+  print(f'| shape | dtype | {ours} ms/step | '
+        + ' | '.join(f'{name} ms/step' for name in others) + ' | '
+        + ' | '.join(f'speedup over {name}' for name in others) + ' |')
+  print('|---' * (3 + 2 * len(others)) + '|')
+  rows = []
+  for name in args.shapes.split(','):
+    for dtype in args.dtypes.split(','):
+      sides = {}
+      for variant, active in variants.items():
+        with active():
+          sides[variant] = Ours(SHAPES[name], dtype, 4)
+      times = alternate(sides, SHAPES[name][6], args.blocks)
+      ms = {variant: statistics.median(t) for variant, t in times.items()}
+      rows.append({'shape': name, 'dtype': dtype, 'ms_per_step': ms, 'blocks': times,
+                   'last_loss': {variant: side.last_loss for variant, side in sides.items()}})
+      print(f'| {name} | {dtype} | {ms[ours]:.1f} | '
+            + ' | '.join(f'{ms[other]:.1f}' for other in others) + ' | '
+            + ' | '.join(f'{ms[other] / ms[ours]:.2f}x' for other in others) + ' |', flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                 'argv': sys.argv[1:], 'jax': jax.__version__, 'load_average': os.getloadavg(),
+                 'rows': rows}, f, indent=1)
+
+
 # ---------------------------------------------------------------------------------- torch side
 
 class Reference:
