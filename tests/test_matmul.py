@@ -161,5 +161,6 @@ def test_bfloat16_bias_gradient_is_a_product_summed_in_float32():
   assert re.findall(r'stablehlo\.dot_general .*?: \(tensor<(?:\d+x)*(\w+)>, '
                     r'tensor<(?:\d+x)*(\w+)>\)', program) == [('bf16', 'bf16')]
   # float32: the plain sum.
-  np.testing.assert_allclose(jax.grad(lambda b: jnp.sum(add_bias(y.astype(jnp.float32), b) * 2))(bias),
+  y32 = y.astype(jnp.float32)
+  np.testing.assert_allclose(jax.grad(lambda b: jnp.sum(add_bias(y32, b) * 2))(bias),
                              np.full(16, 600.0))
