@@ -116,8 +116,7 @@ def _einsum_in(spec: str, a: Array, b: Array, dtype, out_dtype) -> Array:
   takes an operand laid out [batch, k, n] only on the right: an einsum handed to it with
   such an operand on the left compiled to a product that failed at run time ("Unsupported
   element type for DotThunk"). So that operand goes on the right."""
-  inputs, out = spec.split('->')
-  a_axes, b_axes = inputs.split(',')
+  a_axes, b_axes, out = _axes(spec)
   if _rows_by_columns(a_axes, b_axes, out) and not _rows_by_columns(b_axes, a_axes, out):
     (a_axes, a), (b_axes, b) = (b_axes, b), (a_axes, a)
   batch = [x for x in a_axes if x in b_axes and x in out]
@@ -126,6 +125,13 @@ def _einsum_in(spec: str, a: Array, b: Array, dtype, out_dtype) -> Array:
   y = jnp.einsum(f'{a_axes},{b_axes}->{product}', a.astype(dtype), b.astype(dtype),
                  preferred_element_type=jnp.float32)
   return jnp.transpose(y, [product.index(x) for x in out]).astype(out_dtype)
+
+
+def _axes(spec: str) -> tuple[str, str, str]:
+  """'ab,bc->ac' -> ('ab', 'bc', 'ac')."""
+  inputs, out = spec.split('->')
+  a_axes, b_axes = inputs.split(',')
+  return a_axes, b_axes, out
 
 
 def _rows_by_columns(axes: str, other: str, out: str) -> bool:
@@ -147,8 +153,7 @@ def _einsum_forward(spec, a, b, dtype, out_dtype):
 
 def _einsum_backward(spec, dtype, out_dtype, residuals, dy):
   a, b = residuals
-  inputs, out = spec.split('->')
-  a_axes, b_axes = inputs.split(',')
+  a_axes, b_axes, out = _axes(spec)
   # Every axis of each operand is in the other or in the output (no axis summed out alone),
   # so each gradient is the same kind of product.
   da = _einsum_in(f'{out},{b_axes}->{a_axes}', dy, b, dtype, a.dtype)
@@ -165,8 +170,7 @@ def einsum(spec: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
   cotangent is cast to `dtype`, so that a float32 output (attention's logits) does not send
   float32 operands into the backward products. Every axis of `a` must be in `b` or the output,
   and likewise for `b`."""
-  inputs, out = spec.split('->')
-  a_axes, b_axes = inputs.split(',')
+  a_axes, b_axes, out = _axes(spec)
   summed_alone = set(a_axes) - set(b_axes + out) | set(b_axes) - set(a_axes + out)
   if summed_alone:
     raise ValueError(f'einsum {spec!r}: axes {sorted(summed_alone)} are summed out of one '

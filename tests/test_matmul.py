@@ -84,6 +84,12 @@ def test_few_rows_times_a_transposed_kernel_put_the_kernel_on_the_left(dtype):
                                                                                  left_shapes)
 
 
+def _lowered_dot_operand_dtypes(program: str) -> list[tuple[str, str]]:
+  """Operand dtypes of each product in a lowered (StableHLO) program."""
+  return re.findall(r'stablehlo\.dot_general .*?: \(tensor<(?:\d+x)*(\w+)>, '
+                    r'tensor<(?:\d+x)*(\w+)>\)', program)
+
+
 def _compiled_dot_operand_dtypes(program: str) -> list[tuple[str, str]]:
   dtypes = []
   for operands in re.findall(r'\bdot\(%(\S+), %(\S+)\)', program):
@@ -127,8 +133,7 @@ def test_bfloat16_einsum_and_its_gradients_are_products_of_bfloat16_operands(out
   np.testing.assert_allclose(np.asarray(db, np.float64), exact(f'{a_axes},{out}->{b_axes}', a, dy),
                              rtol=2 ** -7, atol=2e-2)
   program = jax.jit(vjp).lower(dy).as_text()
-  assert re.findall(r'stablehlo\.dot_general .*?: \(tensor<(?:\d+x)*(\w+)>, '
-                    r'tensor<(?:\d+x)*(\w+)>\)', program) == [('bf16', 'bf16')] * 2
+  assert _lowered_dot_operand_dtypes(program) == [('bf16', 'bf16')] * 2
 
 
 def test_float32_einsum_is_the_plain_einsum():
@@ -158,8 +163,7 @@ def test_bfloat16_bias_gradient_is_a_product_summed_in_float32():
   assert dbias.dtype == jnp.float32
   np.testing.assert_allclose(dbias, exact, rtol=1e-5, atol=1e-4)
   program = jax.jit(vjp).lower(dy).as_text()
-  assert re.findall(r'stablehlo\.dot_general .*?: \(tensor<(?:\d+x)*(\w+)>, '
-                    r'tensor<(?:\d+x)*(\w+)>\)', program) == [('bf16', 'bf16')]
+  assert _lowered_dot_operand_dtypes(program) == [('bf16', 'bf16')]
   # float32: the plain sum.
   y32 = y.astype(jnp.float32)
   np.testing.assert_allclose(jax.grad(lambda b: jnp.sum(add_bias(y32, b) * 2))(bias),
