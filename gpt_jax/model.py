@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from gpt_jax.activations import gelu
 from gpt_jax.errors import ConfigError
 from gpt_jax.matmul import add_bias, einsum, matmul
 
@@ -348,7 +349,7 @@ class Mlp(nn.Module):
       gate = _project(self, x, 'bte,em->btm', shape, names, 'fc_gate', lora, deterministic)
       h = nn.silu(gate) * h
     else:
-      h = nn.gelu(h, approximate=True)
+      h = gelu(h)
     h = _constrain(h, ('batch', 'length', 'act_mlp'))
     y = _project(self, h, 'btm,me->bte', (cfg.mlp_dim, cfg.emb_dim), ('mlp', 'embed'), 'fc_out',
                  lora, deterministic, stddev=out_std)
