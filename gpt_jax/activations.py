@@ -3,7 +3,9 @@
 Differentiated as written, the tanh GELU keeps several [tokens, mlp] intermediates from the
 forward pass for the backward one, and in a low-precision compute dtype rounds each of them
 to it. `gelu` keeps only its input and computes the derivative from it in float32, in one
-fused pass; values are computed in float32 and returned in the input's dtype.
+fused pass; values are computed in float32 and returned in the input's dtype. bf16 train steps
+ran 1.05-1.11x as fast at the baby and 10m shapes, 1.00-1.02x at 124M; float32 ones as fast as
+before (experiments/benchmarks/bench_gelu.py).
 """
 
 import math
