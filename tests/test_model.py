@@ -276,3 +276,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
       {'params': params}, tokens)
   assert logits.dtype == jnp.float32
   assert 0 < float(jnp.abs(logits - reference).max()) < 0.05  # bf16 inputs, float32 sums
+  # The float32 residual stream starts from the token embeddings as stored, not rounded to bf16.
+  _, state = model.apply({'params': params}, tokens, capture_intermediates=True)
+  (looked_up,) = state['intermediates']['wte']['__call__']
+  np.testing.assert_array_equal(looked_up, params['wte']['embedding'][tokens])
