@@ -6,7 +6,7 @@ against the previous form (a 1-D reshape behind a barrier), in the train step, i
 
 With bf16 compute, every backward product of a projection takes one operand transposed in
 memory (dy @ w.T, x.T @ dy). XLA:CPU compiled the reshape-behind-a-barrier form to an
-elementwise loop and runs a copy with a fixed layout as a tiled transpose. Both train steps are
+elementwise loop, and compiles a copy with a fixed layout as a transpose. Both train steps are
 bench_train.py's real step (same shapes, optimizer, donation), compiled in this process; the
 previous form is put in `gpt_jax.matmul` while its step is traced. Timed blocks alternate; each
 row prints the median block's ms/step. In float32 both forms are the same program.
