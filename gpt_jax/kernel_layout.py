@@ -63,10 +63,11 @@ def _project_output_major(next_fun, args, kwargs, context):
   rows = math.prod(batch_shape)
   x = x.reshape(rows, -1).astype(module.dtype)
   kernel = module.get_variable('params', 'kernel').astype(module.dtype)
+  out_dtype = module.out_dtype or module.dtype
   if rows <= FEW_ROWS:  # the kernel-left form pays only for a handful of rows
-    y = few_rows_product(kernel, x, module.dtype)
+    y = few_rows_product(kernel, x, module.dtype, out_dtype)
   else:
-    y = jnp.einsum('mk,nk->mn', x, kernel)
+    y = jnp.einsum('mk,nk->mn', x, kernel, preferred_element_type=jnp.float32).astype(out_dtype)
   y = y.reshape(batch_shape + tuple(module.shape[num_inputs:]))
   if module.use_bias:
     y = y + module.get_variable('params', 'bias').astype(module.dtype)

@@ -46,12 +46,12 @@ def _transposed_in_memory(x: Array) -> Array:
 FEW_ROWS = 64
 
 
-def few_rows_product(kernel: Array, x: Array, dtype) -> Array:
+def few_rows_product(kernel: Array, x: Array, dtype, out_dtype=None) -> Array:
   """x [n, k] @ kernel.T for kernel [m, k], computed as (kernel @ x.T).T in `dtype`, summed in
-  float32. The barrier keeps XLA from folding the transpose back into the product, which would
-  put the activations on the left again."""
+  float32, returned in `out_dtype` (or `dtype`). The barrier keeps XLA from folding the
+  transpose back into the product, which would put the activations on the left again."""
   y = jnp.matmul(kernel.astype(dtype), x.T.astype(dtype), preferred_element_type=jnp.float32)
-  return jax.lax.optimization_barrier(y).T.astype(dtype)
+  return jax.lax.optimization_barrier(y).T.astype(out_dtype or dtype)
 
 
 def _head_form_pays(rows: int) -> bool:
@@ -67,24 +67,25 @@ def _product(a: Array, b: Array, dtype, out_dtype=None) -> Array:
                     preferred_element_type=jnp.float32).astype(out_dtype or dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _low_precision_matmul(x: Array, w: Array, dtype, w_transposed: bool) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _low_precision_matmul(x: Array, w: Array, dtype, w_transposed: bool, out_dtype) -> Array:
   # Not differentiated (decoding): a few rows take the kernel-left form. Under differentiation
   # (_forward), XLA:CPU compiled the backward products of that form with float32 operands.
   if w_transposed and _head_form_pays(x.shape[0]):
-    return few_rows_product(w, x, dtype)
-  return _row_major_product(x, w, dtype, w_transposed)
+    return few_rows_product(w, x, dtype, out_dtype)
+  return _row_major_product(x, w, dtype, w_transposed, out_dtype)
 
 
-def _row_major_product(x: Array, w: Array, dtype, w_transposed: bool) -> Array:
-  return _product(x, _transposed_in_memory(w.astype(dtype)) if w_transposed else w, dtype)
+def _row_major_product(x: Array, w: Array, dtype, w_transposed: bool, out_dtype) -> Array:
+  return _product(x, _transposed_in_memory(w.astype(dtype)) if w_transposed else w, dtype,
+                  out_dtype)
 
 
-def _forward(x, w, dtype, w_transposed):
-  return _row_major_product(x, w, dtype, w_transposed), (x, w)
+def _forward(x, w, dtype, w_transposed, out_dtype):
+  return _row_major_product(x, w, dtype, w_transposed, out_dtype), (x, w)
 
 
-def _backward(dtype, w_transposed, residuals, dy):
+def _backward(dtype, w_transposed, out_dtype, residuals, dy):
   x, w = residuals
   if w_transposed:  # y = x @ w.T with w [m, k]
     dx = _product(dy, w, dtype)
@@ -98,19 +99,22 @@ def _backward(dtype, w_transposed, residuals, dy):
 _low_precision_matmul.defvjp(_forward, _backward)
 
 
-def matmul(x: Array, w: Array, dtype, w_transposed: bool = False) -> Array:
-  """x [n, k] @ w [k, m] (or @ w.T for w [m, k] when `w_transposed`) -> [n, m] in `dtype`.
+def matmul(x: Array, w: Array, dtype, w_transposed: bool = False, out_dtype=None) -> Array:
+  """x [n, k] @ w [k, m] (or @ w.T for w [m, k] when `w_transposed`) -> [n, m] in `out_dtype`
+  (by default `dtype`).
 
-  Operands are cast to `dtype`; the gradient of `w` is summed in float32 and returned in w's
-  own dtype (float32 parameters get float32 gradients without a bf16 rounding in between).
+  Operands are cast to `dtype` and summed in float32; `out_dtype=float32` returns those sums
+  unrounded (the output head's logits). The gradient of `w` is summed in float32 and returned in
+  w's own dtype (float32 parameters get float32 gradients without a bf16 rounding in between).
   """
   dtype = jnp.dtype(dtype)
+  out_dtype = jnp.dtype(out_dtype or dtype)
   if dtype == jnp.float32:
     if w_transposed and _head_form_pays(x.shape[0]):
-      return few_rows_product(w, x, dtype)
+      return few_rows_product(w, x, dtype, out_dtype)
     x, w = x.astype(dtype), w.astype(dtype)
-    return x @ (w.T if w_transposed else w)
-  return _low_precision_matmul(x, w, dtype, w_transposed)
+    return (x @ (w.T if w_transposed else w)).astype(out_dtype)
+  return _low_precision_matmul(x, w, dtype, w_transposed, out_dtype)
 
 
 def _einsum_in(spec: str, a: Array, b: Array, dtype, out_dtype) -> Array:

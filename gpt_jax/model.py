@@ -133,13 +133,15 @@ class Projection(nn.Module):
   param_dtype: Any
   kernel_init: Any
   bias_init: Any
+  out_dtype: Any = None  # by default `dtype`
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param('kernel', self.kernel_init, self.shape, self.param_dtype)
     fan_in = math.prod(self.shape[:self.num_inputs])
     batch_shape = x.shape[:x.ndim - self.num_inputs]
-    y = matmul(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1), self.dtype)
+    y = matmul(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1), self.dtype,
+               out_dtype=self.out_dtype)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, self.shape[self.num_inputs:], self.param_dtype)
       y = add_bias(y, bias.reshape(-1))
@@ -147,8 +149,8 @@ class Projection(nn.Module):
 
 
 def _dense(shape: tuple[int, ...], num_inputs: int, names: tuple[str, ...], cfg: ModelConfig,
-           stddev: float = 0.02, name: str | None = None, use_bias: bool | None = None
-           ) -> Projection:
+           stddev: float = 0.02, name: str | None = None, use_bias: bool | None = None,
+           out_dtype: Any = None) -> Projection:
   """A projection whose kernel of `shape` has logical axes `names` (inputs, then outputs)."""
   return Projection(
       shape=shape, num_inputs=num_inputs,
@@ -156,7 +158,7 @@ def _dense(shape: tuple[int, ...], num_inputs: int, names: tuple[str, ...], cfg:
       dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
       kernel_init=_init(stddev, names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[num_inputs:]),
-      name=name)
+      out_dtype=out_dtype, name=name)
 
 
 def _project(module: nn.Module, x: Array, einsum_str: str, shape: tuple[int, ...],
@@ -433,14 +435,17 @@ class Transformer(nn.Module):
       x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
     x = make_norm(cfg, 'ln_f')(x)
 
+    # The head's float32 sums are the logits as they are: rounding them to the compute dtype
+    # would lose precision and cost two passes over [tokens, vocab].
     if cfg.tie_embeddings:
       logits = matmul(x.reshape(-1, cfg.emb_dim), embed.embedding, cfg.compute_dtype,
-                      w_transposed=True).reshape(x.shape[:-1] + (cfg.vocab_size,))
+                      w_transposed=True, out_dtype=jnp.float32
+                      ).reshape(x.shape[:-1] + (cfg.vocab_size,))
     else:
       logits = _dense((cfg.emb_dim, cfg.vocab_size), 1, ('embed', 'vocab'), cfg, name='lm_head',
-                      use_bias=False)(x)
+                      use_bias=False, out_dtype=jnp.float32)(x)
     logits = _constrain(logits, ('batch', 'length', 'act_vocab'))
-    return logits.astype(jnp.float32), new_cache
+    return logits, new_cache
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, dtype: Any = None) -> list[LayerCache]:

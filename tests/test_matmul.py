@@ -34,6 +34,32 @@ def test_bfloat16_matmul_and_its_gradients_equal_exact_products_of_the_rounded_i
   assert np.abs(np.asarray(dw) - as_bf16(exact_dw)).max() > 1e-3
 
 
+@pytest.mark.parametrize('rows', [40, 4], ids=['training', 'few_rows'])
+def test_bfloat16_matmul_returns_float32_sums_unrounded(rows):
+  """out_dtype=float32 (the output head's logits): the float32 sums of the bf16 products, not
+  rounded to bf16; the gradients are those of the bf16-output product."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((rows, 96)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((24, 96)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((rows, 24)), jnp.float32)
+  as_bf16 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+  exact = as_bf16(x) @ as_bf16(w).T
+
+  y, vjp = jax.vjp(lambda x, w: matmul(x, w, 'bfloat16', True, out_dtype=jnp.float32), x, w)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-4)
+  assert np.abs(np.asarray(y) - as_bf16(exact)).max() > 1e-3  # not rounded to bf16
+  dx, dw = jax.jit(vjp)(dy)
+  dx_ref, dw_ref = jax.vjp(lambda x, w: matmul(x, w, 'bfloat16', True), x, w)[1](
+      dy.astype(jnp.bfloat16))
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-6)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-6)
+  # Not differentiated (decoding), a few rows take the kernel-left form, unrounded too.
+  np.testing.assert_allclose(jax.jit(lambda x, w: matmul(x, w, 'bfloat16', True,
+                                                          out_dtype=jnp.float32))(x, w),
+                             exact, rtol=1e-5, atol=1e-4)
+
+
 def test_float32_matmul_is_the_plain_product():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)

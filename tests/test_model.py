@@ -276,6 +276,8 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
       {'params': params}, tokens)
   assert logits.dtype == jnp.float32
   assert 0 < float(jnp.abs(logits - reference).max()) < 0.05  # bf16 inputs, float32 sums
+  # The head's float32 sums are not rounded to bf16 on the way out.
+  assert (logits != logits.astype(jnp.bfloat16).astype(jnp.float32)).mean() > 0.9
   # The float32 residual stream starts from the token embeddings as stored, not rounded to bf16.
   _, state = model.apply({'params': params}, tokens, capture_intermediates=True)
   (looked_up,) = state['intermediates']['wte']['__call__']
