@@ -59,6 +59,14 @@ _START_OVER = flags.DEFINE_bool(
 class TrainState(train_state.TrainState):
   """step, params and opt_state (apply_fn and tx are static)."""
 
+  def apply_gradients(self, *, grads, global_norm=None):
+    """One optimizer step. `global_norm`, the gradients' norm when the caller has computed it,
+    goes to the optimizer's clipping (optim.clip_by_global_norm) instead of a second pass."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
+                                        global_norm=global_norm)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state)
+
 
 def token_losses(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
   """(per-token cross-entropy, weights): weights are batch['weights'] or all ones. Packed
@@ -160,12 +168,13 @@ def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: i
       grads, losses = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
       loss = losses.mean()
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite loss or gradient leaves parameters and optimizer state as they were, so no
     # NaN ever reaches a checkpoint; the loop halts or counts the skipped step. A cond rather
     # than a select of old and new: the update runs in place, without keeping the old state.
-    new_state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads=grads),
+    new_state = jax.lax.cond(finite,
+                             lambda s: s.apply_gradients(grads=grads, global_norm=grad_norm),
                              lambda s: s.replace(step=s.step + 1), state)
     metrics = {'train_loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
                'nonfinite': jnp.logical_not(finite).astype(jnp.int32)}

@@ -1,8 +1,10 @@
 """The optimizers of gpt_jax.optim: which parameters Muon orthogonalizes, and how."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gpt_jax import config as config_lib, optim
@@ -116,3 +118,37 @@ def test_unknown_optimizer_is_a_config_error():
   config.data.tfds_name = 'x'
   with pytest.raises(ConfigError, match="optim.name must be one of"):
     config_lib.validate(config)
+
+
+def test_clipping_by_global_norm_matches_optax_and_takes_the_norm_it_is_given():
+  rng = np.random.default_rng(0)
+  grads = {'a': jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+           'b': jnp.asarray(rng.normal(size=7), jnp.float32)}
+  norm = float(optax.tree.norm(grads))
+  for max_norm in (norm / 3, norm * 2):  # clipped, and left as it is
+    ours, _ = optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), ours, theirs)
+  # Given the norm (as the train step does), it does not compute its own.
+  halved, _ = optim.clip_by_global_norm(norm / 3).update(grads, optax.EmptyState(),
+                                                          global_norm=2 * norm)
+  np.testing.assert_allclose(halved['a'], grads['a'] / 6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', optim.OPTIMIZERS)
+def test_optimizers_take_the_global_norm_from_the_train_step(name):
+  config = muon_config()
+  config.name, config.grad_clip = name, 1.0
+  params = {'fc_in': {'kernel': jnp.ones((4, 4))}, 'ln_f': {'scale': jnp.ones(4)}}
+  grads = jax.tree.map(lambda p: 10 * p, params)  # norm about 45: clipped to 1
+  tx = optim.make_optimizer(config, num_steps=10)
+
+  def new_state(**global_norm):
+    return jax.tree.leaves(tx.update(grads, tx.init(params), params, **global_norm)[1])
+
+  computed = new_state()
+  given = new_state(global_norm=optax.tree.norm(grads))
+  assert all(np.allclose(x, y, rtol=1e-6) for x, y in zip(given, computed))
+  # A different norm changes the moments: the clipping got the one passed in.
+  doubled = new_state(global_norm=2 * optax.tree.norm(grads))
+  assert not all(np.allclose(x, y, rtol=1e-3) for x, y in zip(doubled, computed))

@@ -50,7 +50,7 @@ def build(variant):
   def train_step(state, batch):
     params, opt_state = state
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new = (optax.apply_updates(params, updates), new_opt_state)
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state), loss
