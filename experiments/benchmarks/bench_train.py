@@ -227,9 +227,10 @@ class ReferenceInOwnProcess:
 # ---------------------------------------------------------------------------------- benchmark
 
 def bench(name: str, dtype: str, quick: bool, torch_threads: list[int],
-          torch_process: str = 'same') -> dict:
+          torch_process: str = 'same', blocks: int = 0) -> dict:
   shape = SHAPES[name]
-  layers, heads, emb, ctx, batch, vocab, block_steps, blocks = shape
+  layers, heads, emb, ctx, batch, vocab, block_steps, shape_blocks = shape
+  blocks = blocks or shape_blocks
   if quick:
     block_steps, blocks = 5, 3
   peak = flops.measure_matmul_peak(dtype)
@@ -310,6 +311,8 @@ def main():
                       help='same: the reference runs in this process (and gets --host_memory '
                       'too); own: in a fresh process with glibc\'s defaults, as a plain '
                       'PyTorch script runs')
+  parser.add_argument('--blocks', type=int, default=0,
+                      help='timed blocks per side (default: per shape, 2 at 124m)')
   parser.add_argument('--json', default='', help='write the rows here as JSON')
   args = parser.parse_args()
   kept = args.host_memory == 'keep' and host_memory.keep_freed_memory()
@@ -321,7 +324,7 @@ def main():
   rows = []
   for name in shapes:
     for dtype in dtypes:
-      row = bench(name, dtype, args.quick, torch_threads, args.torch_process)
+      row = bench(name, dtype, args.quick, torch_threads, args.torch_process, args.blocks)
       rows.append(row)
       print(json.dumps({k: v for k, v in row.items() if not k.startswith('block_')}), flush=True)
   print(table(rows, torch_threads))
