@@ -85,6 +85,7 @@ class Ours:
       jitted = jax.jit(train.make_train_step(model, schedule, 1, 0, every_param),
                        in_shardings=(shardings, batch_sharding, {}),
                        out_shardings=(shardings, None), donate_argnums=0)
+      self.step_jit = jitted  # for tracing: experiments/benchmarks/bench_product_bound.py
       start = time.perf_counter()
       self.step_fn = jitted.lower(self.state, self.batches[0], {}).compile()
       self.compile_s = time.perf_counter() - start
