@@ -39,34 +39,28 @@ from gpt_jax import flops, host_memory  # noqa: E402
 def step_products(closed_jaxpr) -> list[tuple]:
   """(lhs shape, rhs shape, dtypes, dimension numbers, output dtype) of every dot_general the
   jaxpr runs, once per execution: scan bodies count `length` times, a cond its largest branch."""
-  products = []
-
-  def walk(jaxpr, times):
+  def walk(jaxpr, times) -> list[tuple]:
+    found = []
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == 'dot_general':
         lhs, rhs = (v.aval for v in eqn.invars)
         key = (lhs.shape, rhs.shape, str(lhs.dtype), str(rhs.dtype),
                eqn.params['dimension_numbers'], str(eqn.outvars[0].aval.dtype))
-        products.extend([key] * times)
+        found += [key] * times
       elif eqn.primitive.name == 'cond':
-        branches = []
-        for branch in eqn.params['branches']:
-          before = len(products)
-          walk(branch.jaxpr, times)
-          branches.append(products[before:])
-          del products[before:]
-        products.extend(max(branches, key=lambda b: sum(map(product_flops, b))))
+        found += max((walk(branch.jaxpr, times) for branch in eqn.params['branches']),
+                     key=lambda branch: sum(map(product_flops, branch)))
       else:
         repeat = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
         for value in eqn.params.values():
           for sub in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(sub, jax.extend.core.ClosedJaxpr):
-              walk(sub.jaxpr, times * repeat)
+              found += walk(sub.jaxpr, times * repeat)
             elif isinstance(sub, jax.extend.core.Jaxpr):
-              walk(sub, times * repeat)
+              found += walk(sub, times * repeat)
+    return found
 
-  walk(closed_jaxpr.jaxpr, 1)
-  return products
+  return walk(closed_jaxpr.jaxpr, 1)
 
 
 def product_flops(product) -> int:
@@ -151,12 +145,7 @@ def main():
   sides = {'gpt_jax step': ours, 'XLA products': XlaProducts(products),
            'torch products': TorchProducts(products),
            'torch step': bench_train.ReferenceInOwnProcess(shape, args.dtype, 4)}
-  for side in sides.values():
-    side.steps(1)
-  times = {name: [] for name in sides}
-  for _ in range(args.blocks):
-    for name, side in sides.items():
-      times[name].append(side.steps(block_steps) / block_steps * 1000)
+  times = bench_train.alternate(sides, block_steps, args.blocks)
   sides['torch step'].close()
   ms = {name: statistics.median(t) for name, t in times.items()}
   products_ms = min(ms['XLA products'], ms['torch products'])

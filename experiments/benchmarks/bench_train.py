@@ -104,7 +104,8 @@ class Ours:
 
 def alternate(sides: dict, steps: int, blocks: int) -> dict:
   """Each side's ms/step in `blocks` timed blocks of `steps` steps, the sides taking turns, after
-  one untimed step each; for comparing variants of our step compiled in one process."""
+  one untimed step each. A side is anything whose `steps(n)` returns the seconds n steps took:
+  variants of our step compiled in one process, or bench_product_bound.py's sides."""
   for side in sides.values():
     side.steps(1)
   times = {name: [] for name in sides}
