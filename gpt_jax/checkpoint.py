@@ -146,7 +146,9 @@ def fingerprint(tree):
   load. (Small programs per array, dispatched back to back, hung a two-process CPU run and
   aborted an 8-device one: a collective stuck in XLA:CPU.)
   """
-  if jax.device_count() == 1 and jax.default_backend() == 'cpu':
+  devices = {d for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)
+             for d in x.sharding.device_set}
+  if len(devices) <= 1 and all(d.platform == 'cpu' for d in devices):
     return jax.tree.map(_checksum_on_host, tree)
   return _checksum_all(tree)
 

@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1                   # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.num_slices = 1              # TPU slices (multi-slice): data's outer factor spans them
   c.mesh.rules = ()                  # (logical name, mesh axes) pairs over sharding.LOGICAL_RULES
 
   c.checkpoint = ml_collections.ConfigDict()

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax import kernel_layout
+from gpt_jax import kernel_layout, target
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer, init_cache, unstack_layers
 
@@ -144,7 +144,7 @@ def cache_compiler_options() -> dict:
   """XLA options for programs that update a KV cache. XLA:CPU's copy insertion without region
   analysis copied every layer's cache twice per decoded token inside the decoding loop (about
   a fifth of the step at batch 1, a quarter at batch 8; experiments/bench_decode)."""
-  if jax.default_backend() == 'cpu':
+  if target.is_cpu():
     return {'xla_cpu_copy_insertion_use_region_analysis': True}
   return {}
 

@@ -21,7 +21,7 @@ import platform
 import sys
 
 import jax
-from jax._src import xla_bridge
+from jax._src import hardware_utils, xla_bridge
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -35,7 +35,10 @@ def computes_on_cpu() -> bool:
   platforms = jax.config.jax_platforms  # JAX_PLATFORMS, or set in code
   if platforms:
     return platforms.split(',')[0].strip().lower() == 'cpu'
-  if importlib.util.find_spec('libtpu') is not None:
+  # libtpu is installed on CPU hosts too, to compile for TPUs (gpt_jax.aot): only TPU chips on
+  # the PCI bus make JAX compute on one.
+  if (importlib.util.find_spec('libtpu') is not None
+      and hardware_utils.num_available_tpu_chips_and_device_id()[0]):
     return False
   if list(importlib.metadata.entry_points(group='jax_plugins')):
     return False

@@ -18,9 +18,9 @@ import contextlib
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from gpt_jax import target
 from gpt_jax.matmul import FEW_ROWS, few_rows_product
 from gpt_jax.model import PROJECTION_INPUT_AXES, Projection
 
@@ -28,7 +28,7 @@ from gpt_jax.model import PROJECTION_INPUT_AXES, Projection
 def wanted() -> bool:
   """Whether decoding programs use output-major kernels: on CPU only (accelerator compilers
   choose the kernel's layout in memory themselves)."""
-  return jax.default_backend() == 'cpu'
+  return target.is_cpu()
 
 
 def _transpose(kernel, num_inputs: int):

@@ -5,12 +5,14 @@ parameters and optimizer state sharded, ZeRO-3 style) and `tensor` (Megatron-sty
 heads, MLP and vocabulary). The batch is split over `data` and `fsdp` together.
 """
 
+import itertools
 import math
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 import flax.linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from gpt_jax.errors import ConfigError
 
@@ -79,11 +81,45 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The `data` x `fsdp` x `tensor` mesh of config.mesh over `devices` (by default all).
+
+  With `mesh.num_slices` > 1 (a multi-slice TPU job), `data` is split into an outer factor of
+  num_slices over the slices, joined by the data-center network, and an inner one within each
+  slice: `fsdp` and `tensor` stay inside a slice, so that only the gradients' reduction over
+  `data` crosses slices.
+  """
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_config, len(devices))
   # Auto axes: flax's logical constraints rely on GSPMD propagation (Explicit axes break them).
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  num_slices = int(mesh_config.get('num_slices', 1))
+  if num_slices > 1:
+    if shape[0] % num_slices:
+      raise ConfigError(f'config.mesh: data ({shape[0]}) must be a multiple of '
+                        f'mesh.num_slices ({num_slices}), the data-parallel axis over slices')
+    try:
+      grid = mesh_utils.create_hybrid_device_mesh(
+          (shape[0] // num_slices,) + shape[1:], (num_slices, 1, 1), devices)
+    except (ValueError, NotImplementedError, AttributeError) as e:
+      raise ConfigError(f'config.mesh.num_slices={num_slices}: the devices do not form '
+                        f'{num_slices} slices of a {shape} mesh ({e})') from None
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError as e:
+    if 'physical mesh' not in str(e):
+      raise
+    raise ConfigError(_torus_mismatch(dict(zip(MESH_AXES, shape)), devices)) from None
+
+
+def _torus_mismatch(sizes: dict[str, int], devices) -> str:
+  """Why a mesh cannot be laid on a TPU torus, and the axis sizes that can."""
+  torus = [max(d.coords[i] for d in devices) + 1 for i in range(len(devices[0].coords))]
+  fitting = sorted({math.prod(subset) for n in range(len(torus) + 1)
+                    for subset in itertools.combinations(torus, n)})
+  return (f'config.mesh {sizes} cannot be laid on the {"x".join(map(str, torus))} torus of '
+          f'{devices[0].device_kind}: each mesh axis must span whole torus axes, so its size '
+          f'must be one of {fitting}')
 
 
 def check_rules(logical_specs, rules) -> None:

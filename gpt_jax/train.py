@@ -12,7 +12,6 @@ Fine-tuning (`init_from` set) starts from another workdir's parameters at `init_
 (`lora.Trainable`); the frozen base rides beside the state and is never saved.
 """
 
-import dataclasses
 import math
 import os
 import shutil
@@ -22,17 +21,17 @@ import time
 
 from absl import app, flags, logging
 import flax.linen as nn
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 import numpy as np
-import optax
 import tqdm
 
 from gpt_jax import (chat_template, checkpoint, cli, data, decode, flops, optim, sft_data,
                      sharding, traced_steps)
+from gpt_jax import steps as steps_lib
+from gpt_jax.steps import abstract_params
 from gpt_jax import config as config_lib
 from gpt_jax import lora as lora_lib
 from gpt_jax.metrics import MetricWriter, MetricsWriteError
@@ -56,148 +55,12 @@ _START_OVER = flags.DEFINE_bool(
     'none of them can be read).')
 
 
-class TrainState(train_state.TrainState):
-  """step, params and opt_state (apply_fn and tx are static)."""
-
-  def apply_gradients(self, *, grads, global_norm=None):
-    """One optimizer step. `global_norm`, the gradients' norm when the caller has computed it,
-    goes to the optimizer's clipping (optim.clip_by_global_norm) instead of a second pass."""
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
-                                        global_norm=global_norm)
-    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                        opt_state=opt_state)
-
-
-def token_losses(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
-  """(per-token cross-entropy, weights): weights are batch['weights'] or all ones. Packed
-  batches pass segment_ids and positions, so no token attends across conversations."""
-  logits, _ = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
-                          segment_ids=batch.get('segment_ids'), deterministic=deterministic,
-                          rngs={'dropout': dropout_rng} if dropout_rng is not None else {})
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-  weights = batch.get('weights', jnp.ones_like(losses)).astype(losses.dtype)
-  return losses, weights
-
-
-def loss_fn(model: Transformer, params, batch, dropout_rng):
-  """Mean next-token cross-entropy over the batch (weighted when batch has 'weights')."""
-  deterministic = model.cfg.dropout == 0 and model.lora.dropout == 0
-  losses, weights = token_losses(model, params, batch, deterministic, dropout_rng)
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
-
-
-def abstract_params(model: Transformer, seq_len: int, mesh, rules):
-  """The parameters' abstract arrays, each with the sharding its logical names give."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len),
-                                                                         jnp.int32))['params'])
-  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
-  # Unboxed without a sharding constraint, which would need concrete arrays under a mesh.
-  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
-                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                      unboxed, shardings)
-
-
-def compile_once_run(jitted, *args):
-  """`jitted` compiled for `args` with little optimisation where that is cheaper: a function run
-  once (initialisation) takes XLA:CPU half the compile time at optimisation level 0."""
-  lowered = jitted.lower(*args)
-  if jax.default_backend() == 'cpu':
-    return lowered.compile(compiler_options={'xla_backend_optimization_level': 0})
-  return lowered.compile()
-
-
-def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules,
-                  trainable: lora_lib.Trainable):
-  """(init_state(rng) -> (TrainState, frozen params), the abstract (TrainState, frozen) with each
-  leaf's sharding).
-
-  The state holds the trainable parameters and their optimizer state; the frozen ones (a LoRA
-  run's base, else nothing) ride beside it. Shardings come from the parameters' logical names
-  and the rules; a name without a rule, or a dimension that does not divide over its mesh axes,
-  is an error here, before any compilation.
-  """
-  # Unrolling the layer scan changes how the step runs, not the parameters; rolled, the
-  # initialisation compiles 1-1.6 s faster (speedrun config, XLA:CPU).
-  init_model = model.clone(cfg=dataclasses.replace(model.cfg, scan_unroll=1))
-
-  def boxed_state(rng):
-    params = init_model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
-    trained, frozen = trainable.split(params)
-    state = TrainState.create(apply_fn=model.apply, params=trained, tx=tx)
-    # int32, not weakly typed: a restored step and every step's output are the same type, so the
-    # train step is traced and compiled once.
-    return state.replace(step=jnp.zeros((), jnp.int32)), frozen
-
-  boxed = jax.eval_shape(lambda: boxed_state(jax.random.key(0)))  # no eager key program
-  # optax's masked transforms (muon's AdamW part, for one) keep a parameter's box around an
-  # empty MaskedNode: such a box holds no array and gets no sharding.
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  boxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) and not
-                       jax.tree.leaves(x) else x, boxed, is_leaf=is_box)
-  logical_specs = nn.get_partition_spec(boxed)
-  sharding.check_rules((logical_specs[0].params, logical_specs[1]), rules)
-  shardings = sharding.logical_to_shardings(logical_specs, mesh, rules)
-  abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
-  sharding.check_divisible((abstract[0].params, abstract[1]), (shardings[0].params, shardings[1]))
-  return (lambda rng: nn.unbox(boxed_state(rng))), abstract
-
-
-def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: int,
-                    trainable: lora_lib.Trainable):
-  """train_step(state, batch, frozen) -> (state, metrics); gradients for state.params only."""
-
-  def train_step(state: TrainState, batch, frozen):
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)  # randomness from (seed, step)
-    grad_fn = jax.value_and_grad(
-        lambda p, b, r: loss_fn(model, trainable.assemble(p, frozen), b, r))
-    if grad_accum_steps == 1:
-      loss, grads = grad_fn(state.params, batch, rng)
-    else:
-      # Micro-batch i takes rows i, i+k, i+2k, ... so that each one spans every data shard.
-      micro = jax.tree.map(
-          lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
-
-      def accumulate(grad_sum, inputs):
-        i, micro_batch = inputs
-        loss, grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      grads, losses = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
-      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
-      loss = losses.mean()
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite loss or gradient leaves parameters and optimizer state as they were, so no
-    # NaN ever reaches a checkpoint; the loop halts or counts the skipped step. A cond rather
-    # than a select of old and new: the update runs in place, without keeping the old state.
-    new_state = jax.lax.cond(finite,
-                             lambda s: s.apply_gradients(grads=grads, global_norm=grad_norm),
-                             lambda s: s.replace(step=s.step + 1), state)
-    metrics = {'train_loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
-               'nonfinite': jnp.logical_not(finite).astype(jnp.int32)}
-    return new_state, metrics
-
-  return train_step
-
-
 @jax.jit
 def count_skipped(skipped, first_skipped, nonfinite, step):
   """(steps skipped so far, the first of them or 0), counted on device: no host round trip per
   step, and one small program rather than one per operation."""
   first_skipped = jnp.where((first_skipped == 0) & (nonfinite > 0), step, first_skipped)
   return skipped + nonfinite, first_skipped
-
-
-def make_eval_step(model: Transformer, trainable: lora_lib.Trainable):
-
-  def eval_step(params, batch, frozen):
-    losses, weights = token_losses(model, trainable.assemble(params, frozen), batch)
-    return jnp.sum(losses * weights), jnp.sum(weights)
-
-  return eval_step
 
 
 def evaluate(eval_step, params, frozen, batches, to_global) -> float:
@@ -293,15 +156,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
-  data_shards = mesh.shape['data'] * mesh.shape['fsdp']
-  micro_batch = config.data.batch_size // config.optim.grad_accum_steps
-  if micro_batch % data_shards:
-    raise ConfigError(f'The micro-batch of {micro_batch} sequences (data.batch_size / '
-                     f'optim.grad_accum_steps) does not divide over data x fsdp = {data_shards} '
-                     'devices')
-  if config.data.eval_batch_size % data_shards:
-    raise ConfigError(f'data.eval_batch_size ({config.data.eval_batch_size}) does not divide '
-                     f'over data x fsdp = {data_shards} devices')
+  steps_lib.check_batch_fits_mesh(config, mesh)
   logging.info('Mesh %s on %d devices, %d processes', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
@@ -345,10 +200,9 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
 
-  init_state, (abstract_state, abstract_frozen) = sharded_state(
-      model, tx, config.data.seq_len, mesh, rules, trainable)
-  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-  frozen_shardings = jax.tree.map(lambda x: x.sharding, abstract_frozen)
+  steps = steps_lib.build(config, model, tx, schedule, mesh, rules, trainable)
+  abstract_state, abstract_frozen = steps.abstract_state, steps.abstract_frozen
+  state_shardings, frozen_shardings = steps.state_shardings, steps.frozen_shardings
 
   # ------------------------------------------------------------------ checkpoint (resume)
   manager = checkpoint.make_manager(workdir, config.checkpoint)
@@ -357,8 +211,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     if state is None:
       start_step = 0
       rng = jax.random.key(config.seed)
-      state, frozen = compile_once_run(jax.jit(
-          init_state, out_shardings=(state_shardings, frozen_shardings)), rng)(rng)
+      state, frozen = steps_lib.compile_once_run(jax.jit(
+          steps.init_state, out_shardings=(state_shardings, frozen_shardings)), rng)(rng)
     else:
       logging.warning('Resuming from step %d in %s', start_step, workdir)
       frozen = {}  # a LoRA run's base is not in its checkpoints: read below
@@ -391,7 +245,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
       writer.write(0, {'val_unigram_entropy': unigram_entropy})
   num_params = count_params(state.params) + count_params(frozen)
   flops_per_token = flops.train_flops_per_token(model_cfg, config.data.seq_len)
-  peak = flops.measure_matmul_peak(model_cfg.compute_dtype) if config.train.measure_peak else 0.0
+  peak = (flops.measure_matmul_peak(model_cfg.compute_dtype, mesh.local_devices[0])
+          if config.train.measure_peak else 0.0)
   if is_main:
     trained = ('' if not frozen else
                f' ({count_params(state.params) / 1e6:.3f}M trained: LoRA rank {lora.rank})')
@@ -400,23 +255,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
           + (f', matmul peak {peak / 1e9:.0f} GFLOP/s per device' if peak else ''), flush=True)
 
   # ------------------------------------------------------------------ step
-  # The state goes in and out as the list of its leaves: traced_steps saves the traced step
-  # with its argument trees, which must be plain containers to be saved.
-  state_def = jax.tree.structure(abstract_state)
-  step_fn = make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed, trainable)
-
-  def train_step(state_leaves, batch, frozen):
-    new_state, metrics = step_fn(jax.tree.unflatten(state_def, state_leaves), batch, frozen)
-    return jax.tree.leaves(new_state), metrics
-
-  leaf_shardings = jax.tree.leaves(state_shardings)
-  train_step_options = dict(in_shardings=(leaf_shardings, batch_sharding, frozen_shardings),
-                            out_shardings=(leaf_shardings, None),
-                            donate_argnums=0)  # the old state's buffers are reused for the new one
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    train_step = jax.jit(train_step, **train_step_options)
-    eval_step = jax.jit(make_eval_step(model, trainable), in_shardings=(
-        state_shardings.params, batch_sharding, frozen_shardings))
+  state_def = steps.state_def
+  train_step, eval_step = steps.train_step, steps.eval_step
 
   # ------------------------------------------------------------------ loop
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -439,7 +279,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
           run_train_step = train_step if not config.train.compilation_cache else (
               traced_steps.traced_once(
                   train_step, args, os.path.join(workdir, 'traced_steps'), 'train_step',
-                  config.to_json_best_effort(sort_keys=True), **train_step_options))
+                  config.to_json_best_effort(sort_keys=True), **steps.train_step_options))
         state_leaves, metrics = run_train_step(*args)
         state = jax.tree.unflatten(state_def, state_leaves)
         skipped, first_skipped = count_skipped(skipped, first_skipped, metrics.pop('nonfinite'),

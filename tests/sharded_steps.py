@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from gpt_jax import config as config_lib, data, lora, optim, sharding, train
+from gpt_jax import config as config_lib, data, lora, optim, sharding, steps
 from gpt_jax.model import LoraConfig, ModelConfig, Transformer
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
@@ -55,16 +55,16 @@ def main(workdir, tfds_dir):
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:int(np.prod(shape))])
     rules = sharding.logical_rules(config.mesh)
     run_model = bf16_model if variant == 'bf16' else model
-    init, (abstract, _) = train.sharded_state(run_model, tx, config.data.seq_len, mesh, rules,
+    init, (abstract, _) = steps.sharded_state(run_model, tx, config.data.seq_len, mesh, rules,
                                               trainable)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       rng = jax.random.key(config.seed)
       # As train.py initialises: compiled at XLA:CPU optimisation level 0 (half the compile time).
-      state, frozen = train.compile_once_run(
+      state, frozen = steps.compile_once_run(
           jax.jit(init, out_shardings=(shardings, {})), rng)(rng)
-      step = jax.jit(train.make_train_step(run_model, schedule, 1, config.seed, trainable),
+      step = jax.jit(steps.make_train_step(run_model, schedule, 1, config.seed, trainable),
                      in_shardings=(shardings, batch_sharding, {}),
                      out_shardings=(shardings, None), donate_argnums=0)
       losses = []

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gpt_jax import chat_template, lora, sft_data, train
+from gpt_jax import chat_template, lora, sft_data, steps
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.datasets import support_faq
 from gpt_jax.errors import ConfigError
@@ -107,7 +107,7 @@ def test_packed_batch_gives_each_conversation_its_own_loss(tmp_path, tokenizer, 
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   # Non-zero adapters, so that their path is checked too.
   params = jax.tree.map(lambda x: x + 0.05 if x.ndim > 1 else x, params)
-  losses = jax.jit(lambda b: train.token_losses(model, params, b)[0])
+  losses = jax.jit(lambda b: steps.token_losses(model, params, b)[0])
   packed_losses = losses(batch)
 
   # Each conversation alone in a row, at its start (the padding after it cannot affect it).

@@ -17,7 +17,6 @@ time is the largest speedup over it that any step built from these products coul
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import sys
@@ -34,39 +33,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, '..', '..'))
 import bench_train  # noqa: E402
 from gpt_jax import flops, host_memory  # noqa: E402
-
-
-def step_products(closed_jaxpr) -> list[tuple]:
-  """(lhs shape, rhs shape, dtypes, dimension numbers, output dtype) of every dot_general the
-  jaxpr runs, once per execution: scan bodies count `length` times, a cond its largest branch."""
-  def walk(jaxpr, times) -> list[tuple]:
-    found = []
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'dot_general':
-        lhs, rhs = (v.aval for v in eqn.invars)
-        key = (lhs.shape, rhs.shape, str(lhs.dtype), str(rhs.dtype),
-               eqn.params['dimension_numbers'], str(eqn.outvars[0].aval.dtype))
-        found += [key] * times
-      elif eqn.primitive.name == 'cond':
-        found += max((walk(branch.jaxpr, times) for branch in eqn.params['branches']),
-                     key=lambda branch: sum(map(product_flops, branch)))
-      else:
-        repeat = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
-        for value in eqn.params.values():
-          for sub in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(sub, jax.extend.core.ClosedJaxpr):
-              found += walk(sub.jaxpr, times * repeat)
-            elif isinstance(sub, jax.extend.core.Jaxpr):
-              found += walk(sub, times * repeat)
-    return found
-
-  return walk(closed_jaxpr.jaxpr, 1)
-
-
-def product_flops(product) -> int:
-  lhs_shape, rhs_shape, _, _, ((_, rhs_contract), (_, rhs_batch)), _ = product
-  rhs_free = math.prod(n for d, n in enumerate(rhs_shape) if d not in rhs_contract + rhs_batch)
-  return 2 * math.prod(lhs_shape) * rhs_free
+from gpt_jax.flops import product_flops, step_products  # noqa: E402,F401
 
 
 def einsum_equation(product) -> str:

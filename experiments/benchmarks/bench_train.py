@@ -6,7 +6,7 @@ r"""Training-step speed: gpt_jax's jitted train step against a plain PyTorch GPT
   python experiments/benchmarks/bench_train.py --shapes=124m --torch_process=own  # torch as a plain script runs
 
 For each shape and precision, both sides train on the same random token batches:
-- ours: the real step (`train.sharded_state` + `train.make_train_step` + `optim.make_optimizer`
+- ours: the real step (`steps.sharded_state` + `steps.make_train_step` + `optim.make_optimizer`
   from the base config: AdamW, warmup-cosine, global-norm clipping, non-finite guard), jitted
   with shardings and donation on a one-device mesh, as `gpt_jax.train` runs it. bf16 rows set
   `model.compute_dtype='bfloat16'` (float32 parameters, optimizer and residual stream).
@@ -41,7 +41,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..', '..'))
 sys.path.insert(0, os.path.join(HERE, '..', '..', '..', 'shared', 'peers'))
-from gpt_jax import config as config_lib, flops, host_memory, lora, optim, sharding, train  # noqa: E402
+from gpt_jax import config as config_lib, flops, host_memory, lora, optim, sharding, steps  # noqa: E402
 from gpt_jax.model import LoraConfig, ModelConfig, Transformer, count_params  # noqa: E402
 import torch_gpt  # noqa: E402
 
@@ -71,7 +71,7 @@ class Ours:
     self.mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     self.rules = sharding.logical_rules(config.mesh)
     every_param = lora.Trainable(LoraConfig())
-    init, (abstract, _) = train.sharded_state(model, tx, ctx, self.mesh, self.rules, every_param)
+    init, (abstract, _) = steps.sharded_state(model, tx, ctx, self.mesh, self.rules, every_param)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     rng = np.random.default_rng(0)
@@ -82,7 +82,7 @@ class Ours:
                            for k, v in (('inputs', tokens[:, :-1]), ('targets', tokens[:, 1:]))})
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       self.state, _ = jax.jit(init, out_shardings=(shardings, {}))(jax.random.key(0))
-      jitted = jax.jit(train.make_train_step(model, schedule, 1, 0, every_param),
+      jitted = jax.jit(steps.make_train_step(model, schedule, 1, 0, every_param),
                        in_shardings=(shardings, batch_sharding, {}),
                        out_shardings=(shardings, None), donate_argnums=0)
       self.step_jit = jitted  # for tracing: experiments/benchmarks/bench_product_bound.py

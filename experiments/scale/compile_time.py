@@ -12,7 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from gpt_jax import lora, optim, sharding, train
+from gpt_jax import lora, optim, sharding, steps
 from gpt_jax.config import base_config
 from gpt_jax.model import LoraConfig, ModelConfig, Transformer
 
@@ -25,10 +25,10 @@ def compile_seconds(cfg: ModelConfig, seq_len: int, batch: int) -> float:
   tx = optim.make_optimizer(config.optim, 100)
   schedule = optim.learning_rate_schedule(config.optim, 100)
   every_param = lora.Trainable(LoraConfig())
-  _, (abstract, _) = train.sharded_state(model, tx, seq_len, mesh, rules, every_param)
+  _, (abstract, _) = steps.sharded_state(model, tx, seq_len, mesh, rules, every_param)
   batch_spec = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
                                     sharding=sharding.batch_sharding(mesh, rules))
-  step = jax.jit(train.make_train_step(model, schedule, 1, 0, every_param), donate_argnums=0)
+  step = jax.jit(steps.make_train_step(model, schedule, 1, 0, every_param), donate_argnums=0)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     step.lower(abstract, {'inputs': batch_spec, 'targets': batch_spec}, {}).compile()

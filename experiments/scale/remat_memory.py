@@ -10,7 +10,7 @@ and batch; nothing is run. Losses and gradients are identical across policies
 import jax
 import jax.numpy as jnp
 
-from gpt_jax import lora, optim, sharding, train
+from gpt_jax import lora, optim, sharding, steps
 from gpt_jax.config import base_config
 from gpt_jax.model import LoraConfig, ModelConfig, Transformer
 
@@ -22,10 +22,10 @@ def temp_bytes(cfg: ModelConfig, seq_len: int, batch: int) -> int:
   model = Transformer(cfg)
   tx = optim.make_optimizer(config.optim, 100)
   every_param = lora.Trainable(LoraConfig())
-  _, (abstract, _) = train.sharded_state(model, tx, seq_len, mesh, rules, every_param)
+  _, (abstract, _) = steps.sharded_state(model, tx, seq_len, mesh, rules, every_param)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
                                 sharding=sharding.batch_sharding(mesh, rules))
-  step = jax.jit(train.make_train_step(model, optim.learning_rate_schedule(config.optim, 100),
+  step = jax.jit(steps.make_train_step(model, optim.learning_rate_schedule(config.optim, 100),
                                        1, 0, every_param), donate_argnums=0)
   with jax.set_mesh(mesh):
     compiled = step.lower(abstract, {'inputs': tokens, 'targets': tokens}, {}).compile()

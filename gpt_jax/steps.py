@@ -1,0 +1,232 @@
+"""The train state and the jitted, sharded train and eval steps: what gpt_jax.train runs, built
+once here so that gpt_jax.aot compiles exactly the same programs for any topology.
+
+`build(config, model, mesh, rules, trainable)` gives the state's initialiser and abstract form
+(each leaf with the sharding its logical names give) and the two jitted steps with their
+shardings. Call the steps, and lower them, under `jax.set_mesh(mesh)` and
+`nn.logical_axis_rules(rules)`.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import optax
+
+from gpt_jax import lora as lora_lib
+from gpt_jax import sharding, target
+from gpt_jax.errors import ConfigError
+from gpt_jax.model import Transformer
+
+
+class TrainState(train_state.TrainState):
+  """step, params and opt_state (apply_fn and tx are static)."""
+
+  def apply_gradients(self, *, grads, global_norm=None):
+    """One optimizer step. `global_norm`, the gradients' norm when the caller has computed it,
+    goes to the optimizer's clipping (optim.clip_by_global_norm) instead of a second pass."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
+                                        global_norm=global_norm)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state)
+
+
+def token_losses(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
+  """(per-token cross-entropy, weights): weights are batch['weights'] or all ones. Packed
+  batches pass segment_ids and positions, so no token attends across conversations."""
+  logits, _ = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
+                          segment_ids=batch.get('segment_ids'), deterministic=deterministic,
+                          rngs={'dropout': dropout_rng} if dropout_rng is not None else {})
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  weights = batch.get('weights', jnp.ones_like(losses)).astype(losses.dtype)
+  return losses, weights
+
+
+def loss_fn(model: Transformer, params, batch, dropout_rng):
+  """Mean next-token cross-entropy over the batch (weighted when batch has 'weights')."""
+  deterministic = model.cfg.dropout == 0 and model.lora.dropout == 0
+  losses, weights = token_losses(model, params, batch, deterministic, dropout_rng)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
+
+
+def abstract_params(model: Transformer, seq_len: int, mesh, rules):
+  """The parameters' abstract arrays, each with the sharding its logical names give."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len),
+                                                                         jnp.int32))['params'])
+  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+  # Unboxed without a sharding constraint, which would need concrete arrays under a mesh.
+  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
+                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                      unboxed, shardings)
+
+
+def compile_once_run(jitted, *args):
+  """`jitted` compiled for `args` with little optimisation where that is cheaper: a function run
+  once (initialisation) takes XLA:CPU half the compile time at optimisation level 0."""
+  lowered = jitted.lower(*args)
+  if target.is_cpu():
+    return lowered.compile(compiler_options={'xla_backend_optimization_level': 0})
+  return lowered.compile()
+
+
+def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules,
+                  trainable: lora_lib.Trainable):
+  """(init_state(rng) -> (TrainState, frozen params), the abstract (TrainState, frozen) with each
+  leaf's sharding).
+
+  The state holds the trainable parameters and their optimizer state; the frozen ones (a LoRA
+  run's base, else nothing) ride beside it. Shardings come from the parameters' logical names
+  and the rules; a name without a rule, or a dimension that does not divide over its mesh axes,
+  is an error here, before any compilation.
+  """
+  # Unrolling the layer scan changes how the step runs, not the parameters; rolled, the
+  # initialisation compiles 1-1.6 s faster (speedrun config, XLA:CPU).
+  init_model = model.clone(cfg=dataclasses.replace(model.cfg, scan_unroll=1))
+
+  def boxed_state(rng):
+    params = init_model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+    trained, frozen = trainable.split(params)
+    state = TrainState.create(apply_fn=model.apply, params=trained, tx=tx)
+    # int32, not weakly typed: a restored step and every step's output are the same type, so the
+    # train step is traced and compiled once.
+    return state.replace(step=jnp.zeros((), jnp.int32)), frozen
+
+  boxed = jax.eval_shape(lambda: boxed_state(jax.random.key(0)))  # no eager key program
+  # optax's masked transforms (muon's AdamW part, for one) keep a parameter's box around an
+  # empty MaskedNode: such a box holds no array and gets no sharding.
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  boxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) and not
+                       jax.tree.leaves(x) else x, boxed, is_leaf=is_box)
+  logical_specs = nn.get_partition_spec(boxed)
+  sharding.check_rules((logical_specs[0].params, logical_specs[1]), rules)
+  shardings = sharding.logical_to_shardings(logical_specs, mesh, rules)
+  abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  sharding.check_divisible((abstract[0].params, abstract[1]), (shardings[0].params, shardings[1]))
+  return (lambda rng: nn.unbox(boxed_state(rng))), abstract
+
+
+def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: int,
+                    trainable: lora_lib.Trainable):
+  """train_step(state, batch, frozen) -> (state, metrics); gradients for state.params only."""
+
+  def train_step(state: TrainState, batch, frozen):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)  # randomness from (seed, step)
+    grad_fn = jax.value_and_grad(
+        lambda p, b, r: loss_fn(model, trainable.assemble(p, frozen), b, r))
+    if grad_accum_steps == 1:
+      loss, grads = grad_fn(state.params, batch, rng)
+    else:
+      # Micro-batch i takes rows i, i+k, i+2k, ... so that each one spans every data shard.
+      micro = jax.tree.map(
+          lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def accumulate(grad_sum, inputs):
+        i, micro_batch = inputs
+        loss, grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      grads, losses = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+      loss = losses.mean()
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss or gradient leaves parameters and optimizer state as they were, so no
+    # NaN ever reaches a checkpoint; the loop halts or counts the skipped step. A cond rather
+    # than a select of old and new: the update runs in place, without keeping the old state.
+    new_state = jax.lax.cond(finite,
+                             lambda s: s.apply_gradients(grads=grads, global_norm=grad_norm),
+                             lambda s: s.replace(step=s.step + 1), state)
+    metrics = {'train_loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+               'nonfinite': jnp.logical_not(finite).astype(jnp.int32)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: Transformer, trainable: lora_lib.Trainable):
+
+  def eval_step(params, batch, frozen):
+    losses, weights = token_losses(model, trainable.assemble(params, frozen), batch)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+  return eval_step
+
+
+def check_batch_fits_mesh(config, mesh) -> None:
+  """The (micro-)batches divide over the data-parallel devices: a clear error, not XLA's."""
+  data_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  micro_batch = config.data.batch_size // config.optim.grad_accum_steps
+  if micro_batch % data_shards:
+    raise ConfigError(f'The micro-batch of {micro_batch} sequences (data.batch_size / '
+                      f'optim.grad_accum_steps) does not divide over data x fsdp = {data_shards} '
+                      'devices')
+  if config.data.eval_batch_size % data_shards:
+    raise ConfigError(f'data.eval_batch_size ({config.data.eval_batch_size}) does not divide '
+                      f'over data x fsdp = {data_shards} devices')
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """A run's state and jitted steps on one mesh (see `build`)."""
+  init_state: Callable          # rng -> (TrainState, frozen params); jit with out_shardings
+  abstract_state: TrainState    # ShapeDtypeStructs with their shardings
+  abstract_frozen: Any
+  batch_sharding: jax.sharding.NamedSharding
+  # (state as its list of leaves, batch, frozen) -> (new state's leaves, metrics). Leaves, not the
+  # TrainState: gpt_jax/traced_steps.py saves the traced step with its argument trees, which
+  # must be plain containers.
+  train_step: Any
+  train_step_options: dict      # the jit options of train_step
+  eval_step: Any                # (params, batch, frozen) -> (loss sum, weight sum)
+
+  @property
+  def state_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.abstract_state)
+
+  @property
+  def frozen_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.abstract_frozen)
+
+  @property
+  def state_def(self):
+    return jax.tree.structure(self.abstract_state)
+
+  def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """A pretraining batch of token ids (inputs and targets), as the train step takes it."""
+    return {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
+                                      sharding=self.batch_sharding)
+            for key in ('inputs', 'targets')}
+
+
+def build(config, model: Transformer, tx, schedule, mesh, rules,
+          trainable: lora_lib.Trainable) -> Steps:
+  """The state (abstract, and its initialiser) and the jitted train and eval steps of `config`
+  on `mesh`."""
+  init_state, (abstract_state, abstract_frozen) = sharded_state(
+      model, tx, config.data.seq_len, mesh, rules, trainable)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  state_def = jax.tree.structure(abstract_state)
+  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, abstract_frozen)
+  step_fn = make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed, trainable)
+
+  def train_step(state_leaves, batch, frozen):
+    new_state, metrics = step_fn(jax.tree.unflatten(state_def, state_leaves), batch, frozen)
+    return jax.tree.leaves(new_state), metrics
+
+  leaf_shardings = jax.tree.leaves(state_shardings)
+  train_step_options = dict(in_shardings=(leaf_shardings, batch_sharding, frozen_shardings),
+                            out_shardings=(leaf_shardings, None),
+                            donate_argnums=0)  # the old state's buffers are reused for the new one
+  eval_step = jax.jit(make_eval_step(model, trainable),
+                      in_shardings=(state_shardings.params, batch_sharding, frozen_shardings))
+  return Steps(init_state=init_state, abstract_state=abstract_state,
+               abstract_frozen=abstract_frozen, batch_sharding=batch_sharding,
+               train_step=jax.jit(train_step, **train_step_options),
+               train_step_options=train_step_options, eval_step=eval_step)
