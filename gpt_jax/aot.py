@@ -102,21 +102,6 @@ def _memory(compiled) -> dict[str, float]:
           'alias_bytes': stats.alias_size_in_bytes, 'hbm_bytes_per_chip': total}
 
 
-def _crossing_slices(module: hlo.Module, mesh) -> set[str]:
-  """The collectives whose replica groups hold devices of more than one slice."""
-  slice_of = [getattr(d, 'slice_index', 0) for d in mesh.devices.flat]
-  crossing = set()
-  for op in hlo.COLLECTIVES:
-    for groups in module.replica_groups(op):
-      if groups.startswith('{'):  # explicit groups of logical device ids
-        for group in re.findall(r'\{([0-9, ]+)\}', groups):
-          if len({slice_of[int(i)] for i in group.split(',')}) > 1:
-            crossing.add(op)
-      elif groups:  # iota groups over mesh axes: a group spanning `data` crosses slices
-        crossing.add(op) if "'axis_0'" in groups or 'data' in groups else None
-  return crossing
-
-
 def compile_train(config, topology: tpu.Slice, with_eval: bool = True) -> dict:
   """The report of `config`'s train step compiled for `topology` (see the module doc)."""
   config_lib.validate(config)
@@ -178,13 +163,11 @@ def compile_train(config, topology: tpu.Slice, with_eval: bool = True) -> dict:
   report['model_flops_per_chip'] = flops.train_flops_per_token(model_cfg, seq_len) * tokens_per_chip
   module = hlo.Module(compiled.as_text())
   report['hbm_accessed_bytes_per_chip'] = module.hbm_bytes()
-  found = module.collectives()
-  crossing = _crossing_slices(module, mesh) if topology.num_slices > 1 else set()
-  report['collectives'] = {op: {'count': c.count, 'bytes': c.bytes,
-                                'crosses_slices': op in crossing}
-                           for op, c in sorted(found.items())}
-  ici = sum(_TRAFFIC[op] * c.bytes for op, c in found.items() if op not in crossing)
-  dcn = sum(_TRAFFIC[op] * c.bytes for op, c in found.items() if op in crossing)
+  within, across = module.collectives(), module.dcn_collectives()
+  for key, found in (('collectives', within), ('dcn_collectives', across)):
+    report[key] = {op: {'count': c.count, 'bytes': c.bytes} for op, c in sorted(found.items())}
+  ici = sum(_TRAFFIC[op] * c.bytes for op, c in within.items())
+  dcn = sum(_TRAFFIC.get(op, 1) * c.bytes for op, c in across.items())
   bounds = {'compute': report['flops_per_chip'] / chip.peak_bf16_flops,
             'hbm': report['hbm_accessed_bytes_per_chip'] / chip.hbm_bytes_per_s}
   if chip.ici_bytes_per_s:
@@ -201,8 +184,9 @@ def compile_train(config, topology: tpu.Slice, with_eval: bool = True) -> dict:
 
 
 def max_batch(config, topology: tpu.Slice) -> tuple[int, dict | None]:
-  """(the largest global batch that fits, its report), searching multiples of the batch's unit
-  (data shards x gradient-accumulation steps) by compiling: doubling, then bisecting."""
+  """(the largest global batch that fits, its report), over multiples of the batch's unit (data
+  shards x gradient-accumulation steps), by compiling. The first guess extrapolates the HBM of
+  batches of one and two units; then it doubles or bisects until the bound is exact."""
   config_lib.validate(config)
   shards = sharding.mesh_shape(config.mesh, topology.chips)
   unit = shards[0] * shards[1] * config.optim.grad_accum_steps
@@ -218,12 +202,27 @@ def max_batch(config, topology: tpu.Slice) -> tuple[int, dict | None]:
 
   if not fits(1):
     return 0, reports[1]
-  low, high = 1, 2
-  while fits(high):
-    low, high = high, high * 2
-  while high - low > 1:
-    middle = (low + high) // 2
-    low, high = (middle, high) if fits(middle) else (low, middle)
+  if not fits(2):
+    return unit, reports[1]
+  # HBM grows about linearly with the batch: each next try interpolates (or extrapolates) the
+  # two compilations that bracket the capacity most closely.
+  capacity = reports[1]['hbm_capacity_bytes']
+  low, high = 2, None
+  while high is None or high - low > 1:
+    below = max(m for m, r in reports.items() if r['fits'] and m < low) if low > 1 else 1
+    near = (below, low) if high is None else (low, high)
+    (m1, h1), (m2, h2) = ((m, reports[m]['hbm_bytes_per_chip']) for m in near)
+    slope = (h2 - h1) / (m2 - m1)
+    if slope > 0 and math.isfinite(slope):
+      multiple = low + max(1, int((capacity - reports[low]['hbm_bytes_per_chip']) // slope))
+    else:  # no usable figure: double, or bisect
+      multiple = 2 * low if high is None else (low + high) // 2
+    if high is not None:
+      multiple = min(max(multiple, low + 1), high - 1)
+    if fits(multiple):
+      low = multiple
+    else:
+      high = multiple
   return low * unit, reports[low]
 
 
@@ -249,9 +248,11 @@ def summary(report: dict) -> str:
       f"FLOPs per chip: {report['flops_per_chip'] / 1e12:.2f} T in the step (its traced products), "
       f"{report['model_flops_per_chip'] / 1e12:.2f} T model (analytic)",
       'collectives per step: ' + (', '.join(
-          f"{op} {c['count']} x, {gb(c['bytes'])}" + (' (across slices)' if c['crosses_slices']
-                                                      else '')
-          for op, c in report['collectives'].items()) or 'none'),
+          f"{op} {c['count']} x, {gb(c['bytes'])}" for op, c in report['collectives'].items())
+          or 'none') + (('; across slices: ' + ', '.join(
+              f"{op} {c['count']} x, {gb(c['bytes'])}"
+              for op, c in report['dcn_collectives'].items())) if report['num_slices'] > 1
+                        else ''),
       f"roofline: {report['roofline_step_s'] * 1e3:.1f} ms per step, bound by "
       f"{report['roofline_bound_by']} (" + ', '.join(
           f'{k} {v * 1e3:.1f} ms' for k, v in report['roofline_bounds_s'].items())

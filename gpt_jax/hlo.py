@@ -20,7 +20,7 @@ _ARRAY = re.compile(r'\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]')
 _CALLED = re.compile(r'\b(body|calls|to_apply|branch_computations|true_computation|'
                      r'false_computation)=\{?([%\w.\-, ]+)\}?')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_GROUPS = re.compile(r'replica_groups=(\{[{}0-9, ]*\}|\[[^\]]*\][^ ,]*|mesh\[[^\]]*\] \{[^}]*\})')
+_DCN_KIND = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
 # Instructions that move no data of their own.
 _FREE = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all',
          'partition-id', 'replica-id', 'iota', 'opt-barrier', 'add-dependency', 'domain'}
@@ -161,12 +161,18 @@ class Module:
     self._walk(self.entry, visit)
     return total
 
-  def replica_groups(self, op: str) -> list[str]:
-    """The replica groups of every `op` (which devices take part), as printed."""
-    groups = []
-    for instructions in self.computations.values():
-      for i in instructions:
-        if i.op in (op, op + '-start'):
-          found = _GROUPS.search(i.line)
-          groups.append(found.group(1) if found else '')
-    return groups
+  def dcn_collectives(self) -> dict[str, Collective]:
+    """The collectives across slices, per run: a multi-slice program hands them to the
+    data-center network as host transfers (`send`s tagged with the collective's kind), each
+    counted once with the bytes it sends."""
+    found = collections.defaultdict(Collective)
+
+    def visit(instruction, _, times):
+      kind = _DCN_KIND.search(instruction.line)
+      if instruction.op == 'send' and kind:
+        op = kind.group(1).lower().replace('_', '-')
+        found[op].count += times
+        found[op].bytes += times * max(array_bytes(instruction.shape), default=0)
+
+    self._walk(self.entry, visit)
+    return dict(found)

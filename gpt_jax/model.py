@@ -401,7 +401,12 @@ class Transformer(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.emb_dim, dtype=jnp.dtype(cfg.param_dtype),
                      param_dtype=jnp.dtype(cfg.param_dtype),
                      embedding_init=_init(0.02, ('vocab', 'embed')), name='wte')
-    x = embed(tokens).astype(jnp.float32)
+    # Rows are read from the table with its `embed` axis gathered (as a layer gathers its
+    # kernels): reading them from the shards, the partitioner gathered the whole batch's
+    # activation gradients onto every chip in the backward pass (across slices, in a
+    # multi-slice mesh).
+    table = _constrain(embed.embedding, ('vocab', 'act_embed'))
+    x = jnp.take(table, tokens, axis=0).astype(jnp.float32)
     if cfg.position == 'learned':
       wpe = self.param('wpe', _init(0.02, ('position', 'embed')), (cfg.max_len, cfg.emb_dim),
                        jnp.dtype(cfg.param_dtype))

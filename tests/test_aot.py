@@ -1,0 +1,165 @@
+"""gpt_jax.aot: the real train step compiled for Cloud TPU slices with libtpu, on this CPU host."""
+
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import pytest
+
+pytest.importorskip('libtpu', reason='libtpu is not installed: pip install -e ".[tpu]"')
+
+from gpt_jax import aot, checkpoint, optim, sharding, target, tpu  # noqa: E402
+from gpt_jax import steps as steps_lib  # noqa: E402
+from gpt_jax.config import base_config  # noqa: E402
+from gpt_jax.errors import ConfigError  # noqa: E402
+from gpt_jax.model import ModelConfig, Transformer  # noqa: E402
+
+
+def small_config(batch_size=8, seq_len=256, **mesh):
+  """2 layers x 256 (2 heads of 128, as TPU tiles them), RoPE, bf16 compute, scanned layers."""
+  config = base_config()
+  model = config.model
+  model.num_layers, model.emb_dim, model.num_heads, model.mlp_dim = 2, 256, 2, 1024
+  model.vocab_size, model.max_len, model.compute_dtype = 2048, seq_len, 'bfloat16'
+  model.scan_layers, model.position = True, 'rope'
+  config.data.seq_len, config.data.batch_size = seq_len, batch_size
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+  for axis, size in mesh.items():
+    config.mesh[axis] = size
+  return config
+
+
+def _batch_bytes(report):
+  return 2 * report['global_batch'] * report['seq_len'] * 4 / report['chips']  # int32 x 2
+
+
+def test_topology_names_follow_cloud_tpu():
+  assert tpu.Slice.parse('v5p-8').topology == 'v5p:2x2x1'      # 8 TensorCores: 4 chips
+  assert tpu.Slice.parse('v5p-128').topology == 'v5p:4x4x4'
+  assert tpu.Slice.parse('v5e-8').topology == 'v5e:2x4'        # v5e counts chips
+  assert tpu.Slice.parse('v5litepod-16').topology == 'v5e:4x4'
+  assert tpu.Slice.parse('v6e-256').chips == 256
+  assert tpu.Slice.parse('v4-32', num_slices=2).chips == 32
+  with pytest.raises(ConfigError, match='no v5p slice has 3 chips'):
+    tpu.Slice.parse('v5p-6')
+  with pytest.raises(ConfigError, match='Unknown TPU topology'):
+    tpu.Slice.parse('v7-8')
+
+
+def test_fsdp_step_on_v5p_shards_state_and_gathers_weights():
+  report = aot.compile_train(small_config(), tpu.Slice.parse('v5p-8'))
+  assert report['chips'] == 4 and report['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert report['fits']
+  # The rules put every matrix's `embed` axis over fsdp: a quarter of the state per chip (norm
+  # scales, replicated, are a few KB).
+  total_param_bytes = report['num_params'] * 4
+  assert total_param_bytes / 4 <= report['param_bytes_per_chip'] < total_param_bytes / 4 * 1.01
+  assert report['optimizer_bytes_per_chip'] == pytest.approx(
+      2 * report['param_bytes_per_chip'], rel=1e-3)  # AdamW's two moments
+  # What the compiler was given per chip is that state and the batch's share.
+  promised = (report['param_bytes_per_chip'] + report['optimizer_bytes_per_chip']
+              + _batch_bytes(report))
+  assert report['argument_bytes'] == pytest.approx(promised, rel=0.01)
+  # FSDP: weights all-gathered, the layers' gradients reduce-scattered. Of the parameters,
+  # only the token embedding's gradient (summed from a lookup) may be all-reduced whole.
+  collectives = report['collectives']
+  assert collectives['all-gather']['count'] >= 7 * 2 and collectives['reduce-scatter']['count']
+  embedding_bytes = 2048 * 256 * 4
+  assert collectives.get('all-reduce', {'bytes': 0})['bytes'] < (
+      embedding_bytes + 0.01 * total_param_bytes)
+  assert report['flops_per_chip'] >= report['model_flops_per_chip'] * 0.7
+  assert 0 < report['roofline_mfu'] <= 1
+
+
+def test_tensor_parallel_step_on_v5e_shards_heads_and_mlp():
+  report = aot.compile_train(small_config(tensor=2, fsdp=2), tpu.Slice.parse('v5e-4'),
+                             with_eval=False)
+  assert report['mesh'] == {'data': 1, 'fsdp': 2, 'tensor': 2}
+  # Matrices split over both axes: `embed` over fsdp; heads, MLP and vocabulary over tensor.
+  total_param_bytes = report['num_params'] * 4
+  assert total_param_bytes / 4 <= report['param_bytes_per_chip'] < total_param_bytes / 4 * 1.01
+  promised = (report['param_bytes_per_chip'] + report['optimizer_bytes_per_chip']
+              + _batch_bytes(report) * 2)  # the batch is replicated over tensor
+  assert report['argument_bytes'] == pytest.approx(promised, rel=0.01)
+  assert 'all-reduce' in report['collectives']  # the row-parallel projections' sums
+
+
+def test_two_slices_cross_only_with_the_gradient_reduction():
+  report = aot.compile_train(small_config(data=2, fsdp=-1),
+                             tpu.Slice.parse('v5e-4', num_slices=2), with_eval=False)
+  assert report['chips'] == 8 and report['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  across = report['dcn_collectives']
+  # Only the gradients' reduction over `data` crosses slices, each chip's fsdp share of them.
+  assert set(across) == {'all-reduce'} and across['all-reduce']['count'] >= 2 * 7
+  assert across['all-reduce']['bytes'] == pytest.approx(report['num_params'] * 4 / 4, rel=0.01)
+  assert 'dcn' in report['roofline_bounds_s']
+
+
+def test_tpu_program_holds_no_xla_cpu_constructs():
+  """Traced for TPU devices on this CPU host, the step is the plain program, without the
+  layout constraints and barriers that gpt_jax/matmul.py adds for XLA:CPU."""
+  config = small_config(seq_len=128)
+  texts = {}
+  for name, devices in (('cpu', jax.devices()[:1]), ('tpu', tpu.Slice.parse('v5p-8').devices())):
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.logical_rules(config.mesh)
+    steps = steps_lib.build(config, Transformer(ModelConfig.from_config(config.model)),
+                            optim.make_optimizer(config.optim, 10),
+                            optim.learning_rate_schedule(config.optim, 10), mesh, rules,
+                            checkpoint.trainable_params(config, None))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      assert target.platform() == name
+      texts[name] = steps.train_step.lower(
+          jax.tree.leaves(steps.abstract_state), steps.abstract_batch(8, 128),
+          steps.abstract_frozen).as_text()
+  assert 'LayoutConstraint' in texts['cpu']  # the construct exists, on CPU
+  assert 'LayoutConstraint' not in texts['tpu']
+  assert 'optimization_barrier' not in texts['tpu']
+
+
+def test_per_chip_memory_stays_flat_as_the_slice_grows():
+  """Weak scaling: one sequence per chip, pure FSDP, 16 and 64 chips."""
+  temps = {}
+  for chips, name in ((16, 'v5p-32'), (64, 'v5p-128')):
+    config = small_config(batch_size=chips, seq_len=2048)
+    config.model.remat = 'full'
+    temps[chips] = aot.compile_train(config, tpu.Slice.parse(name), with_eval=False)['temp_bytes']
+  assert temps[64] <= 1.1 * temps[16], temps
+
+
+def test_mesh_that_does_not_fit_the_torus_is_one_clear_error():
+  config = small_config(data=16, fsdp=32)
+  with pytest.raises(ConfigError, match=r'cannot be laid on the 8x8x8 torus.*\[1, 8, 64, 512\]'):
+    sharding.make_mesh(config.mesh, tpu.Slice.parse('v5p-1024').devices())
+
+
+def test_a_batch_that_does_not_fit_is_one_line(tmp_path):
+  config_file = tmp_path / 'big.py'
+  config_file.write_text(
+      'from gpt_jax.config import base_config\n'
+      'def get_config():\n'
+      '  c = base_config()\n'
+      '  c.model.num_layers, c.model.emb_dim, c.model.num_heads, c.model.mlp_dim = 2, 256, 2, 1024\n'
+      '  c.model.vocab_size, c.model.max_len, c.data.seq_len = 2048, 2048, 2048\n'
+      '  c.data.batch_size = 4096\n'
+      '  return c\n')
+  result = subprocess.run([sys.executable, '-m', 'gpt_jax.aot', f'--config={config_file}',
+                           '--topology=v5e-4', '--noeval'], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 1
+  lines = result.stdout.strip().splitlines()
+  assert re.search(r'does not fit: .*exceeds', lines[-1]), result.stdout
+  assert 'Traceback' not in result.stderr
+
+
+def test_max_batch_is_the_largest_multiple_that_fits():
+  config = small_config(seq_len=1024)
+  config.model.vocab_size = 16_384  # float32 logits: 64 MB per sequence
+  slice_ = tpu.Slice.parse('v5e-4')
+  batch, report = aot.max_batch(config, slice_)
+  assert batch % 4 == 0 and report['fits'] and report['global_batch'] == batch
+  over = small_config(seq_len=1024, batch_size=batch + 4)
+  over.model.vocab_size = 16_384
+  assert not aot.compile_train(over, slice_, with_eval=False)['fits']
