@@ -4,7 +4,8 @@
       --config.data.tfds_name=lm1b --config.mesh.fsdp=-1 --config.mesh.data=1
 
 12 layers x 768, 12 heads, context 1024, GPT-2 layout (learned positions, pre-LayerNorm with bias,
-GELU, tied embeddings), vocabulary padded to 50304 as nanoGPT does; bfloat16 compute.
+GELU, tied embeddings) with a 32,000-piece sentencepiece vocabulary trained on the corpus (the
+embedding has the tokenizer's rows; GPT-2's own BPE has 50,257); bfloat16 compute.
 """
 
 from gpt_jax.config import base_config
@@ -19,7 +20,7 @@ def get_config():
   config.data.batch_size = 512
   config.data.prefetch = 4
 
-  config.model.vocab_size = 50_304
+  config.model.vocab_size = 0  # the tokenizer's: 32,000
   config.model.max_len = 1024
   config.model.num_layers = 12
   config.model.num_heads = 12

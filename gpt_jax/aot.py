@@ -16,6 +16,7 @@ bandwidth (ICI within a slice, DCN across slices), which bounds MFU and tokens/s
 fits. A step that does not fit is reported in one line, with the figure the compiler gave.
 """
 
+import dataclasses
 import json
 import math
 import re
@@ -27,7 +28,7 @@ import flax.linen as nn
 import jax
 from ml_collections import config_flags
 
-from gpt_jax import checkpoint, cli, flops, hlo, optim, sharding, tpu
+from gpt_jax import checkpoint, cli, decode, flops, hlo, optim, sharding, tpu
 from gpt_jax import config as config_lib
 from gpt_jax import steps as steps_lib
 from gpt_jax.errors import ConfigError
@@ -41,6 +42,11 @@ _NUM_SLICES = flags.DEFINE_integer('num_slices', None, 'Slices of that topology 
                                    'default: config.mesh.num_slices.')
 _MAX_BATCH = flags.DEFINE_bool('max_batch', False, 'Find the largest global batch that fits.')
 _EVAL = flags.DEFINE_bool('eval', True, 'Also compile the eval step.')
+_DECODE = flags.DEFINE_bool('decode', False, 'Also compile decoding (gpt_jax.sample\'s loop) '
+                            'for one chip of the slice.')
+_DECODE_BATCH = flags.DEFINE_integer('decode_batch', 8, 'Sequences decoded at once.')
+_DECODE_PROMPT = flags.DEFINE_integer('decode_prompt_len', 128, 'Prompt tokens per sequence.')
+_DECODE_NEW = flags.DEFINE_integer('decode_new_tokens', 256, 'Tokens generated per sequence.')
 _JSON = flags.DEFINE_string('json', None, 'Write the report to this JSON file.')
 
 # Per-chip link traffic of one collective, as a multiple of its full buffer (ring algorithms):
@@ -183,6 +189,43 @@ def compile_train(config, topology: tpu.Slice, with_eval: bool = True) -> dict:
   return report
 
 
+def compile_decode(config, topology: tpu.Slice, batch: int, prompt_len: int,
+                   max_new_tokens: int) -> dict:
+  """Decoding as gpt_jax.sample runs it (decode.Generator: the whole loop, KV cache included),
+  compiled for one chip of `topology`: its HBM, and the bound on one step's time that reading
+  its bytes from HBM sets."""
+  config_lib.validate(config)
+  config.model.vocab_size = model_vocab(config)
+  # Decoding runs the blocks one by one, from per-layer parameters in their stored dtype.
+  cfg = dataclasses.replace(ModelConfig.from_config(config.model), scan_layers=False,
+                            scan_unroll=1)
+  if prompt_len + max_new_tokens > cfg.max_len:
+    raise ConfigError(f'--decode_prompt_len + --decode_new_tokens ({prompt_len} + '
+                      f'{max_new_tokens}) exceeds model.max_len ({cfg.max_len})')
+  device = topology.devices()[0]
+  chip_mesh = jax.sharding.Mesh([device], ('data',))
+  on_chip = jax.sharding.SingleDeviceSharding(device)
+  params = jax.eval_shape(lambda: nn.unbox(Transformer(cfg).init(
+      jax.random.key(0), jax.numpy.zeros((1, 1), 'int32'))['params']))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_chip),
+                        params)
+  with jax.set_mesh(chip_mesh):
+    generator = decode.Generator(cfg, params)
+    loop, step = generator.lower(batch, prompt_len, max_new_tokens)
+    try:
+      loop, step = _compile(loop), _compile(step)
+    except OutOfMemory as e:
+      return {'decode_batch': batch, 'fits': False, 'hbm_bytes_per_chip': e.needed,
+              'error': str(e)}
+  memory = _memory(loop)
+  step_bytes = hlo.Module(step.as_text()).hbm_bytes()
+  step_s = step_bytes / topology.chip.hbm_bytes_per_s
+  return {'decode_batch': batch, 'prompt_len': prompt_len, 'max_new_tokens': max_new_tokens,
+          'fits': memory['hbm_bytes_per_chip'] <= topology.chip.hbm_bytes, **memory,
+          'step_hbm_bytes': step_bytes, 'roofline_step_s': step_s,
+          'roofline_tokens_per_s': batch / step_s}
+
+
 def max_batch(config, topology: tpu.Slice) -> tuple[int, dict | None]:
   """(the largest global batch that fits, its report), over multiples of the batch's unit (data
   shards x gradient-accumulation steps), by compiling. The first guess extrapolates the HBM of
@@ -259,6 +302,13 @@ def summary(report: dict) -> str:
       + f"): MFU <= {report['roofline_mfu']:.1%}, "
       f"{report['roofline_tokens_per_s_per_chip']:,.0f} tokens/s per chip",
   ]
+  if 'decode' in report:
+    d = report['decode']
+    lines.append(f"decoding on one chip, {d['decode_batch']} sequences: " + (
+        f"does not fit: {d['error']}" if 'error' in d else
+        f"{gb(d['hbm_bytes_per_chip'])} HBM ({'fits' if d['fits'] else 'DOES NOT FIT'}), a "
+        f"step reads {gb(d['step_hbm_bytes'])}: >= {d['roofline_step_s'] * 1e3:.2f} ms per "
+        f"token, <= {d['roofline_tokens_per_s']:,.0f} tokens/s"))
   return '\n'.join(lines)
 
 
@@ -273,10 +323,14 @@ def main(argv):
     topology = tpu.Slice.parse(_TOPOLOGY.value, _NUM_SLICES.value or config.mesh.num_slices)
     if _MAX_BATCH.value:
       batch, report = max_batch(config, topology)
+      report['max_global_batch'] = batch
       print(f'largest global batch that fits: {batch}' if batch else
             'not even one sequence per data shard fits')
     else:
       report = compile_train(config, topology, with_eval=_EVAL.value)
+    if _DECODE.value:
+      report['decode'] = compile_decode(config, topology, _DECODE_BATCH.value,
+                                        _DECODE_PROMPT.value, _DECODE_NEW.value)
   print(summary(report), flush=True)
   if _JSON.value:
     with open(_JSON.value, 'w', encoding='utf-8') as f:

@@ -280,6 +280,22 @@ class Generator:
       carry = jax.lax.while_loop(lambda carry: cond(carry) & fits(carry), body, carry)
     return carry[1]
 
+  def lower(self, batch: int, prompt_len: int, max_new_tokens: int, **sampling):
+    """(the whole decoding loop `generate` runs for `batch` prompts of `prompt_len` tokens,
+    one of its steps at the full cache), lowered and not run: with abstract parameters
+    (jax.ShapeDtypeStruct on another platform's device) they compile for it (gpt_jax.aot)."""
+    req = self._request([[0] * prompt_len] * batch, max_new_tokens, 1, False, None, 0,
+                        **sampling)
+    loop = self._generate.lower(self.params, req.tokens, req.lengths, req.max_new, req.dynamic,
+                                mode=req.mode, cache_len=req.cache_len)
+    cache = jax.eval_shape(lambda: init_cache(dataclasses.replace(self.cfg,
+                                                                  max_len=req.cache_len), batch))
+    seen = jax.ShapeDtypeStruct((batch, self.cfg.vocab_size if req.mode.penalty else 0), bool)
+    tokens = np.zeros(batch, np.int32)
+    step = self._step.lower(self.params, tokens, tokens, cache, seen, np.int32(1), req.dynamic,
+                            mode=req.mode)
+    return loop, step
+
   # ---------------------------------------------------------------- host side
 
   def _request(self, prompts, max_new_tokens, num_samples, truncate, eos_id, seed,

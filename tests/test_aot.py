@@ -163,3 +163,18 @@ def test_max_batch_is_the_largest_multiple_that_fits():
   over = small_config(seq_len=1024, batch_size=batch + 4)
   over.model.vocab_size = 16_384
   assert not aot.compile_train(over, slice_, with_eval=False)['fits']
+
+
+def test_decoding_compiles_for_one_chip_with_its_cache():
+  config = small_config(seq_len=256)
+  report = aot.compile_decode(config, tpu.Slice.parse('v5e-4'), batch=8, prompt_len=16,
+                              max_new_tokens=64)
+  assert report['fits']
+  param_bytes = report['argument_bytes'] - 8 * 16 * 4 * 2  # the parameters, float32, on one chip
+  cache_bytes = 2 * 2 * 8 * 2 * 128 * 128 * 2  # (k, v) x layers x rows x kv heads x slots x dim
+  assert param_bytes > 0.9 * config.model.vocab_size * 256 * 4
+  assert report['temp_bytes'] >= cache_bytes
+  # A step reads every parameter at least once.
+  assert report['step_hbm_bytes'] >= param_bytes
+  with pytest.raises(ConfigError, match='exceeds model.max_len'):
+    aot.compile_decode(config, tpu.Slice.parse('v5e-4'), 8, 200, 100)

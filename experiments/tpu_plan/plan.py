@@ -1,0 +1,172 @@
+r"""What fits where: a sweep of `gpt_jax.aot` over configs and Cloud TPU slices, rendered as the
+tables of this folder's README and of the project README.
+
+  pip install -e '.[tpu]'
+  python experiments/tpu_plan/plan.py                 # every row (about an hour on 2 CPU cores)
+  python experiments/tpu_plan/plan.py --only=remat    # the rows whose name starts so
+  python experiments/tpu_plan/plan.py --render        # the tables again from results.json
+
+Each row runs `python -m gpt_jax.aot` in its own process and keeps its JSON report in
+results.json; the tables are written between the `<!-- tpu_plan:NAME -->` markers of the
+READMEs. MaxText's figures (commit e591f30, its own train_compile.py on the same shapes, bf16
+compute over float32 weights and AdamW, scanned layers) are constants here: they cannot be
+measured by this script.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, '..', '..')
+RESULTS = os.path.join(HERE, 'results.json')
+
+# The 2-layer shape of a Llama-3-8B layer for weak scaling: one sequence of 4096 per chip.
+WEAK = ['--config.model.num_layers=2', '--config.model.vocab_size=32000',
+        '--config.data.vocab_size=32000', '--config.mesh.data=1', '--config.mesh.fsdp=-1']
+
+# name: (table, config, topology, aot flags, MaxText's GB per chip or None)
+ROWS = {
+    'fit/gpt2_124m': ('fit', 'gpt2_124m', 'v5e-8', ['--config.data.batch_size=256'], None),
+    'fit/gpt2_124m/max': ('fit', 'gpt2_124m', 'v5e-8', ['--max_batch'], None),
+    'fit/llama_1b': ('fit', 'llama_1b', 'v5p-8', [], 14.41),
+    'fit/llama_1b/max': ('fit', 'llama_1b', 'v5p-8', ['--max_batch'], None),
+    'fit/llama_8b': ('fit', 'llama_8b', 'v5p-64', [], None),
+    'fit/llama_8b/max': ('fit', 'llama_8b', 'v5p-64', ['--max_batch'], None),
+    'fit/llama_8b/512': ('fit', 'llama_8b', 'v5p-1024', ['--config.mesh.data=8',
+                                                         '--config.data.batch_size=512'], None),
+    'remat/full/scan': ('remat', 'llama_1b', 'v5p-8', ['--noeval'], 14.41),
+    'remat/dots_saveable/scan': ('remat', 'llama_1b', 'v5p-8', [
+        '--config.model.remat=dots_saveable', '--noeval'], None),
+    'remat/none/scan': ('remat', 'llama_1b', 'v5p-8', ['--config.model.remat=none', '--noeval'],
+                        None),
+    'remat/full/loop': ('remat', 'llama_1b', 'v5p-8', [
+        '--config.model.scan_layers=False', '--noeval'], None),
+    'remat/dots_saveable/loop': ('remat', 'llama_1b', 'v5p-8', [
+        '--config.model.remat=dots_saveable', '--config.model.scan_layers=False', '--noeval'],
+                                 None),
+    'weak/16': ('weak', 'llama_8b', 'v5p-32', WEAK + ['--config.data.batch_size=16', '--noeval'],
+                6.43),
+    'weak/64': ('weak', 'llama_8b', 'v5p-128', WEAK + ['--config.data.batch_size=64', '--noeval'],
+                5.46),
+    'weak/256': ('weak', 'llama_8b', 'v5p-512', WEAK + ['--config.data.batch_size=256',
+                                                        '--noeval'], None),
+    'weak/512': ('weak', 'llama_8b', 'v5p-1024', WEAK + ['--config.data.batch_size=512',
+                                                         '--noeval'], None),
+    'weak8b/32': ('weak8b', 'llama_8b', 'v5p-64', ['--config.data.batch_size=32', '--noeval'],
+                  None),
+    'weak8b/64': ('weak8b', 'llama_8b', 'v5p-128', ['--config.data.batch_size=64', '--noeval'],
+                  None),
+    'weak8b/512': ('weak8b', 'llama_8b', 'v5p-1024', [
+        '--config.mesh.data=8', '--config.data.batch_size=512', '--noeval'], None),
+}
+
+
+def run(name: str) -> dict:
+  _, config, topology, flags, _ = ROWS[name]
+  out = os.path.join('/tmp', 'tpu_plan_' + name.replace('/', '_') + '.json')
+  command = [sys.executable, '-m', 'gpt_jax.aot', f'--config=configs/{config}.py',
+             f'--topology={topology}', f'--json={out}'] + flags
+  print('$', ' '.join(command[1:]), flush=True)
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+  print(result.stdout.strip(), flush=True)
+  if not os.path.exists(out):
+    raise SystemExit(f'{name} failed:\n{result.stderr[-3000:]}')
+  with open(out, encoding='utf-8') as f:
+    report = json.load(f)
+  os.remove(out)
+  report['command'] = ' '.join(['python'] + [c for c in command[1:] if c != f'--json={out}'])
+  report['date'] = datetime.date.today().isoformat()
+  return report
+
+
+def gb(x) -> str:
+  return f'{x / 1e9:.2f}' if x == x else '?'
+
+
+def collective_gb(report) -> str:
+  return gb(sum(c['bytes'] for c in report.get('collectives', {}).values()))
+
+
+def _mesh(report: dict) -> str:
+  mesh = report['mesh']
+  return f"{mesh['data']}x{mesh['fsdp']}x{mesh['tensor']}"
+
+
+def tables(results: dict) -> dict[str, str]:
+  rows = {'fit': [], 'remat': [], 'weak': [], 'weak8b': []}
+  for name, (table, config, topology, _, maxtext) in ROWS.items():
+    report = results.get(name)
+    if report is None or name.endswith('/max'):
+      continue
+    hbm = gb(report['hbm_bytes_per_chip']) + ('' if report.get('fits') else ' (does not fit)')
+    mt = f'{maxtext:.2f}' if maxtext else '-'
+    if table == 'fit':
+      best = results.get(name + '/max', {})
+      rows['fit'].append(
+          f"| `{config}` | {topology} ({report['chips']} chips) | {_mesh(report)} | "
+          f"{report['global_batch']} x {report['seq_len']} | {hbm} | {mt} | "
+          f"{best.get('max_global_batch', '-')} | {report['roofline_mfu']:.0%} "
+          f"({report['roofline_bound_by']}) | {collective_gb(report)} |")
+    elif table == 'remat':
+      policy, layers = name.split('/')[1:]
+      rows['remat'].append(
+          f"| `{policy}` | {'scan' if layers == 'scan' else 'Python loop'} | {hbm} | "
+          f"{gb(report.get('temp_bytes', float('nan')))} | {mt} | "
+          f"{report.get('flops_per_chip', 0) / 1e12:.0f} | {report.get('compile_s', 0):.0f} |")
+    else:
+      rows[table].append(
+          f"| {report['chips']} ({topology}) | {_mesh(report)} | {hbm} | "
+          f"{gb(report.get('temp_bytes', float('nan')))} | {mt} | {collective_gb(report)} |")
+  headers = {
+      'fit': '| config | slice | mesh (data x fsdp x tensor) | global batch x context | HBM per '
+             'chip (GB) | MaxText (GB) | max global batch | roofline MFU (bound) | collectives '
+             'per step (GB) |\n|---|---|---|---|---|---|---|---|---|',
+      'remat': '| remat | layers | HBM per chip (GB) | of which temporaries | MaxText (GB) | '
+               'TFLOP per chip per step | compile (s) |\n|---|---|---|---|---|---|---|',
+      'weak': '| chips | mesh | HBM per chip (GB) | temporaries (GB) | MaxText total (GB) | '
+              'collectives per step (GB) |\n|---|---|---|---|---|---|',
+  }
+  headers['weak8b'] = headers['weak']
+  return {table: headers[table] + '\n' + '\n'.join(lines) for table, lines in rows.items()}
+
+
+def render(results: dict) -> None:
+  dates = sorted({r['date'] for r in results.values()})
+  rendered = tables(results)
+  for path in (os.path.join(HERE, 'README.md'), os.path.join(ROOT, 'README.md')):
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+    for table, body in rendered.items():
+      text = re.sub(rf'(<!-- tpu_plan:{table} -->\n).*?(\n<!-- /tpu_plan:{table} -->)',
+                    lambda m: m.group(1) + body + m.group(2), text, flags=re.S)
+    text = re.sub(r'(<!-- tpu_plan:date -->).*?(<!-- /tpu_plan:date -->)',
+                  lambda m: m.group(1) + ', '.join(dates) + m.group(2), text)
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(text)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--only', default='', help='run the rows whose name starts with this')
+  parser.add_argument('--render', action='store_true', help='only render results.json')
+  args = parser.parse_args()
+  results = {}
+  if os.path.exists(RESULTS):
+    with open(RESULTS, encoding='utf-8') as f:
+      results = json.load(f)
+  if not args.render:
+    for name in ROWS:
+      if name.startswith(args.only):
+        results[name] = run(name)
+        with open(RESULTS, 'w', encoding='utf-8') as f:
+          json.dump(results, f, indent=1, sort_keys=True)
+  render(results)
+
+
+if __name__ == '__main__':
+  main()
