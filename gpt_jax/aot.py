@@ -169,6 +169,8 @@ def compile_train(config, topology: tpu.Slice, with_eval: bool = True) -> dict:
   report['model_flops_per_chip'] = flops.train_flops_per_token(model_cfg, seq_len) * tokens_per_chip
   module = hlo.Module(compiled.as_text())
   report['hbm_accessed_bytes_per_chip'] = module.hbm_bytes()
+  report['largest_arrays'] = [{'shape': shape, 'bytes': size, 'count': count}
+                              for shape, size, count in module.largest_arrays()]
   within, across = module.collectives(), module.dcn_collectives()
   for key, found in (('collectives', within), ('dcn_collectives', across)):
     report[key] = {op: {'count': c.count, 'bytes': c.bytes} for op, c in sorted(found.items())}
@@ -302,6 +304,8 @@ def summary(report: dict) -> str:
       + f"): MFU <= {report['roofline_mfu']:.1%}, "
       f"{report['roofline_tokens_per_s_per_chip']:,.0f} tokens/s per chip",
   ]
+  lines.append('largest arrays: ' + ', '.join(
+      f"{a['shape']} {gb(a['bytes'])}" for a in report['largest_arrays'][:4]))
   if 'decode' in report:
     d = report['decode']
     lines.append(f"decoding on one chip, {d['decode_batch']} sequences: " + (

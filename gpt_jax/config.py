@@ -114,7 +114,8 @@ def validate(config) -> None:
       'model.max_len': model.max_len, 'model.scan_unroll': model.scan_unroll,
       'data.batch_size': config.data.batch_size,
       'data.seq_len': config.data.seq_len, 'train.num_steps': config.train.num_steps,
-      'train.log_every': config.train.log_every, 'optim.grad_accum_steps':
+      'train.log_every': config.train.log_every,
+      'mesh.num_slices': config.mesh.get('num_slices', 1), 'optim.grad_accum_steps':
       config.optim.grad_accum_steps, 'checkpoint.every_steps': config.checkpoint.every_steps}
   for name, value in positive.items():
     if value <= 0:

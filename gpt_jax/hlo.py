@@ -104,8 +104,9 @@ class Module:
 
   def collectives(self) -> dict[str, Collective]:
     """{op: Collective} per run. Asynchronous pairs (all-gather-start / -done) count once; a
-    collective's bytes are its largest array (an all-gather's output, a reduce-scatter's
-    input). TPU's reduce-scatter fusions (an all-reduce and a slice) count as reduce-scatters."""
+    collective's bytes are its whole buffers (an all-gather's output, a reduce-scatter's input,
+    every array of a combined all-reduce). TPU's reduce-scatter fusions (an all-reduce and a
+    slice) count as reduce-scatters."""
     found = collections.defaultdict(Collective)
 
     def visit(instruction, _, times):
@@ -121,13 +122,15 @@ class Module:
           for inner in self.computations[c]:
             if inner.op in COLLECTIVES:
               found[inner.op].count += times
-              found[inner.op].bytes += times * max(array_bytes(inner.shape), default=0)
+              found[inner.op].bytes += times * sum(array_bytes(inner.shape))
         return
+      elif op.endswith('-start') and base in ('all-gather', 'collective-permute'):
+        sizes = [max(array_bytes(instruction.shape), default=0)]  # (operands, outputs): outputs
       else:
-        sizes = array_bytes(instruction.shape)
+        sizes = array_bytes(instruction.shape)  # a combined collective's outputs: all of them
       if base in COLLECTIVES:
         found[base].count += times
-        found[base].bytes += times * max(sizes, default=0)
+        found[base].bytes += times * sum(sizes)
 
     self._walk(self.entry, visit)
     return dict(found)
@@ -160,6 +163,23 @@ class Module:
 
     self._walk(self.entry, visit)
     return total
+
+  def largest_arrays(self, n: int = 8) -> list[tuple[str, int, int]]:
+    """(shape, bytes, instructions producing it) of the `n` largest array shapes the program
+    produces: where its memory goes (e.g. a batch-wide activation held on every chip)."""
+    found = collections.Counter()
+    sizes = {}
+    for instructions in self.computations.values():
+      for i in instructions:
+        if i.op in _FREE and i.op != 'parameter':
+          continue
+        for dtype, dims in _ARRAY.findall(i.shape):
+          if dtype in _BYTES:
+            key = f'{dtype}[{dims}]'
+            found[key] += 1
+            sizes[key] = _BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
+    return [(key, sizes[key], found[key])
+            for key in sorted(found, key=lambda k: -sizes[k])[:n]]
 
   def dcn_collectives(self) -> dict[str, Collective]:
     """The collectives across slices, per run: a multi-slice program hands them to the

@@ -31,7 +31,7 @@ WEAK = ['--config.model.num_layers=2', '--config.model.vocab_size=32000',
 
 # name: (table, config, topology, aot flags, MaxText's GB per chip or None)
 ROWS = {
-    'fit/gpt2_124m': ('fit', 'gpt2_124m', 'v5e-8', ['--config.data.batch_size=256'], None),
+    'fit/gpt2_124m': ('fit', 'gpt2_124m', 'v5e-8', [], None),
     'fit/gpt2_124m/max': ('fit', 'gpt2_124m', 'v5e-8', ['--max_batch'], None),
     'fit/llama_1b': ('fit', 'llama_1b', 'v5p-8', [], 14.41),
     'fit/llama_1b/max': ('fit', 'llama_1b', 'v5p-8', ['--max_batch'], None),
@@ -39,6 +39,8 @@ ROWS = {
     'fit/llama_8b/max': ('fit', 'llama_8b', 'v5p-64', ['--max_batch'], None),
     'fit/llama_8b/512': ('fit', 'llama_8b', 'v5p-1024', ['--config.mesh.data=8',
                                                          '--config.data.batch_size=512'], None),
+    'fit/llama_8b/512/max': ('fit', 'llama_8b', 'v5p-1024', ['--config.mesh.data=8',
+                                                             '--max_batch'], None),
     'remat/full/scan': ('remat', 'llama_1b', 'v5p-8', ['--noeval'], 14.41),
     'remat/dots_saveable/scan': ('remat', 'llama_1b', 'v5p-8', [
         '--config.model.remat=dots_saveable', '--noeval'], None),
