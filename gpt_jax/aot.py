@@ -321,6 +321,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or _TOPOLOGY.value is None:
     raise app.UsageError('--config and --topology are required')
+  cli.skip_absent_tpu()
   cli.quiet_logs()
   config = _CONFIG.value
   with cli.one_line_errors():

@@ -220,6 +220,7 @@ def repl(chat: Chat, interactive: bool) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.skip_absent_tpu()
   cli.quiet_logs(logging.ERROR)
   with cli.one_line_errors():
     sample.check_generation_flags(FLAGS)

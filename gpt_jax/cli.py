@@ -23,6 +23,13 @@ def keep_freed_host_memory() -> None:
     host_memory.keep_freed_memory()
 
 
+def skip_absent_tpu() -> None:
+  """For the binaries that run JAX: no attempt to start an installed libtpu on a host without
+  TPU chips (gpt_jax/target.py). Call before anything starts JAX."""
+  from gpt_jax import target  # pylint: disable=import-outside-toplevel  (imports jax)
+  target.skip_absent_tpu()
+
+
 def quiet_logs(level=logging.WARNING) -> None:
   """Hides libraries' INFO logs (Orbax logs every save) unless --verbosity was given."""
   if not flags.FLAGS['verbosity'].present:

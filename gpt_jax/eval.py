@@ -311,6 +311,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.keep_freed_host_memory()
+  cli.skip_absent_tpu()
   cli.quiet_logs(logging.ERROR)
   with cli.one_line_errors():
     if not FLAGS.workdir:

@@ -56,7 +56,10 @@ class ModelConfig:
   param_dtype: str = 'float32'
   compute_dtype: str = 'float32'  # matmul inputs and outputs, activations (residual: float32)
   remat: str = 'none'            # backward pass: 'none' | 'full' (recompute each block) |
-                                 # 'dots_saveable' (keep matmul outputs, recompute the rest)
+                                 # 'dots_saveable' (keep every matmul output, attention's
+                                 # [b, h, t, t] logits included, recompute the rest) |
+                                 # 'projections' (keep the projections' and the head's outputs,
+                                 # not attention's logits or probabilities)
   scan_layers: bool = False      # one nn.scan over the blocks: compile time independent of depth
   scan_unroll: int = 1           # blocks per scan iteration (num_layers: straight-line code over
                                  # the stacked parameters)
@@ -374,7 +377,10 @@ class Block(nn.Module):
     return _constrain(x, ('batch', 'length', 'act_embed')), cache
 
 
-REMAT_POLICIES = {'full': None, 'dots_saveable': jax.checkpoint_policies.dots_saveable}
+# Projections are 2-D products and attention's two are batched over (batch, heads):
+# 'projections' keeps the products without batch dimensions.
+REMAT_POLICIES = {'full': None, 'dots_saveable': jax.checkpoint_policies.dots_saveable,
+                  'projections': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Transformer(nn.Module):

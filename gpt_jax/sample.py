@@ -70,6 +70,7 @@ def check_generation_flags(f) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.skip_absent_tpu()
   cli.quiet_logs(logging.ERROR)
   with cli.one_line_errors():  # e.g. a prompt longer than the context
     check_flags(FLAGS)

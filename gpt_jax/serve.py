@@ -449,6 +449,7 @@ def load(workdir: str, quantize_mode: str = 'none', slots: int = 16, step: int |
 def main(argv):
   if len(argv) > 1:
     raise absl_app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.skip_absent_tpu()
   cli.quiet_logs(logging.ERROR)
   with cli.one_line_errors():
     if not FLAGS.workdir:

@@ -6,7 +6,11 @@ every choice of a platform-specific code path asks `platform()`, never
 `jax.default_backend()`. Outside a mesh, a program runs on the default device.
 """
 
+import importlib.util
+import os
+
 import jax
+from jax._src import hardware_utils
 
 
 def platform() -> str:
@@ -20,3 +24,13 @@ def platform() -> str:
 
 def is_cpu() -> bool:
   return platform() == 'cpu'
+
+
+def skip_absent_tpu() -> None:
+  """On a host with libtpu installed but no TPU chip (it compiles for TPUs: gpt_jax.aot) and no
+  GPU, JAX computes on the CPU without first trying to start libtpu, which prints warnings and
+  takes a machine-wide lock. Call before JAX starts; JAX_PLATFORMS, when set, decides."""
+  if (not os.environ.get('JAX_PLATFORMS') and importlib.util.find_spec('libtpu') is not None
+      and not hardware_utils.num_available_tpu_chips_and_device_id()[0]
+      and not hardware_utils.has_visible_nvidia_gpu()):
+    jax.config.update('jax_platforms', 'cpu')

@@ -379,6 +379,7 @@ def main(argv, configure=None):
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('--config and --workdir are required')
   cli.keep_freed_host_memory()
+  cli.skip_absent_tpu()
   cli.quiet_logs()
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

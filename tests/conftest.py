@@ -7,6 +7,10 @@ import sys
 
 import pytest
 
+# The tests compute on the CPU, also where libtpu is installed (tests/test_aot.py compiles for
+# TPUs with it); set before any test imports jax.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), 'shared')
 

@@ -1,10 +1,13 @@
 """The model in isolation: causality, layouts, KV-cache decoding, sharding rules."""
 
+import contextlib
 import dataclasses
+import io
 import re
 
 import flax.linen as nn
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -191,7 +194,7 @@ def test_remat_and_scan_change_nothing_numerically():
   for a, b in zip(jax.tree.leaves(unstack_layers(unrolled_cfg, unrolled_grads)[1]),
                   jax.tree.leaves(reference)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  for policy in ('full', 'dots_saveable'):
+  for policy in ('full', 'dots_saveable', 'projections'):
     for a, b in zip(jax.tree.leaves(grads(dataclasses.replace(base, remat=policy))),
                     jax.tree.leaves(reference)):
       np.testing.assert_array_equal(a, b)
@@ -282,3 +285,25 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   _, state = model.apply({'params': params}, tokens, capture_intermediates=True)
   (looked_up,) = state['intermediates']['wte']['__call__']
   np.testing.assert_array_equal(looked_up, params['wte']['embedding'][tokens])
+
+
+def test_remat_projections_keeps_projections_but_not_attention_logits():
+  """What each policy saves for the backward pass: 'projections' the [tokens, features]
+  outputs of the projections (here [64, 64], fc_in's), never attention's [batch, heads, t, s]
+  logits of the causal halves, which 'dots_saveable' keeps."""
+  cfg = ModelConfig(vocab_size=64, max_len=32, num_layers=1, num_heads=2, emb_dim=32,
+                    mlp_dim=64)
+  tokens = jnp.zeros((2, 32), jnp.int32)
+  params = nn.unbox(Transformer(cfg).init(jax.random.key(0), tokens)['params'])
+
+  def saved(policy):
+    model = Transformer(dataclasses.replace(cfg, remat=policy))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      ad_checkpoint.print_saved_residuals(lambda p: model.apply({'params': p}, tokens)[0].sum(),
+                                          params)
+    return set(re.findall(r'\w+\[[0-9,]*\]', out.getvalue()))
+
+  logits = {'f32[2,2,16,16]', 'f32[2,2,16,32]'}
+  assert logits <= saved('dots_saveable')
+  assert not logits & saved('projections') and 'f32[64,64]' in saved('projections')

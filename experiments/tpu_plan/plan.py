@@ -44,6 +44,8 @@ ROWS = {
     'remat/full/scan': ('remat', 'llama_1b', 'v5p-8', ['--noeval'], 14.41),
     'remat/dots_saveable/scan': ('remat', 'llama_1b', 'v5p-8', [
         '--config.model.remat=dots_saveable', '--noeval'], None),
+    'remat/projections/scan': ('remat', 'llama_1b', 'v5p-8', [
+        '--config.model.remat=projections', '--noeval'], None),
     'remat/none/scan': ('remat', 'llama_1b', 'v5p-8', ['--config.model.remat=none', '--noeval'],
                         None),
     'remat/full/loop': ('remat', 'llama_1b', 'v5p-8', [

@@ -138,6 +138,7 @@ def convert_checkpoint(hf_dir: str, workdir: str, step: int = 0):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.skip_absent_tpu()
   cli.quiet_logs()
   with cli.one_line_errors():
     if not FLAGS.hf_dir or not FLAGS.workdir:

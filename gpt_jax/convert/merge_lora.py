@@ -45,6 +45,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('--workdir and --out are required')
+  cli.skip_absent_tpu()
   cli.quiet_logs()
   with cli.one_line_errors(FileExistsError):
     step = merge(FLAGS.workdir, FLAGS.out, FLAGS.step)

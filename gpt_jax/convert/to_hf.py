@@ -64,6 +64,7 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[dict, str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.skip_absent_tpu()
   cli.quiet_logs()
   with cli.one_line_errors():
     if not FLAGS.workdir or not FLAGS.out:
