@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from gpt_jax import kernels, target
 from gpt_jax.activations import gelu
 from gpt_jax.errors import ConfigError
 from gpt_jax.matmul import add_bias, einsum, matmul
@@ -55,6 +56,10 @@ class ModelConfig:
   dropout: float = 0.0
   param_dtype: str = 'float32'
   compute_dtype: str = 'float32'  # matmul inputs and outputs, activations (residual: float32)
+  attention: str = 'auto'        # 'auto' | 'xla' | 'splash' | 'cudnn' (gpt_jax/kernels)
+  splash_block_q: int = 512      # splash attention's blocks (capped at the sequence length)
+  splash_block_kv: int = 512
+  splash_block_kv_compute: int = 512
   remat: str = 'none'            # backward pass: 'none' | 'full' (recompute each block) |
                                  # 'dots_saveable' (keep every matmul output, attention's
                                  # [b, h, t, t] logits included, recompute the rest) |
@@ -295,6 +300,34 @@ def _masked_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return einsum(weighted, probs, v, v.dtype).reshape(b, t, heads, d)
 
 
+def causal_attention(cfg: ModelConfig, q: Array, k: Array, v: Array, positions: Array,
+                     segment_ids: Array | None) -> Array:
+  """Causal attention of q [b, t, heads, d] over k, v [b, t, kv_heads, d] with the
+  implementation cfg.attention names for the target's platform (gpt_jax/kernels): a token
+  attends to no later token, nor to another segment when segment_ids are given. The kernels
+  order by index; `xla` also masks later positions, which packed batches order the same way."""
+  platform = target.platform()
+  implementation = kernels.attention_for(cfg.attention, platform)
+  if implementation == 'splash':
+    # Imported when used: Pallas takes a tenth of a second to import.
+    from gpt_jax.kernels import splash_attention  # pylint: disable=import-outside-toplevel
+    mesh = jax.sharding.get_abstract_mesh()
+    return splash_attention.splash_attention(q, k, v, segment_ids, mesh=None if mesh.empty else mesh,
+                            block_q=cfg.splash_block_q, block_kv=cfg.splash_block_kv,
+                            block_kv_compute=cfg.splash_block_kv_compute,
+                            interpret=platform != 'tpu')
+  t = positions.shape[1]
+  mask = ((positions[:, None, :, None] >= positions[:, None, None, :])
+          & (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]))
+  if segment_ids is not None:  # packed sequences: attend within one's own segment only
+    mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  if implementation == 'cudnn':
+    if segment_ids is None:  # cuDNN's causal mask, computed in the kernel
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
+  return masked_attention(q, k, v, mask, causal=True)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   lora: LoraConfig = NO_LORA
@@ -321,12 +354,7 @@ class Attention(nn.Module):
 
     if cache is None:
       # Training / full forward: causal attention over this sequence, in the tokens' order.
-      t = positions.shape[1]
-      mask = ((positions[:, None, :, None] >= positions[:, None, None, :])
-              & (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]))
-      if segment_ids is not None:  # packed sequences: attend within one's own segment only
-        mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-      y = masked_attention(q, k, v, mask, causal=True)
+      y = causal_attention(cfg, q, k, v, positions, segment_ids)
     else:
       # Decoding: attend to the cache's earlier slots and to this call's keys and values, then
       # write those into their positions' slots.

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from gpt_jax import lora as lora_lib
-from gpt_jax import sharding, target
+from gpt_jax import kernels, sharding, target
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import Transformer
 
@@ -208,6 +208,7 @@ def build(config, model: Transformer, tx, schedule, mesh, rules,
           trainable: lora_lib.Trainable) -> Steps:
   """The state (abstract, and its initialiser) and the jitted train and eval steps of `config`
   on `mesh`."""
+  kernels.check_attention(model.cfg.attention, mesh.devices.flat[0].platform)
   init_state, (abstract_state, abstract_frozen) = sharded_state(
       model, tx, config.data.seq_len, mesh, rules, trainable)
   batch_sharding = sharding.batch_sharding(mesh, rules)
