@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 from ml_collections import config_flags
 
-from gpt_jax import checkpoint, cli, decode, flops, hlo, optim, sharding, tpu
+from gpt_jax import checkpoint, cli, decode, flops, hlo, kernels, optim, sharding, tpu
 from gpt_jax import config as config_lib
 from gpt_jax import steps as steps_lib
 from gpt_jax.errors import ConfigError
@@ -131,6 +131,7 @@ def compile_train(config, topology: tpu.Slice, with_eval: bool = True) -> dict:
       'num_slices': topology.num_slices, 'chips': chips, 'device_kind': devices[0].device_kind,
       'mesh': dict(mesh.shape), 'global_batch': batch, 'seq_len': seq_len,
       'batch_per_chip': batch / chips, 'remat': model_cfg.remat,
+      'attention': kernels.attention_for(model_cfg.attention, devices[0].platform),
       'scan_layers': model_cfg.scan_layers, 'compute_dtype': model_cfg.compute_dtype,
       'num_params': sum(math.prod(x.shape) for x in jax.tree.leaves(steps.abstract_state.params)),
       'param_bytes_per_chip': _bytes_per_chip(steps.abstract_state.params),
@@ -278,7 +279,7 @@ def summary(report: dict) -> str:
   lines = [f"{report['topology']} ({report['libtpu_topology']}, {report['chips']} chips, "
            f"{report['device_kind']}), mesh {mesh}; batch {report['global_batch']} x "
            f"{report['seq_len']} ({report['batch_per_chip']:g} sequences per chip), remat "
-           f"{report['remat']}"]
+           f"{report['remat']}, {report['attention']} attention"]
   if 'error' in report:
     lines.append(f"does not fit: {report['error']}")
     return '\n'.join(lines)

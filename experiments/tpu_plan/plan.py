@@ -29,45 +29,47 @@ RESULTS = os.path.join(HERE, 'results.json')
 WEAK = ['--config.model.num_layers=2', '--config.model.vocab_size=32000',
         '--config.data.vocab_size=32000', '--config.mesh.data=1', '--config.mesh.fsdp=-1']
 
+# MaxText's GB per chip on the 1B shape (v5p-8, batch 16 x 4096): (attention, remat) -> GB.
+MAXTEXT_1B = {('xla', 'full'): 14.41, ('xla', 'minimal'): 32.00, ('splash', 'full'): 7.70,
+              ('splash', 'minimal'): 19.38}
+# and on the weak-scaling shape: chips -> GB (dot-product attention).
+MAXTEXT_WEAK = {16: 6.43, 64: 5.46}
+
 # name: (table, config, topology, aot flags, MaxText's GB per chip or None)
 ROWS = {
     'fit/gpt2_124m': ('fit', 'gpt2_124m', 'v5e-8', [], None),
     'fit/gpt2_124m/max': ('fit', 'gpt2_124m', 'v5e-8', ['--max_batch'], None),
-    'fit/llama_1b': ('fit', 'llama_1b', 'v5p-8', [], 14.41),
+    'fit/llama_1b': ('fit', 'llama_1b', 'v5p-8', ['--decode'], MAXTEXT_1B[('splash', 'full')]),
     'fit/llama_1b/max': ('fit', 'llama_1b', 'v5p-8', ['--max_batch'], None),
     'fit/llama_8b': ('fit', 'llama_8b', 'v5p-64', [], None),
     'fit/llama_8b/max': ('fit', 'llama_8b', 'v5p-64', ['--max_batch'], None),
     'fit/llama_8b/512': ('fit', 'llama_8b', 'v5p-1024', ['--config.mesh.data=8',
                                                          '--config.data.batch_size=512'], None),
-    'fit/llama_8b/512/max': ('fit', 'llama_8b', 'v5p-1024', ['--config.mesh.data=8',
-                                                             '--max_batch'], None),
-    'remat/full/scan': ('remat', 'llama_1b', 'v5p-8', ['--noeval'], 14.41),
-    'remat/dots_saveable/scan': ('remat', 'llama_1b', 'v5p-8', [
-        '--config.model.remat=dots_saveable', '--noeval'], None),
-    'remat/projections/scan': ('remat', 'llama_1b', 'v5p-8', [
-        '--config.model.remat=projections', '--noeval'], None),
-    'remat/none/scan': ('remat', 'llama_1b', 'v5p-8', ['--config.model.remat=none', '--noeval'],
-                        None),
-    'remat/full/loop': ('remat', 'llama_1b', 'v5p-8', [
-        '--config.model.scan_layers=False', '--noeval'], None),
-    'remat/dots_saveable/loop': ('remat', 'llama_1b', 'v5p-8', [
-        '--config.model.remat=dots_saveable', '--config.model.scan_layers=False', '--noeval'],
-                                 None),
-    'weak/16': ('weak', 'llama_8b', 'v5p-32', WEAK + ['--config.data.batch_size=16', '--noeval'],
-                6.43),
-    'weak/64': ('weak', 'llama_8b', 'v5p-128', WEAK + ['--config.data.batch_size=64', '--noeval'],
-                5.46),
-    'weak/256': ('weak', 'llama_8b', 'v5p-512', WEAK + ['--config.data.batch_size=256',
-                                                        '--noeval'], None),
-    'weak/512': ('weak', 'llama_8b', 'v5p-1024', WEAK + ['--config.data.batch_size=512',
-                                                         '--noeval'], None),
-    'weak8b/32': ('weak8b', 'llama_8b', 'v5p-64', ['--config.data.batch_size=32', '--noeval'],
-                  None),
-    'weak8b/64': ('weak8b', 'llama_8b', 'v5p-128', ['--config.data.batch_size=64', '--noeval'],
-                  None),
-    'weak8b/512': ('weak8b', 'llama_8b', 'v5p-1024', [
-        '--config.mesh.data=8', '--config.data.batch_size=512', '--noeval'], None),
 }
+for attention in ('splash', 'xla'):
+  for remat in ('full', 'projections', 'dots_saveable', 'none'):
+    maxtext = MAXTEXT_1B.get((attention, 'minimal' if remat == 'projections' else remat))
+    ROWS[f'remat/{attention}/{remat}/scan'] = ('remat', 'llama_1b', 'v5p-8', [
+        f'--config.model.attention={attention}', f'--config.model.remat={remat}', '--noeval'],
+                                               maxtext)
+ROWS['remat/splash/full/loop'] = ('remat', 'llama_1b', 'v5p-8', [
+    '--config.model.attention=splash', '--config.model.scan_layers=False', '--noeval'], None)
+for context in (2048, 8192, 32768):
+  for attention in ('splash', 'xla'):
+    for remat in ('full', 'projections'):
+      ROWS[f'context/{context}/{attention}/{remat}'] = ('context', 'llama_1b', 'v5p-8', [
+          f'--config.model.attention={attention}', f'--config.model.remat={remat}',
+          f'--config.data.seq_len={context}', f'--config.model.max_len={context}', '--noeval'],
+                                                        None)
+for chips, topology in ((16, 'v5p-32'), (64, 'v5p-128'), (256, 'v5p-512'), (512, 'v5p-1024')):
+  for attention in ('splash', 'xla'):
+    ROWS[f'weak/{attention}/{chips}'] = ('weak', 'llama_8b', topology, WEAK + [
+        f'--config.model.attention={attention}', f'--config.data.batch_size={chips}',
+        '--noeval'], MAXTEXT_WEAK.get(chips) if attention == 'xla' else None)
+for chips, topology, mesh in ((32, 'v5p-64', []), (64, 'v5p-128', []),
+                              (512, 'v5p-1024', ['--config.mesh.data=8'])):
+  ROWS[f'weak8b/{chips}'] = ('weak8b', 'llama_8b', topology, mesh + [
+      f'--config.data.batch_size={chips}', '--noeval'], None)
 
 
 def run(name: str) -> dict:
@@ -101,39 +103,51 @@ def _mesh(report: dict) -> str:
   return f"{mesh['data']}x{mesh['fsdp']}x{mesh['tensor']}"
 
 
+def _attention(report: dict) -> str:
+  return report.get('attention', '?')
+
+
 def tables(results: dict) -> dict[str, str]:
-  rows = {'fit': [], 'remat': [], 'weak': [], 'weak8b': []}
+  rows = {'fit': [], 'remat': [], 'context': [], 'weak': [], 'weak8b': []}
   for name, (table, config, topology, _, maxtext) in ROWS.items():
     report = results.get(name)
     if report is None or name.endswith('/max'):
       continue
     hbm = gb(report['hbm_bytes_per_chip']) + ('' if report.get('fits') else ' (does not fit)')
+    temps = gb(report.get('temp_bytes', float('nan')))
     mt = f'{maxtext:.2f}' if maxtext else '-'
     if table == 'fit':
       best = results.get(name + '/max', {})
       rows['fit'].append(
           f"| `{config}` | {topology} ({report['chips']} chips) | {_mesh(report)} | "
-          f"{report['global_batch']} x {report['seq_len']} | {hbm} | {mt} | "
-          f"{best.get('max_global_batch', '-')} | {report['roofline_mfu']:.0%} "
-          f"({report['roofline_bound_by']}) | {collective_gb(report)} |")
+          f"{report['global_batch']} x {report['seq_len']} | {_attention(report)} | {hbm} | "
+          f"{best.get('max_global_batch', '-')} | "
+          + (f"{report['roofline_mfu']:.0%} ({report['roofline_bound_by']})"
+             if 'roofline_mfu' in report else '-') + f" | {collective_gb(report)} |")
     elif table == 'remat':
-      policy, layers = name.split('/')[1:]
+      _, attention, policy, layers = name.split('/')
       rows['remat'].append(
-          f"| `{policy}` | {'scan' if layers == 'scan' else 'Python loop'} | {hbm} | "
-          f"{gb(report.get('temp_bytes', float('nan')))} | {mt} | "
-          f"{report.get('flops_per_chip', 0) / 1e12:.0f} | {report.get('compile_s', 0):.0f} |")
+          f"| {attention} | `{policy}` | {'scan' if layers == 'scan' else 'Python loop'} | "
+          f"{hbm} | {temps} | {mt} | {report.get('flops_per_chip', 0) / 1e12:.0f} | "
+          f"{report.get('compile_s', 0):.0f} |")
+    elif table == 'context':
+      _, context, attention, policy = name.split('/')
+      rows['context'].append(f"| {context} | {attention} | `{policy}` | {hbm} | {temps} |")
     else:
       rows[table].append(
-          f"| {report['chips']} ({topology}) | {_mesh(report)} | {hbm} | "
-          f"{gb(report.get('temp_bytes', float('nan')))} | {mt} | {collective_gb(report)} |")
+          f"| {report['chips']} ({topology}) | {_attention(report)} | {_mesh(report)} | "
+          f"{hbm} | {temps} | {mt} | {collective_gb(report)} |")
   headers = {
-      'fit': '| config | slice | mesh (data x fsdp x tensor) | global batch x context | HBM per '
-             'chip (GB) | MaxText (GB) | max global batch | roofline MFU (bound) | collectives '
-             'per step (GB) |\n|---|---|---|---|---|---|---|---|---|',
-      'remat': '| remat | layers | HBM per chip (GB) | of which temporaries | MaxText (GB) | '
-               'TFLOP per chip per step | compile (s) |\n|---|---|---|---|---|---|---|',
-      'weak': '| chips | mesh | HBM per chip (GB) | temporaries (GB) | MaxText total (GB) | '
-              'collectives per step (GB) |\n|---|---|---|---|---|---|',
+      'fit': '| config | slice | mesh (data x fsdp x tensor) | global batch x context | '
+             'attention | HBM per chip (GB) | max global batch | roofline MFU (bound) | '
+             'collectives per step (GB) |\n|---|---|---|---|---|---|---|---|---|',
+      'remat': '| attention | remat | layers | HBM per chip (GB) | of which temporaries | '
+               'MaxText (GB) | TFLOP per chip per step | compile (s) |\n'
+               '|---|---|---|---|---|---|---|---|',
+      'context': '| context | attention | remat | HBM per chip (GB) | of which temporaries |\n'
+                 '|---|---|---|---|---|',
+      'weak': '| chips | attention | mesh | HBM per chip (GB) | temporaries (GB) | MaxText total '
+              '(GB) | collectives per step (GB) |\n|---|---|---|---|---|---|---|',
   }
   headers['weak8b'] = headers['weak']
   return {table: headers[table] + '\n' + '\n'.join(lines) for table, lines in rows.items()}
