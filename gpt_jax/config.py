@@ -95,6 +95,37 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def llama_pretraining_config(num_layers: int, emb_dim: int, num_heads: int, num_kv_heads: int,
+                             mlp_dim: int, vocab_size: int, seq_len: int,
+                             batch_size: int) -> ml_collections.ConfigDict:
+  """A Llama-layout model (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied embeddings)
+  pretraining on a TFDS corpus with a sentencepiece vocabulary, set for TPU slices: bf16
+  compute over float32 weights and AdamW, full remat, scanned layers, pure FSDP."""
+  config = base_config()
+  config.data.tfds_name = 'c4'
+  config.data.vocab_size = vocab_size
+  config.data.seq_len = seq_len
+  config.data.batch_size = batch_size
+  config.data.prefetch = 4
+
+  model = config.model
+  model.vocab_size, model.max_len = vocab_size, seq_len
+  model.num_layers, model.emb_dim, model.mlp_dim = num_layers, emb_dim, mlp_dim
+  model.num_heads, model.num_kv_heads = num_heads, num_kv_heads
+  model.position, model.rope_theta = 'rope', 500_000.0
+  model.norm, model.mlp, model.use_bias, model.tie_embeddings = 'rmsnorm', 'swiglu', False, False
+  model.dropout, model.compute_dtype = 0.0, 'bfloat16'
+  model.remat, model.scan_layers = 'full', True
+
+  config.mesh.data, config.mesh.fsdp = 1, -1
+  config.optim.lr, config.optim.warmup_steps, config.optim.b2 = 3e-4, 2000, 0.95
+  config.train.num_steps, config.train.log_every = 100_000, 100
+  config.train.eval_every, config.train.eval_batches = 2000, 20
+  config.train.sample_tokens = 0
+  config.checkpoint.every_steps = 1000
+  return config
+
+
 def validate(config) -> None:
   """Checks a config before anything is built; each error names the field at fault."""
   model = ModelConfig.from_config(config.model)

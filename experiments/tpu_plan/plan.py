@@ -45,6 +45,8 @@ ROWS = {
     'fit/llama_8b/max': ('fit', 'llama_8b', 'v5p-64', ['--max_batch'], None),
     'fit/llama_8b/512': ('fit', 'llama_8b', 'v5p-1024', ['--config.mesh.data=8',
                                                          '--config.data.batch_size=512'], None),
+    'fit/llama_8b/512x4': ('fit', 'llama_8b', 'v5p-1024', ['--config.mesh.data=8',
+                                                           '--config.data.batch_size=2048'], None),
 }
 for attention in ('splash', 'xla'):
   for remat in ('full', 'projections', 'dots_saveable', 'none'):
