@@ -1,17 +1,21 @@
 r"""The 1B step compiled for a v5p-8 as it was built before code paths followed the target: with
 the XLA:CPU forms of gpt_jax/matmul.py and activations.py (chosen then from the CPU host) inside
-the TPU program. Reproduces the figures measured on the old program (18.52 GB per chip with
-full remat, 81.98 GB with dots_saveable), beside today's.
+the TPU program, beside today's: the 1B step's HBM per chip (the old program was measured at
+18.52 GB with full remat, 81.98 GB with dots_saveable), and the temporaries of the small
+weak-scaling shape of tests/test_aot.py at 16 and 64 chips.
 
-  python experiments/tpu_plan/host_forms.py
+  python experiments/tpu_plan/host_forms.py [--weak_only]
 """
 
 import importlib.util
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..')
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
 from gpt_jax import aot, target, tpu  # noqa: E402
+from test_aot import small_config  # noqa: E402
 
 
 def llama_1b(remat: str):
@@ -26,12 +30,27 @@ def llama_1b(remat: str):
 
 
 def main():
-  slice_ = tpu.Slice.parse('v5p-8')
   target_forms = target.is_cpu
+  for forms, is_cpu in (('target (TPU) forms', target_forms), ('XLA:CPU forms', lambda: True)):
+    target.is_cpu = is_cpu
+    temps = {}
+    for chips, name in ((16, 'v5p-32'), (64, 'v5p-128')):
+      config = small_config(batch_size=chips, seq_len=2048)
+      config.model.remat = 'full'
+      temps[chips] = aot.compile_train(config, tpu.Slice.parse(name),
+                                       with_eval=False)['temp_bytes']
+    print(f'weak scaling, {forms:19s}: temporaries {temps[16] / 1e6:.0f} MB at 16 chips, '
+          f'{temps[64] / 1e6:.0f} MB at 64 ({temps[64] / temps[16]:.2f}x)', flush=True)
+  target.is_cpu = target_forms
+  if '--weak_only' in sys.argv:
+    return
+  slice_ = tpu.Slice.parse('v5p-8')
   for remat in ('full', 'dots_saveable'):
     for forms, is_cpu in (('target (TPU) forms', target_forms), ('XLA:CPU forms', lambda: True)):
       target.is_cpu = is_cpu
-      report = aot.compile_train(llama_1b(remat), slice_, with_eval=False)
+      config = llama_1b(remat)
+      config.model.attention = 'xla'  # as the old program's
+      report = aot.compile_train(config, slice_, with_eval=False)
       print(f"remat={remat:13s} {forms:19s}: {report['hbm_bytes_per_chip'] / 1e9:.2f} GB per "
             f"chip ({report['temp_bytes'] / 1e9:.2f} GB temporaries)" if 'error' not in report
             else f"remat={remat:13s} {forms:19s}: {report['error']}", flush=True)

@@ -38,7 +38,6 @@ MAXTEXT_WEAK = {16: 6.43, 64: 5.46}
 # name: (table, config, topology, aot flags, MaxText's GB per chip or None)
 ROWS = {
     'fit/gpt2_124m': ('fit', 'gpt2_124m', 'v5e-8', [], None),
-    'fit/gpt2_124m/max': ('fit', 'gpt2_124m', 'v5e-8', ['--max_batch'], None),
     'fit/llama_1b': ('fit', 'llama_1b', 'v5p-8', ['--decode'], MAXTEXT_1B[('splash', 'full')]),
     'fit/llama_1b/max': ('fit', 'llama_1b', 'v5p-8', ['--max_batch'], None),
     'fit/llama_8b': ('fit', 'llama_8b', 'v5p-64', [], None),
@@ -58,7 +57,7 @@ ROWS['remat/splash/full/loop'] = ('remat', 'llama_1b', 'v5p-8', [
     '--config.model.attention=splash', '--config.model.scan_layers=False', '--noeval'], None)
 for context in (2048, 8192, 32768):
   for attention in ('splash', 'xla'):
-    for remat in ('full', 'projections'):
+    for remat in ('full', 'projections') if context == 8192 else ('full',):
       ROWS[f'context/{context}/{attention}/{remat}'] = ('context', 'llama_1b', 'v5p-8', [
           f'--config.model.attention={attention}', f'--config.model.remat={remat}',
           f'--config.data.seq_len={context}', f'--config.model.max_len={context}', '--noeval'],
@@ -162,8 +161,8 @@ def render(results: dict) -> None:
     with open(path, encoding='utf-8') as f:
       text = f.read()
     for table, body in rendered.items():
-      text = re.sub(rf'(<!-- tpu_plan:{table} -->\n).*?(\n<!-- /tpu_plan:{table} -->)',
-                    lambda m: m.group(1) + body + m.group(2), text, flags=re.S)
+      text = re.sub(rf'(<!-- tpu_plan:{table} -->\n)(?:.*?\n)?(<!-- /tpu_plan:{table} -->)',
+                    lambda m: m.group(1) + body + '\n' + m.group(2), text, flags=re.S)
     text = re.sub(r'(<!-- tpu_plan:date -->).*?(<!-- /tpu_plan:date -->)',
                   lambda m: m.group(1) + ', '.join(dates) + m.group(2), text)
     with open(path, 'w', encoding='utf-8') as f:
