@@ -1,11 +1,17 @@
-"""GPT-2 small (124M) on a TFDS corpus, for accelerators.
+"""GPT-2 small's shape on a TFDS corpus, for a TPU v5e-8 (or any accelerator host).
 
   python -m gpt_jax.train --config=configs/gpt2_124m.py --workdir=gs://BUCKET/gpt2_124m \
-      --config.data.tfds_name=lm1b --config.mesh.fsdp=-1 --config.mesh.data=1
+      --config.data.tfds_name=lm1b
+  python -m gpt_jax.aot --config=configs/gpt2_124m.py --topology=v5e-8
 
 12 layers x 768, 12 heads, context 1024, GPT-2 layout (learned positions, pre-LayerNorm with bias,
 GELU, tied embeddings) with a 32,000-piece sentencepiece vocabulary trained on the corpus (the
-embedding has the tokenizer's rows; GPT-2's own BPE has 50,257); bfloat16 compute.
+embedding has the tokenizer's rows, 110.4M parameters; GPT-2's own BPE has 50,257); bfloat16
+compute, no remat.
+
+On a v5e-8 (`gpt_jax.aot`, 2026-12-06): mesh data 8, 16 sequences of 1024 per chip, 10.60 GB of
+HBM per chip of 16 GB, roofline MFU 32% (bound by the HBM term: 202 ms of traffic per step
+against 55 ms of compute).
 """
 
 from gpt_jax.config import base_config
