@@ -258,7 +258,8 @@ def summary(report: dict) -> str:
   """The report as a few lines for the terminal."""
   gb = lambda x: f'{x / 1e9:.2f} GB'
   mesh = ' x '.join(f'{axis} {size}' for axis, size in report['mesh'].items())
-  lines = [f"{report['topology']} ({report['libtpu_topology']}, {report['chips']} chips, "
+  slices = f"{report['num_slices']} x " if report.get('num_slices', 1) > 1 else ''
+  lines = [f"{slices}{report['topology']} ({report['libtpu_topology']}, {report['chips']} chips, "
            f"{report['device_kind']}), mesh {mesh}; batch {report['global_batch']} x "
            f"{report['seq_len']} ({report['batch_per_chip']:g} sequences per chip), remat "
            f"{report['remat']}, {report['attention']} attention"]
