@@ -312,18 +312,18 @@ def causal_attention(cfg: ModelConfig, q: Array, k: Array, v: Array, positions: 
     # Imported when used: Pallas takes a tenth of a second to import.
     from gpt_jax.kernels import splash_attention  # pylint: disable=import-outside-toplevel
     mesh = jax.sharding.get_abstract_mesh()
-    return splash_attention.splash_attention(q, k, v, segment_ids, mesh=None if mesh.empty else mesh,
-                            block_q=cfg.splash_block_q, block_kv=cfg.splash_block_kv,
-                            block_kv_compute=cfg.splash_block_kv_compute,
-                            interpret=platform != 'tpu')
+    return splash_attention.splash_attention(
+        q, k, v, segment_ids, mesh=None if mesh.empty else mesh, block_q=cfg.splash_block_q,
+        block_kv=cfg.splash_block_kv, block_kv_compute=cfg.splash_block_kv_compute,
+        interpret=platform != 'tpu')
+  if implementation == 'cudnn' and segment_ids is None:  # cuDNN's causal mask, in the kernel
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
   t = positions.shape[1]
   mask = ((positions[:, None, :, None] >= positions[:, None, None, :])
           & (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]))
   if segment_ids is not None:  # packed sequences: attend within one's own segment only
     mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
   if implementation == 'cudnn':
-    if segment_ids is None:  # cuDNN's causal mask, computed in the kernel
-      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
   return masked_attention(q, k, v, mask, causal=True)
 

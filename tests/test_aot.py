@@ -126,7 +126,8 @@ def test_per_chip_memory_stays_flat_as_the_slice_grows():
   for chips, name in ((16, 'v5p-32'), (64, 'v5p-128')):
     config = small_config(batch_size=chips, seq_len=2048)
     config.model.remat = 'full'
-    temps[chips] = tpu_report.compile_train(config, tpu.Slice.parse(name), with_eval=False)['temp_bytes']
+    report = tpu_report.compile_train(config, tpu.Slice.parse(name), with_eval=False)
+    temps[chips] = report['temp_bytes']
   assert temps[64] <= 1.1 * temps[16], temps
 
 
@@ -142,7 +143,8 @@ def test_a_batch_that_does_not_fit_is_one_line(tmp_path):
       'from gpt_jax.config import base_config\n'
       'def get_config():\n'
       '  c = base_config()\n'
-      '  c.model.num_layers, c.model.emb_dim, c.model.num_heads, c.model.mlp_dim = 2, 256, 2, 1024\n'
+      '  c.model.num_layers, c.model.emb_dim = 2, 256\n'
+      '  c.model.num_heads, c.model.mlp_dim = 2, 1024\n'
       '  c.model.vocab_size, c.model.max_len, c.data.seq_len = 2048, 2048, 2048\n'
       '  c.data.batch_size = 4096\n'
       '  return c\n')

@@ -147,7 +147,8 @@ def _sharded_main():
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
     q, k, v, cot, seg = make_inputs(2, 256, heads, kv_heads, 64, jnp.float32, segments, seed=1)
     act = NamedSharding(mesh, P(('data', 'fsdp'), None, 'tensor', None))
-    kv_spec = act if kv_heads % mesh.shape['tensor'] == 0 else NamedSharding(mesh, P(('data', 'fsdp')))
+    kv_spec = (act if kv_heads % mesh.shape['tensor'] == 0
+               else NamedSharding(mesh, P(('data', 'fsdp'))))
     q, cot = jax.device_put(q, act), jax.device_put(cot, act)
     k, v = jax.device_put(k, kv_spec), jax.device_put(v, kv_spec)
     attn = lambda m: (lambda q, k, v, s: splash_attention(q, k, v, s, mesh=m, block_q=128,

@@ -82,7 +82,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   kv_heads = k.shape[2]
   if k.shape != (b, t, kv_heads, d) or v.shape != k.shape:
     raise ValueError(f'splash_attention: q {q.shape}, k {k.shape}, v {v.shape}: expected '
-                     'k and v [batch, t, kv_heads, head_dim] matching q [batch, t, heads, head_dim]')
+                     'k and v [batch, t, kv_heads, head_dim] matching q '
+                     '[batch, t, heads, head_dim]')
   if heads % kv_heads:
     raise ValueError(f'splash_attention: kv_heads={kv_heads} must divide heads={heads}')
   block_sizes = _block_sizes(t, block_q, block_kv, block_kv_compute)
