@@ -4,6 +4,7 @@ import dataclasses
 
 import ml_collections
 
+from gpt_jax import kernels
 from gpt_jax.model import LORA_TARGETS, LoraConfig, ModelConfig
 from gpt_jax.errors import ConfigError
 
@@ -136,7 +137,7 @@ def validate(config) -> None:
   _choice('train.on_nonfinite', config.train.on_nonfinite, ('halt', 'skip'))
   _choice('optim.name', config.optim.name, ('adamw', 'muon'))
   _choice('optim.muon_ns_coeffs', config.optim.muon_ns_coeffs, ('standard', 'polar_express'))
-  _choice('model.attention', model.attention, ('auto', 'xla', 'splash', 'cudnn'))
+  _choice('model.attention', model.attention, kernels.ATTENTION)
   _choice('model.remat', model.remat, ('none', 'full', 'dots_saveable', 'projections'))
   for dtype_field in ('compute_dtype', 'param_dtype'):
     _choice(f'model.{dtype_field}', getattr(model, dtype_field), ('float32', 'bfloat16', 'float16'))

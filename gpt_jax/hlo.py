@@ -3,7 +3,8 @@
 XLA prints each computation of a module as a block. A `while` loop's body runs its trip count
 (XLA's `known_trip_count`, else the bound its condition compares with) times: a collective in
 a scan over the layers counts once per layer. XLA's own cost analysis counts a loop's body once,
-which is why these are counted here. Calls count once; of a conditional's branches, the largest.
+which is why these are counted here. Calls count once; every branch of a conditional counts
+(an upper bound: a run takes one).
 """
 
 import collections
@@ -90,14 +91,13 @@ class Module:
 
   def _walk(self, name: str, visit, times: int = 1, seen: tuple = ()) -> None:
     """visit(instruction, computation, times) for the instructions a run executes, through
-    loops (times their trip count), calls and conditionals (every branch: callers keep the
-    largest), but not into fusions or reductions."""
+    loops (times their trip count), calls and conditionals (every branch), but not into
+    fusions or reductions."""
     for instruction in self.computations.get(name, ()):
       if instruction.op in ('while', 'call', 'conditional'):
         repeat = self._trip_count(instruction) if instruction.op == 'while' else 1
-        for kind, callee in self._callees(instruction):
-          if callee not in seen and kind in ('body', 'to_apply', 'branch_computations',
-                                             'true_computation', 'false_computation', 'calls'):
+        for _, callee in self._callees(instruction):
+          if callee not in seen:
             self._walk(callee, visit, times * repeat, seen + (name,))
       else:
         visit(instruction, name, times)

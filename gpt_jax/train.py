@@ -186,11 +186,6 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     train_iter = data.make_train_iterator(config, tokenizer, workdir)
     eval_batches = (data.make_eval_batches(config, tokenizer, workdir, config.train.eval_batches)
                     if config.train.eval_every else [])
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-
-  def to_global(local_batch):
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-            for k, v in local_batch.items()}
 
   # ------------------------------------------------------------------ state
   # The state trains `trainable`'s share of the parameters; `frozen` holds the rest.
@@ -257,6 +252,10 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   # ------------------------------------------------------------------ step
   state_def = steps.state_def
   train_step, eval_step = steps.train_step, steps.eval_step
+
+  def to_global(local_batch):
+    return {k: jax.make_array_from_process_local_data(steps.batch_sharding, v)
+            for k, v in local_batch.items()}
 
   # ------------------------------------------------------------------ loop
   tokens_per_step = config.data.batch_size * config.data.seq_len
