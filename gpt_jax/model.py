@@ -33,6 +33,7 @@ Array = jax.Array
 # are contiguous, as attention reads them; with the slots axis second, XLA:CPU transposed the
 # whole cache at every decoding step (11x slower attention at batch 8).
 LayerCache = dict[str, Array]
+CACHE_AXES = ('batch', 'act_kv_heads', None, 'head_dim')  # sharded like the activations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,7 +361,8 @@ class Attention(nn.Module):
       # write those into their positions' slots.
       y = cached_attention(q, k, v, cache['k'].astype(q.dtype), cache['v'].astype(q.dtype),
                            positions)
-      cache = {name: write_cache(cache[name], new, positions) for name, new in (('k', k), ('v', v))}
+      cache = {name: _constrain(write_cache(cache[name], new, positions), CACHE_AXES)
+               for name, new in (('k', k), ('v', v))}
     y = _constrain(y, ('batch', 'length', 'act_heads', 'head_dim'))
     y = _project(self, y, 'bthv,hve->bte', (cfg.num_heads, d, e), ('heads', 'head_dim', 'embed'),
                  'out', lora, deterministic, stddev=out_std)

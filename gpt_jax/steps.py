@@ -52,18 +52,6 @@ def loss_fn(model: Transformer, params, batch, dropout_rng):
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
 
 
-def abstract_params(model: Transformer, seq_len: int, mesh, rules):
-  """The parameters' abstract arrays, each with the sharding its logical names give."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len),
-                                                                         jnp.int32))['params'])
-  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
-  # Unboxed without a sharding constraint, which would need concrete arrays under a mesh.
-  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
-                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                      unboxed, shardings)
-
-
 def compile_once_run(jitted, *args):
   """`jitted` compiled for `args` with little optimisation where that is cheaper: a function run
   once (initialisation) takes XLA:CPU half the compile time at optimisation level 0."""
