@@ -19,7 +19,7 @@ import optax
 from gpt_jax import lora as lora_lib
 from gpt_jax import kernels, sharding, target
 from gpt_jax.errors import ConfigError
-from gpt_jax.model import Transformer
+from gpt_jax.model import Transformer, chunked_token_losses
 
 
 class TrainState(train_state.TrainState):
@@ -37,10 +37,16 @@ class TrainState(train_state.TrainState):
 def token_losses(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
   """(per-token cross-entropy, weights): weights are batch['weights'] or all ones. Packed
   batches pass segment_ids and positions, so no token attends across conversations."""
-  logits, _ = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
-                          segment_ids=batch.get('segment_ids'), deterministic=deterministic,
-                          rngs={'dropout': dropout_rng} if dropout_rng is not None else {})
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  chunk = model.cfg.loss_chunk
+  chunked = 0 < chunk < batch['inputs'].shape[1]
+  out, _ = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
+                       segment_ids=batch.get('segment_ids'), deterministic=deterministic,
+                       rngs={'dropout': dropout_rng} if dropout_rng is not None else {},
+                       hidden_only=chunked)
+  if chunked:
+    losses = chunked_token_losses(model.cfg, params, out, batch['targets'], chunk)
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(out, batch['targets'])
   weights = batch.get('weights', jnp.ones_like(losses)).astype(losses.dtype)
   return losses, weights
 
