@@ -12,7 +12,7 @@ _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of errors in 
 _KEEP_FREED_HOST_MEMORY = flags.DEFINE_bool(
     'keep_freed_host_memory', True, 'gpt_jax.train, finetune and eval on CPU (Linux, glibc): '
     'keep freed memory in the process rather than returning it to the system, so that XLA '
-    'does not fault in each step\'s temporary buffer afresh (gpt_jax/host_memory.py).')
+    'does not fault in each step\'s temporary buffer afresh (gpt_jax/backends/cpu/host_memory.py).')
 
 
 def define_mesh_flag() -> None:
@@ -27,7 +27,7 @@ def keep_freed_host_memory() -> None:
   """Unless --keep_freed_host_memory=false; call before anything starts JAX."""
   if _KEEP_FREED_HOST_MEMORY.value:
     # Imported here: host_memory imports jax, which gpt_jax.report and gpt_jax.sweep never load.
-    from gpt_jax import host_memory  # pylint: disable=import-outside-toplevel
+    from gpt_jax.backends.cpu import host_memory  # pylint: disable=import-outside-toplevel
     host_memory.keep_freed_memory()
 
 

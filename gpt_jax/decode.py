@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax import kernel_layout, sharding, target
+from gpt_jax import backends, sharding
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer, init_cache, unstack_layers
 
@@ -142,15 +142,6 @@ class _Request:
   rows: int             # the caller's rows (the rest pad the batch to the mesh)
 
 
-def cache_compiler_options() -> dict:
-  """XLA options for programs that update a KV cache. XLA:CPU's copy insertion without region
-  analysis copied every layer's cache twice per decoded token inside the decoding loop (about
-  a fifth of the step at batch 1, a quarter at batch 8; experiments/bench_decode)."""
-  if target.is_cpu():
-    return {'xla_cpu_copy_insertion_use_region_analysis': True}
-  return {}
-
-
 def _bucket(n: int, cap: int) -> int:
   return min(cap, max(16, 1 << (max(n, 1) - 1).bit_length()))
 
@@ -187,21 +178,21 @@ class Generator:
                output_major: bool | None = None, placement: sharding.Placement | None = None):
     """num_tokens: the tokenizer's vocabulary size; ids past it are never drawn.
 
-    output_major: hold the projection kernels [out, in] (gpt_jax/kernel_layout.py); None: on
-    one CPU device only. `params` come in the trained layout; `self.params` are in the layout
+    output_major: hold the projection kernels [out, in] (backends.output_major_decoding); None:
+    as the backend decides. `params` come in the trained layout; `self.params` are in the layout
     held. placement: the mesh and rules of sharded `params` (checkpoint.load_model's); the
     programs run on its devices, the batch padded to a multiple of its batch shards.
     """
     cfg, params = unstack_layers(cfg, params)  # decoding runs the blocks one by one
     if output_major is None:
-      output_major = kernel_layout.wanted() and (placement is None or placement.num_devices == 1)
+      output_major = backends.output_major_decoding(placement.num_devices if placement else 1)
     self.output_major = output_major
     if self.output_major:
-      params = kernel_layout.to_output_major(params)
+      params = backends.to_output_major(params)
     self.cfg, self.params, self.num_tokens = cfg, params, num_tokens
     self.placement = placement
     self.model = Transformer(cfg)
-    options = cache_compiler_options()
+    options = backends.cache_compiler_options()
     self._prefill = jax.jit(self._prefill_impl, static_argnames=('mode', 'cache_len'),
                             compiler_options=options)
     self._step = jax.jit(self._step_impl, static_argnames=('mode',),
@@ -216,7 +207,7 @@ class Generator:
     return self.placement.activate() if self.placement else contextlib.nullcontext()
 
   def _apply(self, params, tokens, positions, cache, logits_at=None):
-    with kernel_layout.output_major_projections(self.output_major):
+    with backends.output_major_projections(self.output_major):
       return self.model.apply({'params': params}, tokens, positions, cache, logits_at=logits_at)
 
   def _next_tokens(self, logits, seen, seed, rows, step, dynamic, mode: _Mode):

@@ -25,14 +25,12 @@ import jax.numpy as jnp
 import optax
 import flax.linen as nn
 from gpt_jax import kernels, target
-from gpt_jax.activations import gelu
 from gpt_jax.errors import ConfigError
-from gpt_jax.matmul import add_bias, einsum, matmul
+from gpt_jax.backends import add_bias, einsum, gelu, matmul
 
 Array = jax.Array
 # One layer's KV cache: {'k': [batch, kv_heads, max_len, head_dim], 'v': same}. Each head's slots
-# are contiguous, as attention reads them; with the slots axis second, XLA:CPU transposed the
-# whole cache at every decoding step (11x slower attention at batch 8).
+# are contiguous, as attention reads them (experiments/bench_decode measured the other order).
 LayerCache = dict[str, Array]
 CACHE_AXES = ('batch', 'act_kv_heads', None, 'head_dim')  # sharded like the activations
 
@@ -139,9 +137,9 @@ class Projection(nn.Module):
   """y = x @ kernel + bias, contracting x's last `num_inputs` axes with the kernel's first ones.
 
   The kernel keeps its logical shape (e.g. [embed, heads, head_dim]) and the product runs as
-  one 2-D matmul, [tokens, fan_in] @ [fan_in, fan_out]: for the multi-axis einsum form
-  ('bte,em->btm') XLA:CPU inserted transposing copies in the backward pass and picked slower
-  products (a SwiGLU MLP's gradient took 1.7x as long; experiments/benchmarks/README.md).
+  one 2-D matmul, [tokens, fan_in] @ [fan_in, fan_out], in the form gpt_jax.backends gives the
+  target (the multi-axis einsum form compiled to slower products;
+  experiments/benchmarks/README.md).
   """
   shape: tuple[int, ...]
   num_inputs: int
@@ -235,8 +233,8 @@ def write_cache(cache: Array, new: Array, positions: Array) -> Array:
   """One layer's cache [b, kv_heads, slots, d] with new [b, t, kv_heads, d] written at
   `positions` [b, t] (consecutive within a row, below the cache length)."""
   if cache.shape[0] == 1:
-    # One row: a dynamic_update_slice, done in place. XLA:CPU turns a one-row scatter into a
-    # bounds-guarded update (a select over a slice of the old cache).
+    # One row: a dynamic_update_slice, which compilers update in place (a one-row scatter can
+    # become a bounds-guarded select over a slice of the old cache).
     return jax.lax.dynamic_update_slice(cache, new.transpose(0, 2, 1, 3).astype(cache.dtype),
                                         (0, 0, positions[0, 0], 0))
   rows = jnp.arange(cache.shape[0])[:, None]
@@ -250,9 +248,9 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
   [b, t, kv_heads, d]. Query head i reads kv head i // (heads / kv_heads), as
   jax.nn.dot_product_attention.
 
-  The cache is read as it was before this call's keys and values are written: when attention
-  read the updated cache, XLA:CPU kept the old and the new cache alive at once and copied each
-  layer's cache several times per decoded token.
+  The cache is read as it was before this call's keys and values are written, so that the old
+  and the new cache need not be alive at once (when attention read the updated cache, each
+  layer's cache was copied several times per decoded token; experiments/bench_decode).
   """
   b, t, heads, d = q.shape
   kv_heads, slots = cache_k.shape[1], cache_k.shape[2]
@@ -278,7 +276,7 @@ def masked_attention(q: Array, k: Array, v: Array, mask: Array, causal: bool = F
   """Softmax attention of q [b, t, heads, d] over k, v [b, s, kv_heads, d] where mask
   [b, 1, t, s] is true; query head i reads kv head i // (heads / kv_heads). The same as
   `jax.nn.dot_product_attention(q, k, v, mask=mask)` (float32 logits and softmax), written as
-  two einsums over [b, heads, t, s] logits: XLA:CPU ran train steps 1.02-1.06x as fast with it
+  two einsums over [b, heads, t, s] logits through gpt_jax.backends
   (experiments/benchmarks/bench_attention.py).
 
   causal: the mask is false wherever the key comes after the query (s > t). Then the first half
@@ -297,7 +295,7 @@ def masked_attention(q: Array, k: Array, v: Array, mask: Array, causal: bool = F
 def _masked_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   b, t, heads, d = q.shape
   kv_heads = k.shape[2]
-  if kv_heads == heads:  # XLA:CPU ran the grouped form below with groups of one more slowly
+  if kv_heads == heads:  # no group axis of size one
     scores, weighted = 'btnd,bsnd->bnts', 'bnts,bsnd->btnd'
   else:  # query heads grouped over their kv head
     scores, weighted = 'btkgd,bskd->bkgts', 'bkgts,bskd->btkgd'

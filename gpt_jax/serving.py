@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax import decode, kernel_layout, quantize, sharding
+from gpt_jax import backends, decode, quantize, sharding
 from gpt_jax.model import CACHE_AXES, ModelConfig, Transformer, init_cache
 
 
@@ -64,10 +64,10 @@ class Engine:
     if slots < 1:
       raise ValueError(f'slots must be >= 1, got {slots}')
     # As decode.Generator: output-major kernels on one CPU device.
-    self.output_major = kernel_layout.wanted() and (placement is None or
-                                                    placement.num_devices == 1)
+    self.output_major = backends.output_major_decoding(
+        placement.num_devices if placement else 1)
     if self.output_major:
-      params = kernel_layout.to_output_major(params)
+      params = backends.to_output_major(params)
     if placement:
       slots = placement.rows(slots)
     self.cfg, self.params, self.slots, self.num_tokens = cfg, params, slots, num_tokens
@@ -80,7 +80,7 @@ class Engine:
                               out_shardings=placement.sharding(*CACHE_AXES))()
     else:
       self._cache = init_cache(cfg, slots)
-    options = decode.cache_compiler_options()
+    options = backends.cache_compiler_options()
     self._step_fn = jax.jit(self._step_impl, donate_argnums=(1,), compiler_options=options)
     self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,), compiler_options=options)
     # Host copies of the per-slot state.
@@ -107,7 +107,7 @@ class Engine:
     return (self.placement.unsplit_batch() if one_row else self.placement).activate()
 
   def _apply(self, params, tokens, positions, cache):
-    with kernel_layout.output_major_projections(self.output_major):
+    with backends.output_major_projections(self.output_major):
       return self._model.apply({'params': quantize.dequantize(params)}, tokens, positions, cache)
 
   def _prefill_impl(self, params, cache, slot, tokens):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from gpt_jax import lora as lora_lib
-from gpt_jax import kernels, sharding, target
+from gpt_jax import backends, kernels, sharding
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import Transformer, chunked_token_losses
 
@@ -59,12 +59,8 @@ def loss_fn(model: Transformer, params, batch, dropout_rng):
 
 
 def compile_once_run(jitted, *args):
-  """`jitted` compiled for `args` with little optimisation where that is cheaper: a function run
-  once (initialisation) takes XLA:CPU half the compile time at optimisation level 0."""
-  lowered = jitted.lower(*args)
-  if target.is_cpu():
-    return lowered.compile(compiler_options={'xla_backend_optimization_level': 0})
-  return lowered.compile()
+  """`jitted` compiled for `args` with the options of a program run once (initialisation)."""
+  return jitted.lower(*args).compile(compiler_options=backends.run_once_compiler_options())
 
 
 def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules,

@@ -76,3 +76,11 @@ def read_metrics(workdir, key):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   return {r['step']: r[key] for r in rows if key in r}
+
+
+def pytest_collection_modifyitems(items):
+  """tests/cpu/ pins what XLA:CPU compiles (gpt_jax/backends/cpu: HLO forms, page faults, bf16
+  fast paths) and is marked `cpu`; the rest of the suite asserts behaviour on any backend."""
+  for item in items:
+    if os.sep + os.path.join('tests', 'cpu') + os.sep in str(item.fspath):
+      item.add_marker(pytest.mark.cpu)

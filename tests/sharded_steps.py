@@ -21,7 +21,7 @@ from gpt_jax.model import LoraConfig, ModelConfig, Transformer
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
 MUON_MESHES = [(1, 1, 1), (1, 8, 1), (2, 2, 2)]  # Muon orthogonalizes sharded matrices
-BF16_MESHES = [(1, 1, 1), (2, 2, 2)]  # bf16 compute: gpt_jax.matmul's custom VJP, sharded
+BF16_MESHES = [(1, 1, 1), (2, 2, 2)]  # bf16 compute: gpt_jax.backends.cpu.products's custom VJP, sharded
 
 
 def main(workdir, tfds_dir):

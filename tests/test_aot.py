@@ -6,6 +6,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 
 pytest.importorskip('libtpu', reason='libtpu is not installed: pip install -e ".[tpu]"')
@@ -100,7 +101,7 @@ def test_two_slices_cross_only_with_the_gradient_reduction():
 
 def test_tpu_program_holds_no_xla_cpu_constructs():
   """Traced for TPU devices on this CPU host, the step is the plain program, without the
-  layout constraints and barriers that gpt_jax/matmul.py adds for XLA:CPU."""
+  layout constraints and barriers that gpt_jax/backends/cpu/products.py adds for XLA:CPU."""
   config = small_config(seq_len=128)
   texts = {}
   for name, devices in (('cpu', jax.devices()[:1]), ('tpu', tpu.Slice.parse('v5p-8').devices())):
@@ -194,3 +195,24 @@ def test_decoding_compiles_for_one_chip_with_its_cache():
   assert report['step_hbm_bytes'] >= param_bytes
   with pytest.raises(ConfigError, match='exceeds model.max_len'):
     tpu_report.compile_decode(config, tpu.Slice.parse('v5e-4'), 8, 200, 100)
+
+
+def test_forward_mode_autodiff_runs_through_the_default_path():
+  """jax.jvp through the model as compiled for a TPU: the plain products and GELU of
+  gpt_jax.backends (the CPU forms, like the splash kernel, are custom VJPs: reverse mode only,
+  so forward mode takes attention='xla')."""
+  config = small_config(seq_len=128)
+  config.model.compute_dtype = 'bfloat16'
+  config.model.attention = 'xla'
+  model = Transformer(ModelConfig.from_config(config.model))
+  mesh = sharding.make_mesh(config.mesh, tpu.Slice.parse('v5p-8').devices())
+  rules = sharding.logical_rules(config.mesh)
+  params = sharding.abstract_params(model, 128, mesh, rules)
+  tokens = jax.ShapeDtypeStruct((8, 128), jnp.int32)
+
+  def logits_and_tangent(params, tangents, tokens):
+    return jax.jvp(lambda p: model.apply({'params': p}, tokens)[0], (params,), (tangents,))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = jax.jit(logits_and_tangent).lower(params, params, tokens).compile()
+  assert compiled.as_text().count('convolution(') + compiled.as_text().count(' dot(') > 0

@@ -26,7 +26,7 @@ PROMPTS = [[1, 2, 3], list(range(10, 27)), [9]]
 
 @pytest.fixture(scope='module')
 def params():
-  """Parameters in the trained layout (a Generator holds its own layout: kernel_layout.py)."""
+  """Parameters in the trained layout (a Generator holds its own layout: backends/cpu/decode_layout.py)."""
   return nn.unbox(Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
 
 
@@ -222,6 +222,7 @@ def test_generate_through_growing_caches_equals_streaming_over_one(long_generato
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='checks XLA:CPU buffer assignment')
+@pytest.mark.cpu
 @pytest.mark.parametrize('rows', [1, 3])
 def test_decoding_loop_updates_the_cache_in_place(long_generator, rows):
   # A copy of a cache-sized buffer in the compiled loop costs a cache read and write per layer

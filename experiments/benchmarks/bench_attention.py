@@ -5,7 +5,7 @@ train step, in one run.
   python experiments/benchmarks/bench_attention.py --shapes=10m --dtypes=float32 --blocks=6
 
 `model.masked_attention` writes attention as two einsums over [batch, heads, t, s] logits
-through `gpt_jax.matmul.einsum` and, the mask being causal, computes the first half of the
+through `gpt_jax.backends.cpu.products.einsum` and, the mask being causal, computes the first half of the
 queries over the first half of the keys only. The others: "whole logits", the same without
 the halves; "jnp.einsum", the einsums as `jnp.einsum` (bf16 sums in the second product, float32
 gradient products for the logits); "jax.nn", `jax.nn.dot_product_attention` (the same float32
@@ -29,7 +29,7 @@ from gpt_jax import model  # noqa: E402
 
 
 def jnp_einsum_attention(q, k, v, mask, causal=False):
-  """model.masked_attention as it was before its products went through gpt_jax.matmul.einsum:
+  """model.masked_attention as it was before its products went through gpt_jax.backends.cpu.products.einsum:
   the same two einsums by jnp.einsum, float32 sums asked for in the logits only, so that in
   bf16 the second product sums in bf16 and the logits' gradients are float32 products."""
   b, t, heads, d = q.shape

@@ -1,4 +1,4 @@
-r"""Bias gradients as a product (`gpt_jax.matmul.add_bias`) against a plain bias add, in the
+r"""Bias gradients as a product (`gpt_jax.backends.cpu.products.add_bias`) against a plain bias add, in the
 train step, in one run.
 
   python experiments/benchmarks/bench_bias_gradient.py                  # baby, 10m, 124m; float32 and bf16

@@ -1,4 +1,4 @@
-r"""float32 products in the forms bf16 ones take (`gpt_jax.matmul`'s custom VJPs: operands
+r"""float32 products in the forms bf16 ones take (`gpt_jax.backends.cpu.products`'s custom VJPs: operands
 row-major [n, k] @ [k, m], transposed ones copied first) against the plain products autodiff
 gives, in the train step, in one run.
 
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_train  # noqa: E402
-from gpt_jax import matmul as matmul_lib, model  # noqa: E402
+from gpt_jax import model  # noqa: E402
+from gpt_jax.backends.cpu import products as matmul_lib  # noqa: E402
 
 
 def matmul_copied(x, w, dtype, w_transposed=False, out_dtype=None):

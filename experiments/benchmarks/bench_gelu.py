@@ -1,4 +1,4 @@
-r"""GPT-2's GELU with a recomputing gradient (`gpt_jax.activations.gelu`) against
+r"""GPT-2's GELU with a recomputing gradient (`gpt_jax.backends.cpu.gelu.gelu`) against
 `jax.nn.gelu(approximate=True)` differentiated as written, in the train step, in one run.
 
   python experiments/benchmarks/bench_gelu.py                  # baby, 10m, 124m; float32 and bf16
@@ -22,7 +22,7 @@ sys.path.insert(0, HERE)
 import bench_train  # noqa: E402
 from gpt_jax import model  # noqa: E402
 
-OURS = 'activations.gelu'
+OURS = 'backends.cpu.gelu'
 VARIANTS = {
     OURS: contextlib.nullcontext,
     'jax.nn.gelu': lambda: mock.patch.object(

@@ -17,7 +17,8 @@ from unittest import mock
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_train  # noqa: E402
-from gpt_jax import matmul as matmul_lib, model  # noqa: E402
+from gpt_jax import model  # noqa: E402
+from gpt_jax.backends.cpu import products as matmul_lib  # noqa: E402
 
 
 def rounded_to_compute_dtype(x, w, dtype, w_transposed=False, out_dtype=None):

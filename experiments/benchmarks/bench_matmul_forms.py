@@ -6,9 +6,9 @@ r"""GFLOP/s of the three products of a projection, in the forms XLA:CPU can be g
 For y = x @ w (x [tokens, fan_in], w [fan_in, fan_out]) and its gradients dx = dy @ w.T and
 dw = x.T @ dy, each timed alone (jitted, inputs resident) in float32 and bfloat16:
 - `plain`: the product as autodiff writes it, output in the inputs' dtype;
-- `f32 acc`: preferred_element_type=float32 (what gpt_jax.matmul asks for);
+- `f32 acc`: preferred_element_type=float32 (what gpt_jax.backends.cpu.products asks for);
 - dw only, `f32 acc + row-major x.T`: the left operand copied into transposed memory order first
-  (what gpt_jax.matmul does on CPU), the copy included in the time;
+  (what gpt_jax.backends.cpu.products does on CPU), the copy included in the time;
 - `torch`: the same product in torch at 2 threads (bf16 tensors in, bf16 out).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-from gpt_jax.matmul import _transposed_in_memory  # noqa: E402
+from gpt_jax.backends.cpu.products import _transposed_in_memory  # noqa: E402
 
 
 def seconds_per_call(fn, *args, min_seconds=0.5):

@@ -32,7 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, '..', '..'))
 import bench_train  # noqa: E402
-from gpt_jax import flops, host_memory  # noqa: E402
+from gpt_jax import flops  # noqa: E402
+from gpt_jax.backends.cpu import host_memory  # noqa: E402
 from gpt_jax.flops import product_flops, step_products  # noqa: E402,F401
 
 

@@ -14,7 +14,7 @@ For each shape and precision, both sides train on the same random token batches:
   torch AdamW with weight decay on matrices only, grad-norm clipping. It is timed at
   torch.set_num_threads(2) and (1): on two cores shared with other jobs, 2 threads can be several
   times slower than 1 (each OpenMP barrier waits for a descheduled thread). bf16 rows run its forward under torch.autocast('cpu', torch.bfloat16).
-The process keeps freed host memory as `gpt_jax.train` does on CPU (gpt_jax/host_memory.py;
+The process keeps freed host memory as `gpt_jax.train` does on CPU (gpt_jax/backends/cpu/host_memory.py;
 --host_memory=default: glibc's defaults). The reference runs in this process, with the same
 malloc settings, or with --torch_process=own in a fresh process with glibc's defaults.
 Timed blocks alternate (ours, torch 2T, torch 1T, ours, ...) so that load from other processes falls
@@ -41,7 +41,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..', '..'))
 sys.path.insert(0, os.path.join(HERE, '..', '..', '..', 'shared', 'peers'))
-from gpt_jax import config as config_lib, flops, host_memory, lora, optim, sharding, steps  # noqa: E402
+from gpt_jax import config as config_lib, flops, lora, optim, sharding, steps  # noqa: E402
+from gpt_jax.backends.cpu import host_memory  # noqa: E402
 from gpt_jax.model import LoraConfig, ModelConfig, Transformer, count_params  # noqa: E402
 import torch_gpt  # noqa: E402
 
@@ -308,7 +309,7 @@ def main():
                       help='torch.set_num_threads values to time the reference at (alternating)')
   parser.add_argument('--host_memory', default='keep', choices=['keep', 'default'],
                       help='keep: freed host memory stays in the process, as gpt_jax.train does '
-                      'on CPU (gpt_jax/host_memory.py); default: glibc\'s defaults')
+                      'on CPU (gpt_jax/backends/cpu/host_memory.py); default: glibc\'s defaults')
   parser.add_argument('--torch_process', default='same', choices=['same', 'own'],
                       help='same: the reference runs in this process (and gets --host_memory '
                       'too); own: in a fresh process with glibc\'s defaults, as a plain '

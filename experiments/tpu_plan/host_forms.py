@@ -1,5 +1,5 @@
 r"""The 1B step compiled for a v5p-8 as it was built before code paths followed the target: with
-the XLA:CPU forms of gpt_jax/matmul.py and activations.py (chosen then from the CPU host) inside
+the XLA:CPU forms of gpt_jax/backends/cpu/products.py and activations.py (chosen then from the CPU host) inside
 the TPU program, beside today's: the 1B step's HBM per chip (the old program was measured at
 18.52 GB with full remat, 81.98 GB with dots_saveable), and the temporaries of the small
 weak-scaling shape of tests/test_aot.py at 16 and 64 chips.

@@ -55,6 +55,16 @@ for attention in ('splash', 'xla'):
                                                maxtext)
 ROWS['remat/splash/full/loop'] = ('remat', 'llama_1b', 'v5p-8', [
     '--config.model.attention=splash', '--config.model.scan_layers=False', '--noeval'], None)
+# The loss over chunks of 512 positions (model.loss_chunk), and a bf16 residual stream as
+# MaxText's bf16 activations (model.residual_dtype).
+MEMORY_VARIANTS = {'chunk': ['--config.model.loss_chunk=512'],
+                   'chunk_bf16': ['--config.model.loss_chunk=512',
+                                  '--config.model.residual_dtype=bfloat16']}
+for remat in ('full', 'projections'):
+  for variant, variant_flags in MEMORY_VARIANTS.items():
+    ROWS[f'remat/splash/{remat}/scan/{variant}'] = ('remat', 'llama_1b', 'v5p-8', [
+        '--config.model.attention=splash', f'--config.model.remat={remat}', '--noeval']
+        + variant_flags, MAXTEXT_1B[('splash', 'minimal' if remat == 'projections' else remat)])
 for context in (2048, 8192, 32768):
   for attention in ('splash', 'xla'):
     for remat in ('full', 'projections') if context == 8192 else ('full',):
@@ -126,11 +136,13 @@ def tables(results: dict) -> dict[str, str]:
           + (f"{report['roofline_mfu']:.0%} ({report['roofline_bound_by']})"
              if 'roofline_mfu' in report else '-') + f" | {collective_gb(report)} |")
     elif table == 'remat':
-      _, attention, policy, layers = name.split('/')
+      _, attention, policy, layers, *variant = name.split('/')
+      loss = {'chunk': 'chunks of 512, f32', 'chunk_bf16': 'chunks of 512, bf16'}.get(
+          variant[0] if variant else '', 'whole, f32')
       rows['remat'].append(
           f"| {attention} | `{policy}` | {'scan' if layers == 'scan' else 'Python loop'} | "
-          f"{hbm} | {temps} | {mt} | {report.get('flops_per_chip', 0) / 1e12:.0f} | "
-          f"{report.get('compile_s', 0):.0f} |")
+          f"{loss} | {hbm} | {temps} | {mt} | {report.get('flops_per_chip', 0) / 1e12:.0f} | "
+          f"{report.get('compile_s', 0):.0f} | {report['date']} |")
     elif table == 'context':
       _, context, attention, policy = name.split('/')
       rows['context'].append(f"| {context} | {attention} | `{policy}` | {hbm} | {temps} |")
@@ -142,9 +154,9 @@ def tables(results: dict) -> dict[str, str]:
       'fit': '| config | slice | mesh (data x fsdp x tensor) | global batch x context | '
              'attention | HBM per chip (GB) | max global batch | roofline MFU (bound) | '
              'collectives per step (GB) |\n|---|---|---|---|---|---|---|---|---|',
-      'remat': '| attention | remat | layers | HBM per chip (GB) | of which temporaries | '
-               'MaxText (GB) | TFLOP per chip per step | compile (s) |\n'
-               '|---|---|---|---|---|---|---|---|',
+      'remat': '| attention | remat | layers | loss, residual stream | HBM per chip (GB) | '
+               'of which temporaries | MaxText (GB) | TFLOP per chip per step | compile (s) | '
+               'measured |\n|---|---|---|---|---|---|---|---|---|---|',
       'context': '| context | attention | remat | HBM per chip (GB) | of which temporaries |\n'
                  '|---|---|---|---|---|',
       'weak': '| chips | attention | mesh | HBM per chip (GB) | temporaries (GB) | MaxText total '

@@ -6,8 +6,8 @@ the trained layout [in..., out...] on the right (x @ kernel): 12 GPT-2 MLPs at 8
 against 22-31 ms (experiments/bench_decode/README.md). The trained layout stays what checkpoints
 and training use; decoding programs transpose each kernel once:
 
-  params = kernel_layout.to_output_major(params)       # kernels [out, in]
-  with kernel_layout.output_major_projections():        # while tracing
+  params = decode_layout.to_output_major(params)       # kernels [out, in]
+  with decode_layout.output_major_projections():        # while tracing
     logits, cache = Transformer(cfg).apply({'params': params}, tokens, positions, cache)
 
 Int8 kernels (gpt_jax/quantize.py) are transposed with their scales, so `quantize.dequantize`
@@ -20,15 +20,8 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gpt_jax import target
-from gpt_jax.matmul import FEW_ROWS, few_rows_product
+from gpt_jax.backends.cpu.products import FEW_ROWS, few_rows_product
 from gpt_jax.model import PROJECTION_INPUT_AXES, Projection
-
-
-def wanted() -> bool:
-  """Whether decoding programs use output-major kernels: on CPU only (accelerator compilers
-  choose the kernel's layout in memory themselves)."""
-  return target.is_cpu()
 
 
 def _transpose(kernel, num_inputs: int):

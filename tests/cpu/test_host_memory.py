@@ -1,4 +1,4 @@
-"""gpt_jax.host_memory: XLA:CPU's temporary buffers are reused instead of faulted in afresh."""
+"""gpt_jax.backends.cpu.host_memory: XLA:CPU's temporary buffers are reused instead of faulted in afresh."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc')
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A train-step-like program (donated state, temporaries of 64 MB) run to a steady state; prints
 # whether the setting was applied and the median page faults of 20 steady-state steps. (The
@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # step against 20205 without the setting, which no run alone reproduced; alone it is 0.)
 STEPS = r'''
 import resource, sys
-from gpt_jax import host_memory
+from gpt_jax.backends.cpu import host_memory
 applied = host_memory.keep_freed_memory() if sys.argv[1] == 'keep' else False
 import jax, jax.numpy as jnp
 
@@ -60,7 +60,7 @@ def test_kept_memory_removes_the_page_faults_of_each_step():
 
 def test_left_alone_when_jax_computes_on_an_accelerator():
   # Decided from JAX_PLATFORMS alone: no backend is started (there is no GPU here).
-  code = 'from gpt_jax import host_memory; print(host_memory.keep_freed_memory())'
+  code = 'from gpt_jax.backends.cpu import host_memory; print(host_memory.keep_freed_memory())'
   for platforms, expected in (('cuda,cpu', 'False'), ('tpu', 'False'), ('cpu', 'True')):
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, 'JAX_PLATFORMS': platforms}, timeout=120)

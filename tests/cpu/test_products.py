@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax.matmul import FEW_ROWS, add_bias, einsum, matmul
+from gpt_jax.backends.cpu.products import FEW_ROWS, add_bias, einsum, matmul
 
 
 @pytest.mark.parametrize('w_transposed', [False, True], ids=['w', 'w_transposed'])

@@ -7,16 +7,14 @@ fused pass; values are computed in float32 and returned in the input's dtype. bf
 ran 1.05-1.11x as fast at the baby and 10m shapes, 1.00-1.02x at 124M; float32 ones as fast as
 before (experiments/benchmarks/bench_gelu.py).
 
-That form is for XLA:CPU: compiled for a TPU or a GPU (gpt_jax/target.py), `gelu` is
-`jax.nn.gelu(x, approximate=True)`, differentiated as written.
+That form is for XLA:CPU: gpt_jax.backends calls it for CPU meshes only; compiled for a TPU or
+a GPU, GELU is `jax.nn.gelu(x, approximate=True)`, differentiated as written.
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
-
-from gpt_jax import target
 
 Array = jax.Array
 
@@ -30,8 +28,6 @@ def _tanh_of_inner(x: Array) -> Array:
 
 def gelu(x: Array) -> Array:
   """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as jax.nn.gelu(x, approximate=True)."""
-  if not target.is_cpu():
-    return jax.nn.gelu(x, approximate=True)
   return _gelu_one_pass_gradient(x)
 
 

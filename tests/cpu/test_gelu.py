@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax.activations import gelu
+from gpt_jax.backends.cpu.gelu import gelu
 
 
 def _inputs(dtype):

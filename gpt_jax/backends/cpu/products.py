@@ -21,9 +21,8 @@ many-row operand on the left: `few_rows_product` computes x @ w.T for w stored [
 (w @ x.T).T. The tied output head at 8 rows took 11.3 ms as x @ E.T and 6.2 ms in that form
 (experiments/bench_decode/README.md).
 
-All of this is for XLA:CPU, chosen from the target (gpt_jax/target.py): compiled for a TPU or a
-GPU, `matmul`, `einsum` and `add_bias` are the plain products and sum, with float32 sums
-(`preferred_element_type`) and autodiff's gradients; those compilers pick layouts themselves.
+All of this is for XLA:CPU: gpt_jax.backends calls these forms for CPU meshes only; compiled
+for a TPU or a GPU, the products are plain ones with float32 sums and autodiff's gradients.
 """
 
 import functools
@@ -31,8 +30,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
-
-from gpt_jax import target
 
 Array = jax.Array
 
@@ -62,7 +59,7 @@ def _head_form_pays(rows: int) -> bool:
   """Whether x @ w.T (w [m, k]) runs faster as few_rows_product. Not at one row: XLA:CPU's
   product of one row by a row-major w.T is already a fast matrix-vector product (2.7-4.0 ms
   against 3.4-4.3 ms for the GPT-2 head)."""
-  return 1 < rows <= FEW_ROWS and target.is_cpu()
+  return 1 < rows <= FEW_ROWS
 
 
 def _product(a: Array, b: Array, dtype, out_dtype=None) -> Array:
@@ -113,8 +110,6 @@ def matmul(x: Array, w: Array, dtype, w_transposed: bool = False, out_dtype=None
   """
   dtype = jnp.dtype(dtype)
   out_dtype = jnp.dtype(out_dtype or dtype)
-  if not target.is_cpu():
-    return _product(x, w.T if w_transposed else w, dtype, out_dtype)
   if dtype == jnp.float32:
     if w_transposed and _head_form_pays(x.shape[0]):
       return few_rows_product(w, x, dtype, out_dtype)
@@ -190,9 +185,6 @@ def einsum(spec: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
                      'operand alone; sum them before the product')
   dtype = jnp.dtype(dtype)
   out_dtype = jnp.dtype(out_dtype or dtype)
-  if not target.is_cpu():
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
-                      preferred_element_type=jnp.float32).astype(out_dtype)
   if dtype == jnp.float32:
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype)).astype(out_dtype)
   return _low_precision_einsum(spec, a, b, dtype, out_dtype)
@@ -221,6 +213,6 @@ def add_bias(y: Array, bias: Array) -> Array:
   the n rows, is the product ones[1, n] @ dy summed in float32: XLA:CPU reduced bf16 gradients
   outside its fast path, and as a product bf16 train steps ran 1.04-1.15x as fast
   (experiments/benchmarks/bench_bias_gradient.py)."""
-  if y.dtype == jnp.float32 or not target.is_cpu():
+  if y.dtype == jnp.float32:
     return y + bias.astype(y.dtype)
   return _add_bias_low_precision(y, bias)
