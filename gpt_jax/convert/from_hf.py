@@ -1,14 +1,21 @@
-r"""Import a Hugging Face GPT-2 checkpoint from a local folder as a gpt_jax workdir.
+r"""Import a Hugging Face checkpoint from a local folder as a gpt_jax workdir.
 
   python -m gpt_jax.convert.from_hf --hf_dir=path/to/gpt2 --workdir=runs/gpt2
   python -m gpt_jax.sample --workdir=runs/gpt2 --prompt="Hello, I'm a language model,"
 
 Reads `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`, or
-`pytorch_model.bin`, which needs torch) — any GPT-2 size, in GPT-2's Conv1D layout — and writes
-a workdir like a training run's: `config.json` (base config with the model fields set),
-`tokenizer/` (GPT-2 BPE, when the folder has `vocab.json` + `merges.txt`) and
-`checkpoints/<step>/params`. Nothing is downloaded. The workdir then serves `gpt_jax.sample`,
-`gpt_jax.eval`, and `gpt_jax.train --config.init_from=<workdir>` (fine-tuning).
+`pytorch_model.bin`, which needs torch) of a GPT-2 (`GPT2LMHeadModel`, any size) or a Llama-family
+model (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`; gpt_jax/convert/llama.py),
+and writes a workdir like a training run's: `config.json` (base config with the model fields
+set), `tokenizer/` (GPT-2 BPE from `vocab.json` + `merges.txt`) and `checkpoints/<step>/params`.
+Nothing is downloaded. The workdir then serves `gpt_jax.sample`, `gpt_jax.eval`, and
+`gpt_jax.train --config.init_from=<workdir>` (fine-tuning).
+
+Llama-family safetensors are converted one tensor at a time, each placed straight into its
+sharding over all devices (parameters split along `fsdp`), so host memory holds the converted
+parameters (float32) plus one tensor and the file it is read from, not the checkpoint twice.
+`--max_len` shortens the context (RoPE models have no positional weights; the KV cache of a
+128k-token context is large).
 """
 
 import json
@@ -16,13 +23,17 @@ import os
 import shutil
 
 from absl import app, flags
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax import checkpoint, cli, convert
+from gpt_jax import checkpoint, cli, convert, sharding
 from gpt_jax import config as config_lib
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.convert import llama
 from gpt_jax.errors import ConfigError
+from gpt_jax.model import ModelConfig, Transformer
 
 FLAGS = flags.FLAGS
 
@@ -32,6 +43,8 @@ def define_flags() -> None:
   flags.DEFINE_string('hf_dir', None, 'A local Hugging Face GPT-2 folder.')
   flags.DEFINE_string('workdir', None, 'The gpt_jax workdir to write (new or empty).')
   flags.DEFINE_integer('step', 0, 'Checkpoint step to write the parameters at.')
+  flags.DEFINE_integer('max_len', None, "The model's context (RoPE models; default: the "
+                       "folder's max_position_embeddings).")
 
 # Buffers that old transformers versions saved with the weights (the causal mask).
 _BUFFER_SUFFIXES = ('.attn.bias', '.attn.masked_bias')
@@ -47,37 +60,114 @@ def read_hf_config(hf_dir: str) -> dict:
     return json.load(f)
 
 
-def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
-  """Float32 arrays by HF name, without the `transformer.` prefix and without buffers."""
+def _safetensors_files(hf_dir: str) -> list[str] | None:
+  """The folder's safetensors files (one, or the shards its index names); None if it has none."""
   index = os.path.join(hf_dir, 'model.safetensors.index.json')
   single = os.path.join(hf_dir, 'model.safetensors')
-  torch_bin = os.path.join(hf_dir, 'pytorch_model.bin')
-  if os.path.isfile(single) or os.path.isfile(index):
-    from safetensors.numpy import load_file
-    if os.path.isfile(single):
-      files = [single]
-    else:
-      with open(index) as f:
-        files = sorted({os.path.join(hf_dir, v) for v in json.load(f)['weight_map'].values()})
-    raw = {}
+  if os.path.isfile(single):
+    return [single]
+  if os.path.isfile(index):
+    with open(index) as f:
+      return sorted({os.path.join(hf_dir, v) for v in json.load(f)['weight_map'].values()})
+  return None
+
+
+def stream_tensors(hf_dir: str):
+  """(HF name, numpy array in the file's dtype), one tensor at a time.
+
+  Safetensors are memory-mapped, one file at a time; `pytorch_model.bin` (needs torch) is read
+  whole.
+  """
+  files = _safetensors_files(hf_dir)
+  if files is not None:
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
     for path in files:
-      raw.update(load_file(path))
-  elif os.path.isfile(torch_bin):
-    try:
-      import torch
-    except ImportError:
-      raise ConfigError(f'Reading {torch_bin} needs torch (pip install torch), or save the '
-                        'model as model.safetensors') from None
-    state = torch.load(torch_bin, map_location='cpu', weights_only=True)
-    raw = {k: v.float().numpy() for k, v in state.items()}
-  else:
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}, named by model.safetensors.index.json, is missing')
+      with safe_open(path, framework='np') as f:
+        for name in f.keys():
+          yield name, f.get_tensor(name)
+    return
+  torch_bin = os.path.join(hf_dir, 'pytorch_model.bin')
+  if not os.path.isfile(torch_bin):
     raise FileNotFoundError(f'No model.safetensors or pytorch_model.bin in {hf_dir}')
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ConfigError(f'Reading {torch_bin} needs torch (pip install torch), or save the '
+                      'model as model.safetensors') from None
+  state = torch.load(torch_bin, map_location='cpu', weights_only=True)
+  while state:
+    name, value = state.popitem()
+    yield name, value.float().numpy()
+
+
+def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
+  """GPT-2's float32 arrays by HF name, without the `transformer.` prefix and without buffers."""
   tensors = {}
-  for name, value in raw.items():
+  for name, value in stream_tensors(hf_dir):
     name = name.removeprefix('transformer.')
     if not name.endswith(_BUFFER_SUFFIXES):
       tensors[name] = np.asarray(value, np.float32)  # bf16/fp16 checkpoints: exact upcast
   return tensors
+
+
+def _lookup(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def param_shardings(model: dict):
+  """(abstract params, their shardings): split along `fsdp` over every device."""
+  cfg = ModelConfig(**model)
+  boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0),
+                                                       jnp.zeros((1, 1), jnp.int32)))['params']
+  abstract = nn.unbox(boxed)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
+  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh,
+                                            sharding.LOGICAL_RULES)
+  sharding.check_divisible(abstract, shardings)
+  return abstract, shardings
+
+
+def convert_llama_family(hf_dir: str, model: dict, architecture: str) -> dict:
+  """The parameters of a Llama-family folder, read and placed one tensor at a time."""
+  abstract, shardings = param_shardings(model)
+  expected = llama.hf_shapes(model)
+  params, seen = {}, set()
+  for name, value in stream_tensors(hf_dir):
+    if name.endswith(llama.BUFFER_SUFFIXES) or (name == 'lm_head.weight'
+                                                 and model['tie_embeddings']):
+      continue  # a tied head saved anyway is the embedding again
+    if name not in expected:
+      raise ConfigError(f'The checkpoint has weight {name}, which a {architecture} with its '
+                        'config.json does not')
+    if value.shape != expected[name]:
+      raise ConfigError(f'Weight {name} has shape {value.shape}; config.json implies '
+                        f'{expected[name]}')
+    path, value = llama.tensor_to_param(name, value, model)
+    value = np.ascontiguousarray(value, _lookup(abstract, path).dtype)  # bf16: exact upcast
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = jax.device_put(value, _lookup(shardings, path))
+    seen.add(name)
+    del value
+  missing = sorted(set(expected) - seen)
+  if missing:
+    raise ConfigError(f'The checkpoint lacks {len(missing)} weights of a {architecture} with '
+                      f'its config.json, e.g. {missing[0]}')
+  return params
+
+
+def _convert_gpt2(hf_dir: str, model: dict) -> dict:
+  tensors = read_tensors(hf_dir)
+  if not model['tie_embeddings'] and 'lm_head.weight' not in tensors:
+    raise ConfigError('config.json has tie_word_embeddings=false but the checkpoint has no '
+                      'lm_head.weight')
+  _check_tensors(tensors, model)
+  return jax.tree.map(np.ascontiguousarray, convert.hf_to_params(tensors, model))
 
 
 def _check_tensors(tensors: dict, model: dict) -> None:
@@ -96,19 +186,31 @@ def _check_tensors(tensors: dict, model: dict) -> None:
     raise ConfigError(f'The checkpoint has weights a GPT-2 does not: {unexpected[:3]}')
 
 
-def convert_checkpoint(hf_dir: str, workdir: str, step: int = 0):
-  """Writes the workdir; returns (config, params)."""
+def model_fields(hf_config: dict) -> dict:
+  """config.model fields for a supported config.json; ConfigError naming what is not."""
+  if llama.is_llama_family(hf_config):
+    return llama.model_fields_from_hf(hf_config)
+  if hf_config.get('model_type') == 'gpt2':
+    return convert.model_fields_from_hf(hf_config)
+  raise ConfigError(f'config.json has model_type {hf_config.get("model_type")!r}; gpt_jax '
+                    f'converts gpt2, {", ".join(llama.ARCHITECTURES)}')
+
+
+def convert_checkpoint(hf_dir: str, workdir: str, step: int = 0, max_len: int | None = None):
+  """Writes the workdir; returns (config, params, tokenizer or None)."""
   hf_config = read_hf_config(hf_dir)
-  model = convert.model_fields_from_hf(hf_config)
+  model = model_fields(hf_config)
+  if max_len:
+    if model['position'] != 'rope':
+      raise ConfigError('--max_len shortens RoPE models only: GPT-2 has a position embedding '
+                        f'of {model["max_len"]} rows')
+    model['max_len'] = max_len
   if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
     raise ConfigError(f'{workdir} already holds checkpoints; give an empty --workdir')
-  tensors = read_tensors(hf_dir)
-  if not model['tie_embeddings'] and 'lm_head.weight' not in tensors:
-    raise ConfigError('config.json has tie_word_embeddings=false but the checkpoint has no '
-                      'lm_head.weight')
-  _check_tensors(tensors, model)
-  params = jax.tree.map(np.ascontiguousarray, convert.hf_to_params(tensors, model))
-  del tensors
+  if llama.is_llama_family(hf_config):
+    params = convert_llama_family(hf_dir, model, llama.ARCHITECTURES[hf_config['model_type']])
+  else:
+    params = _convert_gpt2(hf_dir, model)
 
   tokenizer = None
   if all(os.path.isfile(os.path.join(hf_dir, f))
@@ -143,12 +245,14 @@ def main(argv):
   with cli.one_line_errors():
     if not FLAGS.hf_dir or not FLAGS.workdir:
       raise ConfigError('--hf_dir and --workdir are required')
-    config, params, tokenizer = convert_checkpoint(FLAGS.hf_dir, FLAGS.workdir, FLAGS.step)
+    config, params, tokenizer = convert_checkpoint(FLAGS.hf_dir, FLAGS.workdir, FLAGS.step,
+                                                   FLAGS.max_len)
   n = sum(x.size for x in jax.tree.leaves(params))
   m = config.model
-  print(f'Wrote {FLAGS.workdir}: GPT-2 with {n / 1e6:.1f}M parameters ({m.num_layers} layers x '
-        f'{m.emb_dim}, {m.num_heads} heads, context {m.max_len}, vocabulary {m.vocab_size}) '
-        f'at step {FLAGS.step}')
+  kind = 'GPT-2' if m.position == 'learned' else 'Llama-layout model'
+  print(f'Wrote {FLAGS.workdir}: {kind} with {n / 1e6:.1f}M parameters ({m.num_layers} layers x '
+        f'{m.emb_dim}, {m.num_heads} heads ({m.num_kv_heads or m.num_heads} kv), context '
+        f'{m.max_len}, vocabulary {m.vocab_size}) at step {FLAGS.step}')
   if tokenizer is None:
     print(f'note: {FLAGS.hf_dir} has no vocab.json + merges.txt, so the workdir has no '
           'tokenizer/; gpt_jax.sample and gpt_jax.eval need one (copy a tokenizer/ in).')
