@@ -3,12 +3,14 @@ bit-identical round trips, one-line refusals of what the model does not implemen
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import run_module
+from conftest import module_env
 from gpt_jax import checkpoint, decode
 from gpt_jax.convert import from_hf, to_hf
 from gpt_jax.errors import ConfigError
@@ -80,12 +82,14 @@ def test_logits_and_greedy_generation_match_transformers(pair):
   ours, _ = Transformer(cfg).apply({'params': params}, tokens)
   np.testing.assert_allclose(np.asarray(ours), hf_logits(hf_model, tokens), atol=1e-4, rtol=0)
 
+  if name == 'mistral':
+    return  # Llama's computation with other weights: its greedy tokens are tested there
   rng = np.random.default_rng(1)
   prompts = [list(rng.integers(0, VOCAB, n)) for n in (3, 20)]
-  generated = decode.Generator(cfg, params).generate(prompts, 24, temperature=0)
+  generated = decode.Generator(cfg, params).generate(prompts, 20, temperature=0)
   for prompt, tokens in zip(prompts, generated):
     theirs = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(
-        1, len(prompt), dtype=torch.long), max_new_tokens=24, min_new_tokens=24,
+        1, len(prompt), dtype=torch.long), max_new_tokens=20, min_new_tokens=20,
                                do_sample=False, pad_token_id=0)
     assert tokens == theirs[0, len(prompt):].tolist()
 
@@ -149,7 +153,63 @@ def test_checkpoint_errors_name_the_weight(tmp_path):
   json.dump(config, open(os.path.join(hf_dir, 'config.json'), 'w'))
   with pytest.raises(ConfigError, match='lacks 9 weights of a MistralForCausalLM.*layers.2'):
     from_hf.convert_checkpoint(hf_dir, str(tmp_path / 'out'))
-  proc = run_module('gpt_jax.convert.from_hf', f'--hf_dir={hf_dir}',
-                    f'--workdir={tmp_path / "w"}', check=False)
-  assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
-  assert 'lacks 9 weights' in proc.stderr
+
+
+# Converts a folder in a fresh process; prints its resident memory before converting (after the
+# imports) and its peak (VmHWM: ru_maxrss would carry over the parent's peak across exec), MiB.
+CONVERT_AND_MEASURE = r'''
+import json, sys
+import jax
+from gpt_jax.convert import from_hf
+
+def status(field):
+  with open('/proc/self/status') as f:
+    return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+jax.devices()
+before = status('VmRSS')
+_, params, _ = from_hf.convert_checkpoint(sys.argv[1], sys.argv[2])
+print(json.dumps({'before': before, 'peak': status('VmHWM'),
+                  'shards': len(params['block_0']['mlp']['fc_in']['kernel'].addressable_shards),
+                  'shard_shape': params['block_0']['mlp']['fc_in']['kernel'].addressable_shards[0].data.shape}))
+'''
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='reads /proc')
+def test_sharded_conversion_holds_the_weights_about_once(tmp_path):
+  """A 200 MiB float32 checkpoint in 9 files converts with a peak well below two copies, each
+  parameter split over the devices."""
+  from safetensors.numpy import save_file
+  from gpt_jax.convert import llama
+  hf = dict(model_type='llama', vocab_size=4096, hidden_size=512, intermediate_size=1536,
+            num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2,
+            max_position_embeddings=256, tie_word_embeddings=False)
+  hf_dir = tmp_path / 'hf'
+  hf_dir.mkdir()
+  (hf_dir / 'config.json').write_text(json.dumps(hf))
+  rng = np.random.default_rng(0)
+  shards, shard, weight_map, total = [], {}, {}, 0
+  for name, shape in llama.hf_shapes(llama.model_fields_from_hf(hf)).items():
+    shard[name] = rng.standard_normal(shape, np.float32)
+    total += shard[name].nbytes
+    if sum(x.nbytes for x in shard.values()) > 24e6:
+      shards.append(shard)
+      shard = {}
+  shards.append(shard)
+  for i, shard in enumerate(shards):
+    file = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
+    save_file(shard, str(hf_dir / file), metadata={'format': 'pt'})
+    weight_map.update(dict.fromkeys(shard, file))
+  (hf_dir / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': weight_map}))
+  del shards, shard
+
+  proc = subprocess.run([sys.executable, '-c', CONVERT_AND_MEASURE, str(hf_dir),
+                         str(tmp_path / 'out')], capture_output=True, text=True,
+                        env=module_env(devices=2), check=True, timeout=300)
+  memory = json.loads(proc.stdout.strip().splitlines()[-1])
+  weights = total / 2**20
+  assert 190 < weights < 210
+  assert memory['shards'] == 2 and memory['shard_shape'] == [256, 1536]  # [emb / 2, mlp]
+  # Measured 1.5x on 2 devices, 1.4x on one (before arrays were written a few at a time and
+  # checksummed on the host as they were read: 3.6x on 2 devices, 2.1x on one).
+  assert memory['peak'] - memory['before'] < 1.75 * weights, (memory, weights)

@@ -131,11 +131,12 @@ def param_shardings(model: dict):
   return abstract, shardings
 
 
-def convert_llama_family(hf_dir: str, model: dict, architecture: str) -> dict:
-  """The parameters of a Llama-family folder, read and placed one tensor at a time."""
+def convert_llama_family(hf_dir: str, model: dict, architecture: str) -> tuple[dict, dict]:
+  """The parameters of a Llama-family folder, read and placed one tensor at a time, and their
+  checksums (checkpoint.fingerprint)."""
   abstract, shardings = param_shardings(model)
   expected = llama.hf_shapes(model)
-  params, seen = {}, set()
+  params, checksums, seen = {}, {}, set()
   for name, value in stream_tensors(hf_dir):
     if name.endswith(llama.BUFFER_SUFFIXES) or (name == 'lm_head.weight'
                                                  and model['tie_embeddings']):
@@ -148,17 +149,18 @@ def convert_llama_family(hf_dir: str, model: dict, architecture: str) -> dict:
                         f'{expected[name]}')
     path, value = llama.tensor_to_param(name, value, model)
     value = np.ascontiguousarray(value, _lookup(abstract, path).dtype)  # bf16: exact upcast
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = jax.device_put(value, _lookup(shardings, path))
+    for tree, leaf in ((params, jax.device_put(value, _lookup(shardings, path))),
+                       (checksums, checkpoint.checksum_on_host(value))):
+      for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+      tree[path[-1]] = leaf
     seen.add(name)
     del value
   missing = sorted(set(expected) - seen)
   if missing:
     raise ConfigError(f'The checkpoint lacks {len(missing)} weights of a {architecture} with '
                       f'its config.json, e.g. {missing[0]}')
-  return params
+  return params, checksums
 
 
 def _convert_gpt2(hf_dir: str, model: dict) -> dict:
@@ -208,9 +210,10 @@ def convert_checkpoint(hf_dir: str, workdir: str, step: int = 0, max_len: int | 
   if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
     raise ConfigError(f'{workdir} already holds checkpoints; give an empty --workdir')
   if llama.is_llama_family(hf_config):
-    params = convert_llama_family(hf_dir, model, llama.ARCHITECTURES[hf_config['model_type']])
+    params, checksums = convert_llama_family(hf_dir, model,
+                                             llama.ARCHITECTURES[hf_config['model_type']])
   else:
-    params = _convert_gpt2(hf_dir, model)
+    params, checksums = _convert_gpt2(hf_dir, model), None
 
   tokenizer = None
   if all(os.path.isfile(os.path.join(hf_dir, f))
@@ -230,7 +233,11 @@ def convert_checkpoint(hf_dir: str, workdir: str, step: int = 0, max_len: int | 
     if os.path.isdir(tokenizer_dir):
       shutil.rmtree(tokenizer_dir)
     tokenizer.save(tokenizer_dir)
-  checkpoint.save_params(workdir, step, params)
+  # A few arrays written at a time (Orbax copies each while writing it; its limit must exceed
+  # the largest array): peak memory stays near one copy of the parameters.
+  checkpoint.save_params(workdir, step, params,
+                         bytes_in_flight=2 * max(x.nbytes for x in jax.tree.leaves(params)),
+                         checksums=checksums)
   checkpoint.save_config(workdir, config)  # last: a workdir with a config is complete
   with open(os.path.join(workdir, 'converted_from.json'), 'w') as f:
     json.dump({'hf_dir': os.path.abspath(hf_dir), 'hf_config': hf_config}, f, indent=2)
