@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import module_env
+import hf_tokenizers
 from gpt_jax import checkpoint, decode
+from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.convert import from_hf, to_hf
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import Transformer
@@ -19,7 +21,7 @@ from gpt_jax.model import Transformer
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-VOCAB = 128
+VOCAB = 320
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               # A wide init makes the next-token distribution peaked: greedy choices are not
@@ -51,6 +53,8 @@ def save_hf_model(directory, name, max_shard_size=None):
           proj.bias.normal_(0, 0.5)
   kwargs = {'max_shard_size': max_shard_size} if max_shard_size else {}
   model.save_pretrained(directory, **kwargs)
+  hf_tokenizers.build(directory, {'llama': 'llama3'}.get(name, name),
+                      vocab_size=40 if name == 'mistral' else 300)
   return model
 
 
@@ -100,6 +104,9 @@ def test_round_trip_is_bit_identical(pair, tmp_path):
   hf_config, _ = to_hf.export(workdir, out)
   assert hf_config['model_type'] == ('qwen2' if name == 'qwen2' else 'llama')
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  text = 'Round trip: café 中文 '
+  assert (transformers.AutoTokenizer.from_pretrained(out)(text)['input_ids']
+          == tokenizer_lib.load(os.path.join(workdir, 'tokenizer')).encode(text))
   tokens = np.random.default_rng(2).integers(0, VOCAB, (2, 40))
   np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(hf_model, tokens))
 

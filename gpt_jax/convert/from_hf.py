@@ -7,7 +7,8 @@ Reads `config.json` and `model.safetensors` (or a sharded `model.safetensors.ind
 `pytorch_model.bin`, which needs torch) of a GPT-2 (`GPT2LMHeadModel`, any size) or a Llama-family
 model (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`; gpt_jax/convert/llama.py),
 and writes a workdir like a training run's: `config.json` (base config with the model fields
-set), `tokenizer/` (GPT-2 BPE from `vocab.json` + `merges.txt`) and `checkpoints/<step>/params`.
+set), `tokenizer/` (GPT-2 BPE from `vocab.json` + `merges.txt`, or the folder's `tokenizer.json` with
+its `tokenizer_config.json` and chat template) and `checkpoints/<step>/params`.
 Nothing is downloaded. The workdir then serves `gpt_jax.sample`, `gpt_jax.eval`, and
 `gpt_jax.train --config.init_from=<workdir>` (fine-tuning).
 
@@ -188,6 +189,17 @@ def _check_tensors(tensors: dict, model: dict) -> None:
     raise ConfigError(f'The checkpoint has weights a GPT-2 does not: {unexpected[:3]}')
 
 
+def read_tokenizer(hf_dir: str, gpt2: bool) -> tokenizer_lib.Tokenizer | None:
+  """GPT-2 BPE (vocab.json + merges.txt) for a GPT-2, else the folder's tokenizer.json (with
+  tokenizer_config.json and its chat template), if any."""
+  if gpt2 and all(os.path.isfile(os.path.join(hf_dir, f))
+                  for f in (tokenizer_lib.GPT2_VOCAB_FILE, tokenizer_lib.GPT2_MERGES_FILE)):
+    return tokenizer_lib.GPT2BPETokenizer.from_files(hf_dir)
+  if os.path.isfile(os.path.join(hf_dir, tokenizer_lib.HF_TOKENIZER_FILE)):
+    return tokenizer_lib.HuggingFaceTokenizer.from_directory(hf_dir)
+  return None
+
+
 def model_fields(hf_config: dict) -> dict:
   """config.model fields for a supported config.json; ConfigError naming what is not."""
   if llama.is_llama_family(hf_config):
@@ -215,13 +227,10 @@ def convert_checkpoint(hf_dir: str, workdir: str, step: int = 0, max_len: int | 
   else:
     params, checksums = _convert_gpt2(hf_dir, model), None
 
-  tokenizer = None
-  if all(os.path.isfile(os.path.join(hf_dir, f))
-         for f in (tokenizer_lib.GPT2_VOCAB_FILE, tokenizer_lib.GPT2_MERGES_FILE)):
-    tokenizer = tokenizer_lib.GPT2BPETokenizer.from_files(hf_dir)
-    if tokenizer.vocab_size > model['vocab_size']:
-      raise ConfigError(f'vocab.json has {tokenizer.vocab_size} tokens, more than the model\'s '
-                        f'vocab_size {model["vocab_size"]}')
+  tokenizer = read_tokenizer(hf_dir, gpt2=model['position'] == 'learned')
+  if tokenizer is not None and tokenizer.vocab_size > model['vocab_size']:
+    raise ConfigError(f'The tokenizer of {hf_dir} has {tokenizer.vocab_size} tokens, more than '
+                      f'the model\'s vocab_size {model["vocab_size"]}')
 
   config = config_lib.base_config()
   config.model.update(model)
@@ -261,8 +270,12 @@ def main(argv):
         f'{m.emb_dim}, {m.num_heads} heads ({m.num_kv_heads or m.num_heads} kv), context '
         f'{m.max_len}, vocabulary {m.vocab_size}) at step {FLAGS.step}')
   if tokenizer is None:
-    print(f'note: {FLAGS.hf_dir} has no vocab.json + merges.txt, so the workdir has no '
-          'tokenizer/; gpt_jax.sample and gpt_jax.eval need one (copy a tokenizer/ in).')
+    print(f'note: {FLAGS.hf_dir} has no tokenizer.json (nor vocab.json + merges.txt), so the '
+          'workdir has no tokenizer/; gpt_jax.sample and gpt_jax.eval need one (copy a '
+          'tokenizer/ in).')
+  elif getattr(tokenizer, 'chat_template', None):
+    print('The tokenizer has a chat template: gpt_jax.chat, gpt_jax.serve and gpt_jax.finetune '
+          'use it.')
 
 
 if __name__ == '__main__':

@@ -8,7 +8,8 @@ positions, LayerNorm, GELU) becomes a `GPT2LMHeadModel` (Conv1D layout, plus `vo
 `merges.txt` when the workdir's tokenizer is GPT-2 BPE); one in the Llama layout (RoPE, RMSNorm,
 SwiGLU, grouped-query attention, no biases) a `LlamaForCausalLM`, or a `Qwen2ForCausalLM` with
 q/k/v biases (a converted Mistral comes back as the Llama it equals). Only the parameters of
-the latest (or --step) checkpoint are read. Other models are refused, naming the field at fault.
+the latest (or --step) checkpoint are read; a Hugging Face tokenizer (tokenizer.json and its
+config) is written back as it was read. Other models are refused, naming the field at fault.
 """
 
 import json
@@ -63,6 +64,11 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[dict, str]:
     for name in (tokenizer_lib.GPT2_VOCAB_FILE, tokenizer_lib.GPT2_MERGES_FILE):
       shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out, name))
     note = 'GPT-2 BPE tokenizer: vocab.json + merges.txt'
+  elif isinstance(tokenizer, tokenizer_lib.HuggingFaceTokenizer):
+    for name, content in tokenizer.files.items():
+      with open(os.path.join(out, name), 'wb') as f:
+        f.write(content)
+    note = f'its Hugging Face tokenizer: {", ".join(sorted(tokenizer.files))}'
   elif tokenizer is None:
     note = f'no tokenizer: {tokenizer_dir} does not exist'
   else:
