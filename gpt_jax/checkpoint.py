@@ -319,10 +319,9 @@ def trainable_params(config, tokenizer) -> lora_lib.Trainable:
   """Which parameters a run with `config` and `tokenizer` trains (and its checkpoints hold)."""
   lora = config_lib.lora_config(config)
   token_ids = ()
-  if lora.rank and config.lora.get('train_chat_tokens') and chat_template.has_chat_tokens(
-      tokenizer):
-    token_ids = tuple(tokenizer_lib.special_token_id(tokenizer, t)
-                      for t in chat_template.SPECIAL_TOKENS)
+  if lora.rank and config.lora.get('train_chat_tokens'):
+    # gpt_jax's template tokens, added for fine-tuning (a tokenizer's own are pretrained)
+    token_ids = chat_template.added_token_ids(tokenizer)
   return lora_lib.Trainable(lora, token_ids)
 
 

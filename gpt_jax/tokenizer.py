@@ -212,6 +212,8 @@ class HuggingFaceTokenizer(Tokenizer):
     self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
     self.bos_id = self._id(config, 'bos_token')
     self.eos_id = self._id(config, 'eos_token')
+    self.special_ids = frozenset(i for i, token in self._tok.get_added_tokens_decoder().items()
+                                 if token.special)
     template = config.get('chat_template')
     if isinstance(template, list):  # named templates: the default one is for chat
       template = {t.get('name'): t.get('template') for t in template}.get('default')
@@ -246,8 +248,7 @@ class HuggingFaceTokenizer(Tokenizer):
     return self._tok.token_to_id(token)
 
   def is_special(self, token_id: int) -> bool:
-    added = self._tok.get_added_tokens_decoder().get(token_id)
-    return added is not None and added.special
+    return token_id in self.special_ids
 
   def encode(self, text):
     return self._tok.encode(text, add_special_tokens=True).ids

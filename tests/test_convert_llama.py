@@ -176,9 +176,9 @@ def status(field):
 jax.devices()
 before = status('VmRSS')
 _, params, _ = from_hf.convert_checkpoint(sys.argv[1], sys.argv[2])
-print(json.dumps({'before': before, 'peak': status('VmHWM'),
-                  'shards': len(params['block_0']['mlp']['fc_in']['kernel'].addressable_shards),
-                  'shard_shape': params['block_0']['mlp']['fc_in']['kernel'].addressable_shards[0].data.shape}))
+shards = params['block_0']['mlp']['fc_in']['kernel'].addressable_shards
+print(json.dumps({'before': before, 'peak': status('VmHWM'), 'shards': len(shards),
+                  'shard_shape': shards[0].data.shape}))
 '''
 
 

@@ -7,8 +7,8 @@ Reads `config.json` and `model.safetensors` (or a sharded `model.safetensors.ind
 `pytorch_model.bin`, which needs torch) of a GPT-2 (`GPT2LMHeadModel`, any size) or a Llama-family
 model (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`; gpt_jax/convert/llama.py),
 and writes a workdir like a training run's: `config.json` (base config with the model fields
-set), `tokenizer/` (GPT-2 BPE from `vocab.json` + `merges.txt`, or the folder's `tokenizer.json` with
-its `tokenizer_config.json` and chat template) and `checkpoints/<step>/params`.
+set), `tokenizer/` (GPT-2 BPE from `vocab.json` + `merges.txt`, or the folder's `tokenizer.json`
+with its `tokenizer_config.json` and chat template) and `checkpoints/<step>/params`.
 Nothing is downloaded. The workdir then serves `gpt_jax.sample`, `gpt_jax.eval`, and
 `gpt_jax.train --config.init_from=<workdir>` (fine-tuning).
 

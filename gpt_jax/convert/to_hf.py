@@ -1,7 +1,7 @@
 r"""Export a gpt_jax workdir as a Hugging Face folder: GPT-2, Llama or Qwen2.
 
   python -m gpt_jax.convert.to_hf --workdir=runs/default --out=runs/default_hf
-  python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('runs/default_hf')"
+  python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('runs/default_hf')"
 
 Writes `config.json` and `model.safetensors` (float32). A model in the GPT-2 layout (learned
 positions, LayerNorm, GELU) becomes a `GPT2LMHeadModel` (Conv1D layout, plus `vocab.json` and
