@@ -56,3 +56,13 @@ def test_chat_template_file_and_errors(tmp_path):
     f.write('{"not": "a tokenizer"}')
   with pytest.raises(tokenizer_lib.ConfigError, match='cannot read its Hugging Face tokenizer'):
     tokenizer_lib.HuggingFaceTokenizer.from_directory(directory)
+
+
+def test_token_cache_digest_covers_the_files(style_dir, tmp_path):
+  """gpt_jax.data keys its token cache by the tokenizer's files, here in a subdirectory."""
+  from gpt_jax import data
+  style, directory = style_dir
+  digest = data._tokenizer_digest  # pylint: disable=protected-access
+  load = tokenizer_lib.HuggingFaceTokenizer.from_directory
+  other = hf_tokenizers.build(str(tmp_path / 'other'), style, vocab_size=350)
+  assert digest(load(directory)) == digest(load(directory)) != digest(load(other))
