@@ -117,6 +117,9 @@ def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool =
       raise ConversationError(str(e)) from None
   end = end_of_turn_id(tokenizer)
   tokens, weights = [], []
+  bos = getattr(tokenizer, 'bos_id', None)
+  if bos is not None and tokenizer.encode('')[:1] == [bos]:  # a tokenizer that opens with BOS
+    tokens, weights = [bos], [0]
   for message in messages:
     content = tokenizer.encode_text(message['content'])
     learn = int(message['role'] == 'assistant')

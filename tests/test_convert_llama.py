@@ -151,6 +151,8 @@ def test_unsupported_entries_are_refused_in_one_line(tmp_path, fields, message):
 def test_checkpoint_errors_name_the_weight(tmp_path):
   hf_dir = str(tmp_path / 'hf')
   save_hf_model(hf_dir, 'mistral')
+  config, _, _ = from_hf.convert_checkpoint(hf_dir, str(tmp_path / 'short'), max_len=32)
+  assert config.model.max_len == config.data.seq_len == 32
   config = json.load(open(os.path.join(hf_dir, 'config.json')))
   config['intermediate_size'] = 48
   json.dump(config, open(os.path.join(hf_dir, 'config.json'), 'w'))

@@ -105,3 +105,18 @@ def test_sft_examples_and_refusals(tokenizers_pair):
                        match='refuses this conversation: After the optional system message'):
       chat_template.render(ours, [{'role': 'user', 'content': 'a'},
                                   {'role': 'user', 'content': 'b'}])
+
+
+def test_a_tokenizer_without_a_template_gets_gpt_jax_template_after_bos(tmp_path):
+  directory = hf_tokenizers.build(str(tmp_path / 'base'), 'llama3', chat_template=False)
+  base = tokenizer_lib.HuggingFaceTokenizer.from_directory(directory)
+  assert not chat_template.has_chat_tokens(base)
+  tokenizer = chat_template.add_chat_tokens(base)
+  tokenizer.save(str(tmp_path / 'saved'))
+  tokenizer = tokenizer_lib.load(str(tmp_path / 'saved'))
+  rendered = chat_template.render(tokenizer, CONVERSATIONS[1])
+  user, end = (tokenizer_lib.special_token_id(tokenizer, t) for t in ('<|user|>', '<|end|>'))
+  opening = [base.bos_id, user] + base.encode_text('Hi!') + [end]
+  assert rendered.tokens[:len(opening)] == opening and rendered.weights[:len(opening)] == [0] * len(
+      opening)
+  assert tokenizer.decode(rendered.tokens) == 'Hi!Hello.'
