@@ -12,9 +12,9 @@ with its `tokenizer_config.json` and chat template) and `checkpoints/<step>/para
 Nothing is downloaded. The workdir then serves `gpt_jax.sample`, `gpt_jax.eval`, and
 `gpt_jax.train --config.init_from=<workdir>` (fine-tuning).
 
-Llama-family safetensors are converted one tensor at a time, each placed straight into its
-sharding over all devices (parameters split along `fsdp`), so host memory holds the converted
-parameters (float32) plus one tensor and the file it is read from, not the checkpoint twice.
+Safetensors are converted one tensor at a time, each placed straight into its sharding over all
+devices (parameters split along `fsdp`), so host memory holds the converted parameters (float32)
+plus one tensor and the file it is read from, not the checkpoint twice.
 `--max_len` shortens the context (RoPE models have no positional weights; the KV cache of a
 128k-token context is large).
 """
@@ -46,9 +46,6 @@ def define_flags() -> None:
   flags.DEFINE_integer('step', 0, 'Checkpoint step to write the parameters at.')
   flags.DEFINE_integer('max_len', None, "The model's context (RoPE models; default: the "
                        "folder's max_position_embeddings).")
-
-# Buffers that old transformers versions saved with the weights (the causal mask).
-_BUFFER_SUFFIXES = ('.attn.bias', '.attn.masked_bias')
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -103,16 +100,6 @@ def stream_tensors(hf_dir: str):
     yield name, value.float().numpy()
 
 
-def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
-  """GPT-2's float32 arrays by HF name, without the `transformer.` prefix and without buffers."""
-  tensors = {}
-  for name, value in stream_tensors(hf_dir):
-    name = name.removeprefix('transformer.')
-    if not name.endswith(_BUFFER_SUFFIXES):
-      tensors[name] = np.asarray(value, np.float32)  # bf16/fp16 checkpoints: exact upcast
-  return tensors
-
-
 def _lookup(tree, path):
   for key in path:
     tree = tree[key]
@@ -132,14 +119,16 @@ def param_shardings(model: dict):
   return abstract, shardings
 
 
-def convert_llama_family(hf_dir: str, model: dict, architecture: str) -> tuple[dict, dict]:
-  """The parameters of a Llama-family folder, read and placed one tensor at a time, and their
-  checksums (checkpoint.fingerprint)."""
+def convert_tensors(hf_dir: str, model: dict, architecture: str) -> tuple[dict, dict]:
+  """The parameters of a GPT-2 or Llama-family folder, read and placed one tensor at a time,
+  and their checksums (checkpoint.fingerprint)."""
+  layout = convert if model['position'] == 'learned' else llama
   abstract, shardings = param_shardings(model)
-  expected = llama.hf_shapes(model)
+  expected = layout.hf_shapes(model)
   params, checksums, seen = {}, {}, set()
   for name, value in stream_tensors(hf_dir):
-    if name.endswith(llama.BUFFER_SUFFIXES) or (name == 'lm_head.weight'
+    name = name.removeprefix('transformer.')  # GPT-2's
+    if name.endswith(layout.BUFFER_SUFFIXES) or (name == 'lm_head.weight'
                                                  and model['tie_embeddings']):
       continue  # a tied head saved anyway is the embedding again
     if name not in expected:
@@ -148,13 +137,14 @@ def convert_llama_family(hf_dir: str, model: dict, architecture: str) -> tuple[d
     if value.shape != expected[name]:
       raise ConfigError(f'Weight {name} has shape {value.shape}; config.json implies '
                         f'{expected[name]}')
-    path, value = llama.tensor_to_param(name, value, model)
-    value = np.ascontiguousarray(value, _lookup(abstract, path).dtype)  # bf16: exact upcast
-    for tree, leaf in ((params, jax.device_put(value, _lookup(shardings, path))),
-                       (checksums, checkpoint.checksum_on_host(value))):
-      for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-      tree[path[-1]] = leaf
+    for path, param in layout.tensor_to_params(name, value, model):
+      param = np.ascontiguousarray(param, _lookup(abstract, path).dtype)  # bf16: exact upcast
+      for tree, leaf in ((params, jax.device_put(param, _lookup(shardings, path))),
+                         (checksums, checkpoint.checksum_on_host(param))):
+        for key in path[:-1]:
+          tree = tree.setdefault(key, {})
+        tree[path[-1]] = leaf
+      del param
     seen.add(name)
     del value
   missing = sorted(set(expected) - seen)
@@ -162,31 +152,6 @@ def convert_llama_family(hf_dir: str, model: dict, architecture: str) -> tuple[d
     raise ConfigError(f'The checkpoint lacks {len(missing)} weights of a {architecture} with '
                       f'its config.json, e.g. {missing[0]}')
   return params, checksums
-
-
-def _convert_gpt2(hf_dir: str, model: dict) -> dict:
-  tensors = read_tensors(hf_dir)
-  if not model['tie_embeddings'] and 'lm_head.weight' not in tensors:
-    raise ConfigError('config.json has tie_word_embeddings=false but the checkpoint has no '
-                      'lm_head.weight')
-  _check_tensors(tensors, model)
-  return jax.tree.map(np.ascontiguousarray, convert.hf_to_params(tensors, model))
-
-
-def _check_tensors(tensors: dict, model: dict) -> None:
-  """Every weight there with GPT-2's shape for this config, and nothing unexpected."""
-  expected = convert.hf_shapes(model)
-  missing = sorted(set(expected) - set(tensors))
-  if missing:
-    raise ConfigError(f'The checkpoint lacks {len(missing)} GPT-2 weights for its config.json, '
-                      f'e.g. {missing[0]}')
-  for name, shape in expected.items():
-    if tensors[name].shape != shape:
-      raise ConfigError(f'Weight {name} has shape {tensors[name].shape}; config.json implies '
-                        f'{shape}')
-  unexpected = sorted(set(tensors) - set(expected) - {'lm_head.weight'})
-  if unexpected:
-    raise ConfigError(f'The checkpoint has weights a GPT-2 does not: {unexpected[:3]}')
 
 
 def read_tokenizer(hf_dir: str, gpt2: bool) -> tokenizer_lib.Tokenizer | None:
@@ -221,11 +186,8 @@ def convert_checkpoint(hf_dir: str, workdir: str, step: int = 0, max_len: int | 
     model['max_len'] = max_len
   if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
     raise ConfigError(f'{workdir} already holds checkpoints; give an empty --workdir')
-  if llama.is_llama_family(hf_config):
-    params, checksums = convert_llama_family(hf_dir, model,
-                                             llama.ARCHITECTURES[hf_config['model_type']])
-  else:
-    params, checksums = _convert_gpt2(hf_dir, model), None
+  architecture = llama.ARCHITECTURES.get(hf_config['model_type'], 'GPT2LMHeadModel')
+  params, checksums = convert_tensors(hf_dir, model, architecture)
 
   tokenizer = read_tokenizer(hf_dir, gpt2=model['position'] == 'learned')
   if tokenizer is not None and tokenizer.vocab_size > model['vocab_size']:

@@ -14,7 +14,7 @@ The mapping, per layer i (HF keys under `model.`; torch's Linear stores weights 
   embed_tokens.weight, norm.weight          wte/embedding, ln_f/scale
   lm_head.weight (untied only)              lm_head/kernel (transposed)
 
-Each HF tensor makes exactly one parameter (`tensor_to_param`), so a checkpoint converts one
+Each HF tensor makes exactly one parameter (`tensor_to_params`), so a checkpoint converts one
 tensor at a time. Both directions are transposes and reshapes: a round trip is bit-identical.
 HF's q/k rows are in the rotate-half order gpt_jax's RoPE uses (transformers' own layout), so
 no permutation is needed.
@@ -141,9 +141,9 @@ def hf_shapes(model: dict) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def tensor_to_param(name: str, x, model: dict) -> tuple[tuple[str, ...], object]:
-  """(gpt_jax parameter path, value) of the HF tensor `name` (numpy, or a jax.ShapeDtypeStruct
-  under jax.eval_shape)."""
+def tensor_to_params(name: str, x, model: dict) -> list[tuple[tuple[str, ...], object]]:
+  """[(gpt_jax parameter path, value)] of the HF tensor `name` (numpy, or a
+  jax.ShapeDtypeStruct under jax.eval_shape): always one."""
   match = _LAYER.fullmatch(name)
   if match:
     path, kind = _LAYER_WEIGHTS[match.group(2)]
@@ -159,7 +159,7 @@ def tensor_to_param(name: str, x, model: dict) -> tuple[tuple[str, ...], object]
     x = x.T.reshape(x.shape[1] // d, d, x.shape[0])
   elif kind == 'transpose':
     x = x.T
-  return path, x
+  return [(path, x)]
 
 
 def params_to_hf(params: dict, model: dict) -> dict:
