@@ -1,6 +1,7 @@
-"""The README's Llama-family workflow on a random-weight model built locally: convert, sample,
-LoRA fine-tuning on chat data with the model's own template, chat evaluation, serving, and the
-fine-tuned model converted back to transformers."""
+"""The README's Llama-family workflow on a random-weight model built locally: convert, LoRA
+fine-tuning on chat data with the model's own template, serving (chat and text completions),
+and the fine-tuned model converted back to transformers. (`eval --chat_files` renders
+conversations as fine-tuning data does: tests/test_hf_chat_template.py.)"""
 
 import json
 import os
@@ -25,7 +26,7 @@ CONVERSATIONS = [
     for a in range(4) for b in range(3)]
 
 
-def test_convert_sample_finetune_eval_serve_and_convert_back(tmp_path):
+def test_convert_finetune_eval_serve_and_convert_back(tmp_path):
   hf_dir = str(tmp_path / 'hf')
   torch.manual_seed(0)
   hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -39,35 +40,31 @@ def test_convert_sample_finetune_eval_serve_and_convert_back(tmp_path):
 
   base, sft = str(tmp_path / 'base'), str(tmp_path / 'sft')
   from_hf.convert_checkpoint(hf_dir, base)
-  proc = run_module('gpt_jax.sample', f'--workdir={base}', '--prompt=The ',
-                    '--max_new_tokens=6', '--temperature=0')
-  assert proc.stdout.startswith('The ')
 
   run_module('gpt_jax.finetune', '--config=configs/sft.py', f'--init_from={base}',
              f'--workdir={sft}', f'--config.data.chat_files={chat_file}',
-             '--config.lora.rank=4', '--config.data.batch_size=4', '--config.train.num_steps=3',
+             '--config.lora.rank=4', '--config.data.batch_size=4', '--config.train.num_steps=2',
              '--config.train.eval_every=0', '--config.train.sample_tokens=0',
              '--config.train.progress_bar=False', '--config.train.measure_peak=False')
   # The model's own template: no tokens added, the vocabulary as it was.
   assert checkpoint.load_config(sft).model.vocab_size == 320
   assert (open(os.path.join(sft, 'tokenizer', 'huggingface', 'chat_template.jinja')).read()
           == hf_tokenizers.LLAMA3_TEMPLATE)
-  proc = run_module('gpt_jax.eval', f'--workdir={sft}', f'--chat_files={chat_file}',
-                    '--max_new_tokens=4', '--progress_bar=False')
-  with open(proc.stdout.strip().rsplit(' -> ', 1)[1]) as f:
-    assert json.load(f)['conversations'] == len(CONVERSATIONS)
-
-  # Serving: the prompt is what transformers' apply_chat_template makes of the messages.
+  # Serving: the chat prompt is what transformers' apply_chat_template makes of the messages,
+  # a text prompt what AutoTokenizer makes of it (BOS first).
   theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
   messages = CONVERSATIONS[5][:2]
   expected = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-  server = serve.load(sft, slots=1)
+  server = serve.load(sft, slots=1)  # in-process: the binary's function, without its start-up
   try:
     with testclient.TestClient(serve.create_app(server)) as http:
       response = http.post('/v1/chat/completions', json={
           'model': server.model_name, 'messages': messages, 'max_tokens': 4, 'temperature': 0})
-    assert response.status_code == 200, response.text
-    assert response.json()['usage']['prompt_tokens'] == len(expected)
+      assert response.status_code == 200, response.text
+      assert response.json()['usage']['prompt_tokens'] == len(expected)
+      response = http.post('/v1/completions', json={
+          'model': server.model_name, 'prompt': 'The sum', 'max_tokens': 4, 'temperature': 0})
+      assert response.json()['usage']['prompt_tokens'] == len(theirs('The sum')['input_ids'])
   finally:
     server.engine.stop()
 
