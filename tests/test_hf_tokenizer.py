@@ -6,7 +6,6 @@ import os
 import pytest
 
 import hf_tokenizers
-import test_tokenizer
 from gpt_jax import tokenizer as tokenizer_lib
 
 transformers = pytest.importorskip('transformers')
@@ -17,7 +16,7 @@ TEXTS = [
     'special tokens written in the text: <|eot_id|> <|im_start|>user</s> [INST] x [/INST]<s>',
     '',
     'naïve façade – “quotes” … ½ Ω ß İ',
-    test_tokenizer.ODD_TEXT,
+    'ｆｕｌｌｗｉｄｔｈ, cafe\u0301, \r\n    def f(x):\n        return x  \ntrailing   ',
 ]
 
 
