@@ -86,8 +86,8 @@ def test_logits_and_greedy_generation_match_transformers(pair):
   ours, _ = Transformer(cfg).apply({'params': params}, tokens)
   np.testing.assert_allclose(np.asarray(ours), hf_logits(hf_model, tokens), atol=1e-4, rtol=0)
 
-  if name == 'mistral':
-    return  # Llama's computation with other weights: its greedy tokens are tested there
+  if name != 'llama':
+    return  # decoding shares its projections with the forward pass: Llama's tests them here
   rng = np.random.default_rng(1)
   prompts = [list(rng.integers(0, VOCAB, n)) for n in (3, 20)]
   generated = decode.Generator(cfg, params).generate(prompts, 20, temperature=0)

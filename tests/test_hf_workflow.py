@@ -31,7 +31,7 @@ def test_convert_finetune_eval_serve_and_convert_back(tmp_path):
   torch.manual_seed(0)
   hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
       vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None))
   hf_model.save_pretrained(hf_dir)
   hf_tokenizers.build(hf_dir, 'llama3', vocab_size=300, template_file=True)
