@@ -89,7 +89,7 @@ def test_logits_and_greedy_generation_match_transformers(pair):
   if name != 'llama':
     return  # decoding shares its projections with the forward pass: Llama's tests them here
   rng = np.random.default_rng(1)
-  prompts = [list(rng.integers(0, VOCAB, n)) for n in (3, 20)]
+  prompts = [list(rng.integers(0, VOCAB, n)) for n in (3, 14)]  # one prefill bucket
   generated = decode.Generator(cfg, params).generate(prompts, 20, temperature=0)
   for prompt, tokens in zip(prompts, generated):
     theirs = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(
