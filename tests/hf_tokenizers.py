@@ -61,6 +61,9 @@ MISTRAL_TEMPLATE = (
     "{%- endif %}"
     "{%- endfor %}")
 
+QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 STYLES = {
     'llama3': dict(specials=['<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>',
                              '<|end_header_id|>', '<|eot_id|>'],
@@ -80,8 +83,8 @@ def build(directory: str, style: str, vocab_size: int = 400, chat_template: bool
           template_file: bool = False) -> str:
   """Trains a tiny tokenizer in `style` and saves tokenizer.json + tokenizer_config.json (the
   chat template inside it, or in chat_template.jinja as transformers 5 saves it)."""
-  from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
-                          trainers)
+  from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                          processors, trainers)
   spec = STYLES[style]
   if style == 'mistral':
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token='<unk>', fuse_unk=True))
@@ -97,6 +100,11 @@ def build(directory: str, style: str, vocab_size: int = 400, chat_template: bool
   else:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if style == 'qwen2':  # Qwen2's: NFC, digits one by one (transformers' Qwen2Tokenizer)
+      tok.normalizer = normalizers.NFC()
+      tok.pre_tokenizer = pre_tokenizers.Sequence([
+          pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior='isolated'),
+          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec['specials'],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -108,7 +116,11 @@ def build(directory: str, style: str, vocab_size: int = 400, chat_template: bool
         single=f'{bos[0]} $A', pair=f'{bos[0]} $A {bos[0]} $B', special_tokens=[bos])
   os.makedirs(directory, exist_ok=True)
   tok.save(os.path.join(directory, 'tokenizer.json'))
-  config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': spec['bos'],
+  # Llama 3 ships PreTrainedTokenizerFast; transformers 5 rebuilds Qwen2Tokenizer's pipeline
+  # from its own definition, which these files equal. (LlamaTokenizer's rebuild, Metaspace
+  # with legacy=False, would differ from Mistral's own tokenizer.json: not tested.)
+  tokenizer_class = 'Qwen2Tokenizer' if style == 'qwen2' else 'PreTrainedTokenizerFast'
+  config = {'tokenizer_class': tokenizer_class, 'bos_token': spec['bos'],
             'eos_token': spec['eos'], 'clean_up_tokenization_spaces': False,
             'model_max_length': 4096}
   if chat_template and not template_file:

@@ -41,7 +41,7 @@ def test_encode_decode_equal_transformers(style_dir, tmp_path):
     assert (ids[:1] == [ours.bos_id]) == (style != 'qwen2')
     assert ours.encode_text(text) == theirs(text, add_special_tokens=False)['input_ids']
     assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
-    if style != 'mistral':  # byte-level BPE: exact round trip of text without special tokens
+    if style == 'llama3':  # no normalizer (Qwen2's is NFC): an exact round trip of plain text
       plain = text.split('special tokens')[0]
       assert ours.decode(ours.encode(plain)) == plain
   assert ours.chat_template == hf_tokenizers.STYLES[style]['template']
