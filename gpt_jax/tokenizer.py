@@ -191,6 +191,40 @@ HF_CONFIG_FILE = 'tokenizer_config.json'
 HF_FILES = (HF_TOKENIZER_FILE, HF_CONFIG_FILE, 'special_tokens_map.json', 'chat_template.jinja')
 
 
+# tokenizer_config.json's tokenizer_class values whose normalizer, pre-tokenizer and decoder
+# transformers 5 rebuilds from its own class definition instead of reading them from
+# tokenizer.json (what `_as_transformers_runs` mirrors; other classes run tokenizer.json as is).
+_LLAMA_CLASSES = ('LlamaTokenizer', 'LlamaTokenizerFast')
+_QWEN2_CLASSES = ('Qwen2Tokenizer', 'Qwen2TokenizerFast')
+QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _as_transformers_runs(tok, config: dict) -> None:
+  """Gives `tok` the pipeline transformers 5's LlamaTokenizer / Qwen2Tokenizer build (their
+  __init__), for a tokenizer_config.json naming one of them."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from tokenizers import decoders, normalizers, pre_tokenizers
+  tokenizer_class = config.get('tokenizer_class')
+  prefix_space = config.get('add_prefix_space')
+  if tokenizer_class in _LLAMA_CLASSES:
+    prefix_space = True if prefix_space is None else prefix_space
+    scheme = ('always' if config.get('legacy', False) else 'first') if prefix_space else 'never'
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme=scheme,
+                                                 split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace('\u2581', ' '), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(content=' ', left=1)] if prefix_space else []))
+  elif tokenizer_class in _QWEN2_CLASSES:
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(QWEN2_PRETOKENIZE_REGEX), behavior='isolated',
+                             invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=bool(prefix_space), use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+
+
 def _token_content(token) -> str | None:
   """A tokenizer_config.json token entry: a string, or an AddedToken as a dict."""
   return token.get('content') if isinstance(token, dict) else token
@@ -199,7 +233,8 @@ def _token_content(token) -> str | None:
 class HuggingFaceTokenizer(Tokenizer):
   """A Hugging Face model's tokenizer: its `tokenizer.json` run by the `tokenizers` library as
   transformers' AutoTokenizer runs it (the post-processor adds BOS/EOS; special tokens written
-  in the text are matched), `tokenizer_config.json` naming BOS, EOS and the chat template.
+  in the text are matched; LlamaTokenizer's and Qwen2Tokenizer's pipelines as transformers 5
+  rebuilds them), `tokenizer_config.json` naming BOS, EOS and the chat template.
 
   Kept as the folder's files' bytes, so `save` writes back exactly what was loaded.
   """
@@ -209,6 +244,7 @@ class HuggingFaceTokenizer(Tokenizer):
     self.files = dict(files)
     self._tok = tokenizers.Tokenizer.from_str(files[HF_TOKENIZER_FILE].decode('utf-8'))
     config = json.loads(files.get(HF_CONFIG_FILE, b'{}').decode('utf-8'))
+    _as_transformers_runs(self._tok, config)
     self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
     self.bos_id = self._id(config, 'bos_token')
     self.eos_id = self._id(config, 'eos_token')

@@ -7,6 +7,8 @@ import os
 
 import pydoc_data.topics
 
+from gpt_jax import tokenizer as tokenizer_lib
+
 # Llama 3.x instruct's template, without its tool-calling branches.
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}"
@@ -61,9 +63,6 @@ MISTRAL_TEMPLATE = (
     "{%- endif %}"
     "{%- endfor %}")
 
-QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-                           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
 STYLES = {
     'llama3': dict(specials=['<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>',
                              '<|end_header_id|>', '<|eot_id|>'],
@@ -103,7 +102,8 @@ def build(directory: str, style: str, vocab_size: int = 400, chat_template: bool
     if style == 'qwen2':  # Qwen2's: NFC, digits one by one (transformers' Qwen2Tokenizer)
       tok.normalizer = normalizers.NFC()
       tok.pre_tokenizer = pre_tokenizers.Sequence([
-          pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior='isolated'),
+          pre_tokenizers.Split(Regex(tokenizer_lib.QWEN2_PRETOKENIZE_REGEX),
+                               behavior='isolated'),
           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec['specials'],
@@ -116,10 +116,11 @@ def build(directory: str, style: str, vocab_size: int = 400, chat_template: bool
         single=f'{bos[0]} $A', pair=f'{bos[0]} $A {bos[0]} $B', special_tokens=[bos])
   os.makedirs(directory, exist_ok=True)
   tok.save(os.path.join(directory, 'tokenizer.json'))
-  # Llama 3 ships PreTrainedTokenizerFast; transformers 5 rebuilds Qwen2Tokenizer's pipeline
-  # from its own definition, which these files equal. (LlamaTokenizer's rebuild, Metaspace
-  # with legacy=False, would differ from Mistral's own tokenizer.json: not tested.)
-  tokenizer_class = 'Qwen2Tokenizer' if style == 'qwen2' else 'PreTrainedTokenizerFast'
+  # The classes the models ship: transformers 5 runs Llama 3's PreTrainedTokenizerFast from
+  # tokenizer.json as it is, and rebuilds Qwen2Tokenizer's and LlamaTokenizerFast's pipelines
+  # (Mistral's legacy normalizer above becomes a Metaspace pre-tokenizer).
+  tokenizer_class = {'llama3': 'PreTrainedTokenizerFast', 'qwen2': 'Qwen2Tokenizer',
+                     'mistral': 'LlamaTokenizerFast'}[style]
   config = {'tokenizer_class': tokenizer_class, 'bos_token': spec['bos'],
             'eos_token': spec['eos'], 'clean_up_tokenization_spaces': False,
             'model_max_length': 4096}
