@@ -101,10 +101,11 @@ def test_sft_examples_and_refusals(tokenizers_pair):
     assert list(example['targets']) == rendered.tokens[1:]
     assert list(example['weights']) == rendered.weights[1:]
   if style == 'mistral':  # its template requires alternating roles
-    with pytest.raises(chat_template.ConversationError,
-                       match='refuses this conversation: After the optional system message'):
-      chat_template.render(ours, [{'role': 'user', 'content': 'a'},
-                                  {'role': 'user', 'content': 'b'}])
+    twice = [{'role': 'user', 'content': 'a'}, {'role': 'user', 'content': 'b'},
+             {'role': 'assistant', 'content': 'c'}]
+    with pytest.raises(chat_template.ConversationError, match='conversation 2: the chat '
+                       'template refuses this conversation: After the optional system message'):
+      sft_data.encode(ours, [CONVERSATIONS[1], twice], seq_len=256)
 
 
 def test_a_tokenizer_without_a_template_gets_gpt_jax_template_after_bos(tmp_path):
