@@ -47,11 +47,11 @@ class ModelConfig:
   mlp_dim: int = 512
   position: str = 'learned'      # 'learned' (GPT-2) | 'rope'
   rope_theta: float = 10_000.0
-  rope_scaling: str = 'none'     # 'none' | 'llama3' (Llama 3.1's longer-context frequencies:)
-  rope_scaling_factor: float = 8.0   # low frequencies divided by this,
-  rope_low_freq_factor: float = 1.0  # wavelengths above original_max_len / this: scaled,
-  rope_high_freq_factor: float = 4.0  # below original_max_len / this: kept, between: blended
-  rope_original_max_len: int = 8192  # the context the model was pretrained at
+  rope_scaling: str = 'none'     # 'none' | 'llama3' (Llama 3.1's frequencies for long contexts:
+  rope_scaling_factor: float = 8.0    # wavelengths over rope_original_max_len / low_freq_factor
+  rope_low_freq_factor: float = 1.0   # are stretched by this factor, those under
+  rope_high_freq_factor: float = 4.0  # rope_original_max_len / high_freq_factor kept, and those
+  rope_original_max_len: int = 8192   # between blended; the context pretrained at)
   norm: str = 'layernorm'        # 'layernorm' | 'rmsnorm'
   norm_eps: float = 1e-5
   mlp: str = 'gelu'              # 'gelu' (tanh approximation, as GPT-2) | 'swiglu'
