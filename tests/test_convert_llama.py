@@ -221,3 +221,13 @@ def test_sharded_conversion_holds_the_weights_about_once(tmp_path):
   assert memory['shards'] == 2 and memory['shard_shape'] == [256, 1536]  # [emb / 2, mlp]
   # Measured 1.55-1.63x (3.5x with Orbax's defaults): experiments/convert_memory/README.md.
   assert memory['peak'] - memory['before'] < 1.75 * weights, (memory, weights)
+
+
+def test_bfloat16_checkpoint_is_upcast_exactly(tmp_path):
+  model = save_hf_model(str(tmp_path / 'f32'), 'qwen2').to(torch.bfloat16)
+  model.save_pretrained(str(tmp_path / 'bf16'))
+  from_hf.convert_checkpoint(str(tmp_path / 'bf16'), str(tmp_path / 'out'))
+  _, params, _ = checkpoint.load_model(str(tmp_path / 'out'))
+  expected = model.model.layers[1].self_attn.k_proj.bias.detach().float().numpy()
+  ours = params['block_1']['attn']['key']['bias']
+  assert ours.dtype == np.float32 and np.array_equal(np.asarray(ours).reshape(-1), expected)
