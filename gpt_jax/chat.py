@@ -57,9 +57,7 @@ def define_flags() -> None:
 def stop_ids(tokenizer) -> set[int]:
   """Tokens that end the assistant's turn: its end-of-turn, any other template marker (the model
   starting someone else's turn), and end-of-text."""
-  ids = {tokenizer_lib.special_token_id(tokenizer, t) for t in chat_template.SPECIAL_TOKENS}
-  ids.add(tokenizer.eos_id)
-  return {i for i in ids if i is not None}
+  return chat_template.stop_ids(tokenizer)
 
 
 class Chat:

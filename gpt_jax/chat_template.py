@@ -8,6 +8,9 @@ marker, all special tokens (so no user text can forge them):
 
 A generation prompt ends with `<|assistant|>`; the model's turn ends when it emits `<|end|>`.
 Training weights select the assistant's content and its `<|end|>`: the loss is on those only.
+
+A model whose Hugging Face tokenizer ships its own Jinja chat template uses that one instead
+(gpt_jax/hf_chat_template.py): the functions here serve both.
 """
 
 import dataclasses
@@ -15,6 +18,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 
+from gpt_jax import hf_chat_template
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
@@ -35,8 +39,30 @@ def add_chat_tokens(tokenizer: tokenizer_lib.Tokenizer) -> tokenizer_lib.WithSpe
   return tokenizer_lib.add_special_tokens(tokenizer, SPECIAL_TOKENS)
 
 
+def uses_hf_template(tokenizer: tokenizer_lib.Tokenizer) -> bool:
+  """Whether the tokenizer brings its own (Hugging Face, Jinja) chat template."""
+  return bool(getattr(tokenizer, 'chat_template', None))
+
+
 def has_chat_tokens(tokenizer: tokenizer_lib.Tokenizer) -> bool:
-  return all(tokenizer_lib.special_token_id(tokenizer, t) is not None for t in SPECIAL_TOKENS)
+  """Whether conversations can be rendered: the tokenizer's own template, or this one's tokens."""
+  return uses_hf_template(tokenizer) or bool(added_token_ids(tokenizer))
+
+
+def added_token_ids(tokenizer: tokenizer_lib.Tokenizer) -> tuple[int, ...]:
+  """The ids of this template's special tokens, when the tokenizer has them all; else ()."""
+  ids = tuple(tokenizer_lib.special_token_id(tokenizer, t) for t in SPECIAL_TOKENS)
+  return () if None in ids else ids
+
+
+def stop_ids(tokenizer) -> set[int]:
+  """Tokens that end the assistant's turn: its end-of-turn, any other template marker (the model
+  starting someone else's turn), and end-of-text."""
+  if uses_hf_template(tokenizer):
+    return hf_chat_template.stop_ids(tokenizer)
+  ids = {tokenizer_lib.special_token_id(tokenizer, t) for t in SPECIAL_TOKENS}
+  ids.add(tokenizer.eos_id)
+  return {i for i in ids if i is not None}
 
 
 def _id(tokenizer, token: str) -> int:
@@ -49,6 +75,8 @@ def _id(tokenizer, token: str) -> int:
 
 def end_of_turn_id(tokenizer) -> int:
   """The token that ends an assistant's turn: generation stops on it."""
+  if uses_hf_template(tokenizer):
+    return hf_chat_template.end_of_turn_id(tokenizer)
   return _id(tokenizer, END_OF_TURN)
 
 
@@ -78,11 +106,22 @@ class Rendered:
 
 def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False
            ) -> Rendered:
-  """Tokens of the conversation; with add_generation_prompt, it ends opening the assistant turn."""
+  """Tokens of the conversation; with add_generation_prompt, it ends opening the assistant turn.
+
+  A template the conversation does not suit (the tokenizer's own may refuse, e.g., roles that
+  do not alternate) raises ConversationError."""
+  if uses_hf_template(tokenizer):
+    try:
+      return Rendered(*hf_chat_template.render(tokenizer, messages, add_generation_prompt))
+    except hf_chat_template.TemplateError as e:
+      raise ConversationError(str(e)) from None
   end = end_of_turn_id(tokenizer)
   tokens, weights = [], []
+  bos = getattr(tokenizer, 'bos_id', None)
+  if bos is not None and tokenizer.encode('')[:1] == [bos]:  # a tokenizer that opens with BOS
+    tokens, weights = [bos], [0]
   for message in messages:
-    content = tokenizer.encode(message['content'])
+    content = tokenizer.encode_text(message['content'])
     learn = int(message['role'] == 'assistant')
     tokens += [_id(tokenizer, ROLE_TOKENS[message['role']])] + content + [end]
     weights += [0] + [learn] * (len(content) + 1)

@@ -125,7 +125,7 @@ def _checksum(x):
   return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
 
 
-def _checksum_on_host(x) -> np.ndarray:
+def checksum_on_host(x) -> np.ndarray:
   """_checksum in numpy (the same uint32 arithmetic, wrapping alike)."""
   x = np.ascontiguousarray(x)
   words = (x.view(np.uint16).astype(np.uint32) if x.dtype.itemsize == 2
@@ -151,12 +151,14 @@ def fingerprint(tree):
   devices = {d for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)
              for d in x.sharding.device_set}
   if len(devices) <= 1 and all(d.platform == 'cpu' for d in devices):
-    return jax.tree.map(_checksum_on_host, tree)
+    return jax.tree.map(checksum_on_host, tree)
   return _checksum_all(tree)
 
 
-def _fingerprint_json(tree) -> dict[str, list[int]]:
-  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(fingerprint(tree)))[0]
+def _fingerprint_json(tree, checksums=None) -> dict[str, list[int]]:
+  """`fingerprint(tree)` by array path; `checksums`: that fingerprint, computed already."""
+  checksums = fingerprint(tree) if checksums is None else checksums
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(checksums))[0]
   return {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in flat}
 
 
@@ -208,12 +210,28 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -
     raise _write_error(manager, e) from e
 
 
-def save_params(workdir: str, step: int, params) -> None:
-  """Writes `checkpoints/<step>/` with parameters alone (e.g. converted weights), synchronously."""
-  manager = make_manager(workdir)
+def save_params(workdir: str, step: int, params, bytes_in_flight: int | None = None,
+                checksums=None) -> None:
+  """Writes `checkpoints/<step>/` with parameters alone (e.g. converted weights), synchronously.
+
+  For a converter to keep its peak memory near one copy of the parameters: bytes_in_flight, the
+  most array bytes being written at once (by default Orbax's 96 GB; Orbax holds a host copy of
+  each while it writes it); checksums, `fingerprint(params)` computed array by array on the host
+  (checksum_on_host; over many devices, `fingerprint` computes the whole tree in one program).
+  """
+  if bytes_in_flight is None:
+    manager = make_manager(workdir)
+  else:
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+        options=ocp.CheckpointManagerOptions(),
+        item_handlers={'params': ocp.StandardCheckpointHandler(
+            save_concurrent_gb=bytes_in_flight / 1e9),
+                       'fingerprint': ocp.JsonCheckpointHandler()})
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
-      fingerprint=ocp.args.JsonSave(_fingerprint_json({'params': params}))))
+      fingerprint=ocp.args.JsonSave(_fingerprint_json(
+          {'params': params}, None if checksums is None else {'params': checksums}))))
   wait_until_saved(manager)
   manager.close()
 
@@ -303,10 +321,9 @@ def trainable_params(config, tokenizer) -> lora_lib.Trainable:
   """Which parameters a run with `config` and `tokenizer` trains (and its checkpoints hold)."""
   lora = config_lib.lora_config(config)
   token_ids = ()
-  if lora.rank and config.lora.get('train_chat_tokens') and chat_template.has_chat_tokens(
-      tokenizer):
-    token_ids = tuple(tokenizer_lib.special_token_id(tokenizer, t)
-                      for t in chat_template.SPECIAL_TOKENS)
+  if lora.rank and config.lora.get('train_chat_tokens'):
+    # gpt_jax's template tokens, added for fine-tuning (a tokenizer's own are pretrained)
+    token_ids = chat_template.added_token_ids(tokenizer)
   return lora_lib.Trainable(lora, token_ids)
 
 

@@ -131,6 +131,7 @@ def validate(config) -> None:
   """Checks a config before anything is built; each error names the field at fault."""
   model = ModelConfig.from_config(config.model)
   _choice('model.position', model.position, ('learned', 'rope'))
+  _choice('model.rope_scaling', model.rope_scaling, ('none', 'llama3'))
   _choice('model.norm', model.norm, ('layernorm', 'rmsnorm'))
   _choice('model.mlp', model.mlp, ('gelu', 'swiglu'))
   _choice('data.tokenizer', config.data.tokenizer, ('sentencepiece', 'char', 'byte'))

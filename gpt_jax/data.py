@@ -111,7 +111,9 @@ def _tokenizer_digest(tokenizer: tokenizer_lib.Tokenizer) -> str:
   digest = hashlib.sha256()
   with tempfile.TemporaryDirectory() as directory:
     tokenizer.save(directory)
-    for name in sorted(os.listdir(directory)):
+    paths = sorted(os.path.relpath(os.path.join(root, name), directory)
+                   for root, _, names in os.walk(directory) for name in names)
+    for name in paths:  # (a Hugging Face tokenizer keeps its files in a subdirectory)
       with open(os.path.join(directory, name), 'rb') as f:
         digest.update(name.encode() + b'\0' + f.read())
   return digest.hexdigest()

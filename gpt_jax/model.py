@@ -47,10 +47,17 @@ class ModelConfig:
   mlp_dim: int = 512
   position: str = 'learned'      # 'learned' (GPT-2) | 'rope'
   rope_theta: float = 10_000.0
+  rope_scaling: str = 'none'     # 'none' | 'llama3' (Llama 3.1's frequencies for long contexts:
+  rope_scaling_factor: float = 8.0    # wavelengths over rope_original_max_len / low_freq_factor
+  rope_low_freq_factor: float = 1.0   # are stretched by this factor, those under
+  rope_high_freq_factor: float = 4.0  # rope_original_max_len / high_freq_factor kept, and those
+  rope_original_max_len: int = 8192   # between blended; the context pretrained at)
   norm: str = 'layernorm'        # 'layernorm' | 'rmsnorm'
   norm_eps: float = 1e-5
   mlp: str = 'gelu'              # 'gelu' (tanh approximation, as GPT-2) | 'swiglu'
   use_bias: bool = True          # biases in Dense layers (and LayerNorm)
+  qkv_bias: bool = False         # biases in the query, key and value projections (Qwen2), also
+                                 # where use_bias is False
   tie_embeddings: bool = True    # output projection = token embedding transposed
   qk_norm: bool = False          # RMSNorm of each head's query and key (before RoPE)
   dropout: float = 0.0
@@ -97,7 +104,7 @@ class ModelConfig:
 # ModelConfig fields that decide the parameters' shapes and layout (checkpoint compatibility,
 # parameter counts).
 PARAMETER_FIELDS = ('vocab_size', 'max_len', 'num_layers', 'num_heads', 'num_kv_heads',
-                    'emb_dim', 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias',
+                    'emb_dim', 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias', 'qkv_bias',
                     'tie_embeddings', 'qk_norm', 'param_dtype')
 
 
@@ -178,7 +185,7 @@ def _dense(shape: tuple[int, ...], num_inputs: int, names: tuple[str, ...], cfg:
 
 def _project(module: nn.Module, x: Array, einsum_str: str, shape: tuple[int, ...],
              names: tuple[str, ...], name: str, lora: LoraConfig, deterministic: bool,
-             stddev: float = 0.02) -> Array:
+             stddev: float = 0.02, use_bias: bool | None = None) -> Array:
   """`_dense(...)(x)` named `name` inside `module`, plus its LoRA update when `name` is a target.
 
   Kernels are laid out input axes first, then output axes; A takes the input axes to the rank,
@@ -188,7 +195,7 @@ def _project(module: nn.Module, x: Array, einsum_str: str, shape: tuple[int, ...
   x_axes, kernel_axes = einsum_str.split('->')[0].split(',')
   y_axes = einsum_str.split('->')[1]
   n_in = sum(axis in x_axes for axis in kernel_axes)
-  y = _dense(shape, n_in, names, cfg, stddev=stddev, name=name)(x)
+  y = _dense(shape, n_in, names, cfg, stddev=stddev, name=name, use_bias=use_bias)(x)
   if not lora.adapts(name):
     return y
   in_axes, out_axes = kernel_axes[:n_in], kernel_axes[n_in:]
@@ -219,10 +226,27 @@ def make_norm(cfg: ModelConfig, name: str, rms: bool = False) -> nn.Module:
   return nn.RMSNorm(**kwargs)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
-  """Rotary embedding (rotate-half convention, as Llama). x: [b, t, h, d], positions: [b, t]."""
-  half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+def rope_frequencies(cfg: ModelConfig) -> Array:
+  """The rotary angle per position of each pair of dimensions: [head_dim // 2], float32."""
+  half = cfg.head_dim // 2
+  freqs = 1.0 / cfg.rope_theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  if cfg.rope_scaling != 'llama3':
+    return freqs
+  # Llama 3.1: long wavelengths (low frequencies) slowed down by the factor, short ones kept,
+  # those between blended (transformers' _compute_llama3_parameters).
+  factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_len
+  wavelen = 2 * math.pi / freqs
+  scaled = jnp.where(wavelen > old_len / low, freqs / factor, freqs)
+  smooth = (old_len / wavelen - low) / (high - low)
+  blended = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, blended, scaled)
+
+
+def apply_rope(x: Array, positions: Array, freqs: Array) -> Array:
+  """Rotary embedding (rotate-half convention, as Llama). x: [b, t, h, d], positions: [b, t],
+  freqs: [d // 2] (rope_frequencies)."""
   angles = positions[..., None].astype(jnp.float32) * freqs  # [b, t, half]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -348,7 +372,7 @@ class Attention(nn.Module):
     # their gradients are products in the compute dtype too: with float32 outputs, two thirds of
     # a bf16 step's matmuls (the backward ones) took float32 operands.
     q, k, v = (_project(self, x, 'bte,ehd->bthd', (e, heads, d), ('embed', head_name, 'head_dim'),
-                        name, lora, deterministic)
+                        name, lora, deterministic, use_bias=cfg.use_bias or cfg.qkv_bias)
                for name, heads, head_name in (('query', cfg.num_heads, 'heads'),
                                               ('key', cfg.kv_heads, 'kv_heads'),
                                               ('value', cfg.kv_heads, 'kv_heads')))
@@ -356,7 +380,8 @@ class Attention(nn.Module):
       q = make_norm(cfg, 'q_norm', rms=True)(q).astype(q.dtype)
       k = make_norm(cfg, 'k_norm', rms=True)(k).astype(k.dtype)
     if cfg.position == 'rope':
-      q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+      freqs = rope_frequencies(cfg)
+      q, k = apply_rope(q, positions, freqs), apply_rope(k, positions, freqs)
     q = _constrain(q, ('batch', 'length', 'act_heads', 'head_dim'))
 
     if cache is None:

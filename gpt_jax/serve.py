@@ -218,9 +218,9 @@ class Server:
                      'use /v1/completions.', 'messages', 'chat_template_missing')
     try:
       messages = chat_template.check_messages(req.messages)
+      return chat_template.render(self.tokenizer, messages, add_generation_prompt=True).tokens
     except chat_template.ConversationError as e:
       raise APIError(400, f"Invalid 'messages': {e}.", 'messages', 'invalid_value') from None
-    return chat_template.render(self.tokenizer, messages, add_generation_prompt=True).tokens
 
   # ------------------------------------------------ generation
 

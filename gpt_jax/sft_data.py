@@ -72,9 +72,12 @@ def encode(tokenizer, conversations, seq_len: int, long_conversations: str = 'tr
     raise ConfigError("config.data.long_conversations must be 'truncate' or 'drop', got "
                       f'{long_conversations!r}')
   examples, stats = [], EncodeStats()
-  for messages in conversations:
+  for number, messages in enumerate(conversations, start=1):
     stats.conversations += 1
-    rendered = chat_template.render(tokenizer, messages)
+    try:
+      rendered = chat_template.render(tokenizer, messages)
+    except chat_template.ConversationError as e:  # a tokenizer's own template may refuse one
+      raise chat_template.ConversationError(f'conversation {number}: {e}') from None
     tokens, weights = rendered.tokens, rendered.weights
     if len(tokens) > seq_len + 1:
       if long_conversations == 'drop':

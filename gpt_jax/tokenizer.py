@@ -1,7 +1,10 @@
-"""Tokenizers: sentencepiece (trained on the corpus), character-level, byte-level, GPT-2 BPE.
+"""Tokenizers: sentencepiece (trained on the corpus), character-level, byte-level, GPT-2 BPE, and
+a Hugging Face model's own (`tokenizer.json` + `tokenizer_config.json`).
 
-All give an exact text round trip: `decode(encode(text)) == text` (GPT-2 BPE: for text without
-its special `<|endoftext|>` string).
+All but the last give an exact text round trip: `decode(encode(text)) == text` (GPT-2 BPE: for
+text without its special `<|endoftext|>` string). The Hugging Face kind encodes and decodes as
+transformers' AutoTokenizer does (BOS/EOS included, as its tokenizer.json's post-processor adds
+them), which for some normalizers is not exactly reversible.
 
 A tokenizer lives in a directory: `tokenizer.json` names its kind, plus whatever
 files that kind needs (`spm.model` for sentencepiece). `build` trains one and saves
@@ -50,6 +53,11 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def save(self, directory: str) -> None:
     ...
+
+  def encode_text(self, text: str) -> list[int]:
+    """Tokens of `text` alone, without the BOS/EOS that `encode` may add around a document (a
+    message inside a conversation, say)."""
+    return self.encode(text)
 
 
 def _write_description(directory: str, description: dict) -> None:
@@ -175,6 +183,131 @@ class GPT2BPETokenizer(Tokenizer):
         f.write(content)
 
 
+HF_DIRECTORY = 'huggingface'  # the Hugging Face files, inside a gpt_jax tokenizer directory
+HF_TOKENIZER_FILE = 'tokenizer.json'
+HF_CONFIG_FILE = 'tokenizer_config.json'
+# What a Hugging Face folder may hold about its tokenizer: transformers 5 keeps the chat
+# template in chat_template.jinja, earlier versions in tokenizer_config.json.
+HF_FILES = (HF_TOKENIZER_FILE, HF_CONFIG_FILE, 'special_tokens_map.json', 'chat_template.jinja')
+
+
+# tokenizer_config.json's tokenizer_class values whose normalizer, pre-tokenizer and decoder
+# transformers 5 rebuilds from its own class definition instead of reading them from
+# tokenizer.json (what `_as_transformers_runs` mirrors; other classes run tokenizer.json as is).
+_LLAMA_CLASSES = ('LlamaTokenizer', 'LlamaTokenizerFast')
+_QWEN2_CLASSES = ('Qwen2Tokenizer', 'Qwen2TokenizerFast')
+QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _as_transformers_runs(tok, config: dict) -> None:
+  """Gives `tok` the pipeline transformers 5's LlamaTokenizer / Qwen2Tokenizer build (their
+  __init__), for a tokenizer_config.json naming one of them."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from tokenizers import decoders, normalizers, pre_tokenizers
+  tokenizer_class = config.get('tokenizer_class')
+  prefix_space = config.get('add_prefix_space')
+  if tokenizer_class in _LLAMA_CLASSES:
+    prefix_space = True if prefix_space is None else prefix_space
+    scheme = ('always' if config.get('legacy', False) else 'first') if prefix_space else 'never'
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme=scheme,
+                                                 split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace('\u2581', ' '), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(content=' ', left=1)] if prefix_space else []))
+  elif tokenizer_class in _QWEN2_CLASSES:
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(QWEN2_PRETOKENIZE_REGEX), behavior='isolated',
+                             invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=bool(prefix_space), use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+
+
+def _token_content(token) -> str | None:
+  """A tokenizer_config.json token entry: a string, or an AddedToken as a dict."""
+  return token.get('content') if isinstance(token, dict) else token
+
+
+class HuggingFaceTokenizer(Tokenizer):
+  """A Hugging Face model's tokenizer: its `tokenizer.json` run by the `tokenizers` library as
+  transformers' AutoTokenizer runs it (the post-processor adds BOS/EOS; special tokens written
+  in the text are matched; LlamaTokenizer's and Qwen2Tokenizer's pipelines as transformers 5
+  rebuilds them), `tokenizer_config.json` naming BOS, EOS and the chat template.
+
+  Kept as the folder's files' bytes, so `save` writes back exactly what was loaded.
+  """
+
+  def __init__(self, files: dict[str, bytes]):
+    import tokenizers  # Only this tokenizer kind and GPT-2 BPE need it.
+    self.files = dict(files)
+    self._tok = tokenizers.Tokenizer.from_str(files[HF_TOKENIZER_FILE].decode('utf-8'))
+    config = json.loads(files.get(HF_CONFIG_FILE, b'{}').decode('utf-8'))
+    _as_transformers_runs(self._tok, config)
+    self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+    self.bos_id = self._id(config, 'bos_token')
+    self.eos_id = self._id(config, 'eos_token')
+    self.special_ids = frozenset(i for i, token in self._tok.get_added_tokens_decoder().items()
+                                 if token.special)
+    template = config.get('chat_template')
+    if isinstance(template, list):  # named templates: the default one is for chat
+      template = {t.get('name'): t.get('template') for t in template}.get('default')
+    if 'chat_template.jinja' in files:
+      template = files['chat_template.jinja'].decode('utf-8')
+    self.chat_template: str | None = template or None
+    # What special tokens the template's rendering may name ({{ bos_token }}, ...).
+    self.special_tokens = {name: _token_content(config.get(name)) or ''
+                           for name in ('bos_token', 'eos_token', 'unk_token', 'pad_token')}
+
+  def _id(self, config: dict, name: str) -> int | None:
+    content = _token_content(config.get(name))
+    return None if content is None else self._tok.token_to_id(content)
+
+  @classmethod
+  def from_directory(cls, directory: str) -> 'HuggingFaceTokenizer':
+    if not os.path.isfile(os.path.join(directory, HF_TOKENIZER_FILE)):
+      raise FileNotFoundError(f'{os.path.join(directory, HF_TOKENIZER_FILE)} not found')
+    files = {}
+    for name in HF_FILES:
+      path = os.path.join(directory, name)
+      if os.path.isfile(path):
+        with open(path, 'rb') as f:
+          files[name] = f.read()
+    try:
+      return cls(files)
+    except Exception as e:  # the tokenizers library's parse errors, bad JSON
+      raise ConfigError(f'{directory}: cannot read its Hugging Face tokenizer: '
+                        f'{str(e).splitlines()[0][:200]}') from None
+
+  def token_id(self, token: str) -> int | None:
+    return self._tok.token_to_id(token)
+
+  def is_special(self, token_id: int) -> bool:
+    return token_id in self.special_ids
+
+  def encode(self, text):
+    return self._tok.encode(text, add_special_tokens=True).ids
+
+  def encode_text(self, text):
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokens of `text` (no BOS/EOS added) and each one's [start, end) characters in it."""
+    encoding = self._tok.encode(text, add_special_tokens=False)
+    return encoding.ids, encoding.offsets
+
+  def decode(self, ids):
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def save(self, directory):
+    _write_description(directory, {'kind': 'huggingface', 'directory': HF_DIRECTORY})
+    os.makedirs(os.path.join(directory, HF_DIRECTORY), exist_ok=True)
+    for name, content in self.files.items():
+      with open(os.path.join(directory, HF_DIRECTORY, name), 'wb') as f:
+        f.write(content)
+
+
 class WithSpecialTokens(Tokenizer):
   """A base tokenizer plus named special tokens at ids base.vocab_size, base.vocab_size + 1, ..."""
 
@@ -182,6 +315,7 @@ class WithSpecialTokens(Tokenizer):
     self.base, self.names = base, tuple(names)
     self.vocab_size = base.vocab_size + len(self.names)
     self.eos_id = base.eos_id
+    self.bos_id = getattr(base, 'bos_id', None)
     self._ids = {name: base.vocab_size + i for i, name in enumerate(self.names)}
 
   def special_id(self, name: str) -> int:
@@ -189,6 +323,9 @@ class WithSpecialTokens(Tokenizer):
 
   def encode(self, text):
     return self.base.encode(text)
+
+  def encode_text(self, text):
+    return self.base.encode_text(text)
 
   def decode(self, ids):
     return self.base.decode([i for i in ids if i < self.base.vocab_size])
@@ -322,4 +459,6 @@ def _load_base(directory: str, description: dict, path: str) -> Tokenizer:
     return ByteTokenizer()
   if kind == 'gpt2_bpe':
     return GPT2BPETokenizer.from_files(directory)
+  if kind == 'huggingface':
+    return HuggingFaceTokenizer.from_directory(os.path.join(directory, description['directory']))
   raise ConfigError(f'{path} names an unknown tokenizer kind {kind!r}.')

@@ -130,19 +130,22 @@ def test_gpt2_bpe_tokenizer_matches_transformers(hf_dir, converted):
 def test_errors_name_the_problem(hf_dir, converted, tmp_path):
   with pytest.raises(FileNotFoundError, match='is not a directory'):
     from_hf.convert_checkpoint(str(tmp_path / 'missing'), str(tmp_path / 'w'))
-  llama = tmp_path / 'llama'
-  llama.mkdir()
-  (llama / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
-  with pytest.raises(ConfigError, match="model_type 'llama'; only GPT-2"):
-    from_hf.convert_checkpoint(str(llama), str(tmp_path / 'w'))
+  bert = tmp_path / 'bert'
+  bert.mkdir()
+  (bert / 'config.json').write_text(json.dumps({'model_type': 'bert'}))
+  with pytest.raises(ConfigError, match="model_type 'bert'; gpt_jax converts gpt2, llama"):
+    from_hf.convert_checkpoint(str(bert), str(tmp_path / 'w'))
+  (bert / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
+  with pytest.raises(ConfigError, match='config.json of a llama model lacks vocab_size, '):
+    from_hf.convert_checkpoint(str(bert), str(tmp_path / 'w'))
   with pytest.raises(ConfigError, match='already holds checkpoints'):
     from_hf.convert_checkpoint(hf_dir, converted)
-  # A workdir in the Llama layout cannot become a GPT2LMHeadModel.
+  # A RoPE model with LayerNorm is neither a GPT-2 nor a Llama.
   rope = tmp_path / 'rope'
   config = checkpoint.load_config(converted)
   config.model.position = 'rope'
   checkpoint.save_config(str(rope), config)
-  with pytest.raises(ConfigError, match="config.model.position='rope'.*not in the GPT-2 layout"):
+  with pytest.raises(ConfigError, match="config.model.norm='layernorm'.*neither the GPT-2 nor"):
     to_hf.export(str(rope), str(tmp_path / 'out'))
   config.model.position = 'learned'
   config.model.qk_norm = True

@@ -141,7 +141,7 @@ def test_fingerprint_on_host_equals_the_device_program():
           'ints': rng.integers(-2**31, 2**31, 4099).astype(np.int32)}
   on_device = jax.device_get(checkpoint._checksum_all(tree))
   for name, x in tree.items():
-    np.testing.assert_array_equal(checkpoint._checksum_on_host(x), on_device[name], name)
+    np.testing.assert_array_equal(checkpoint.checksum_on_host(x), on_device[name], name)
 
 
 def test_unreadable_checkpoints_never_restart_silently(tmp_path, tfds_dir):

@@ -29,33 +29,54 @@ from gpt_jax.errors import ConfigError
 TANH_GELU = ('gelu_new', 'gelu_pytorch_tanh')
 
 
+# Buffers that old transformers versions saved with the weights (the causal mask).
+BUFFER_SUFFIXES = ('.attn.bias', '.attn.masked_bias')
+
+
+def tensor_to_params(name: str, x, model: dict) -> list[tuple[tuple[str, ...], object]]:
+  """The (gpt_jax parameter path, value) pairs made from HF GPT-2 tensor `name` (without the
+  `transformer.` prefix): one each, but c_attn's, split into query, key and value. Works on
+  numpy arrays, or on jax.ShapeDtypeStructs under `jax.eval_shape` (see tests)."""
+  e, heads = model['emb_dim'], model['num_heads']
+  d = e // heads
+  parts = name.split('.')
+  if parts[0] != 'h':
+    top = {'wte.weight': ('wte', 'embedding'), 'wpe.weight': ('wpe',),
+           'ln_f.weight': ('ln_f', 'scale'), 'ln_f.bias': ('ln_f', 'bias'),
+           'lm_head.weight': ('lm_head', 'kernel')}
+    return [(top[name], x.T if name == 'lm_head.weight' else x)]
+  block, rest = f'block_{parts[1]}', '.'.join(parts[2:])
+  kind = 'scale' if rest.endswith('weight') else 'bias'
+  if rest.startswith(('ln_1.', 'ln_2.')):
+    return [((block, parts[2], kind), x)]
+  if rest == 'attn.c_attn.weight':
+    x = x.reshape(e, 3, heads, d)
+    return [((block, 'attn', n, 'kernel'), x[:, j])
+            for j, n in enumerate(('query', 'key', 'value'))]
+  if rest == 'attn.c_attn.bias':
+    x = x.reshape(3, heads, d)
+    return [((block, 'attn', n, 'bias'), x[j]) for j, n in enumerate(('query', 'key', 'value'))]
+  if rest == 'attn.c_proj.weight':
+    return [((block, 'attn', 'out', 'kernel'), x.reshape(heads, d, e))]
+  kind = 'kernel' if rest.endswith('weight') else 'bias'
+  ours = {'attn.c_proj': ('attn', 'out'), 'mlp.c_fc': ('mlp', 'fc_in'),
+          'mlp.c_proj': ('mlp', 'fc_out')}[rest.rsplit('.', 1)[0]]
+  return [((block,) + ours + (kind,), x)]
+
+
 def hf_to_params(tensors: dict, model: dict) -> dict:
   """gpt_jax params from HF GPT-2 tensors (names without the `transformer.` prefix).
 
   `model` holds the config.model fields. Works on numpy arrays, or on jax.ShapeDtypeStructs
   under `jax.eval_shape` (see tests).
   """
-  e, heads, layers = model['emb_dim'], model['num_heads'], model['num_layers']
-  d = e // heads
-  norm = lambda prefix: {'scale': tensors[f'{prefix}.weight'], 'bias': tensors[f'{prefix}.bias']}
-  params = {'wte': {'embedding': tensors['wte.weight']}, 'wpe': tensors['wpe.weight'],
-            'ln_f': norm('ln_f')}
-  for i in range(layers):
-    h = f'h.{i}'
-    qkv_w = tensors[f'{h}.attn.c_attn.weight'].reshape(e, 3, heads, d)
-    qkv_b = tensors[f'{h}.attn.c_attn.bias'].reshape(3, heads, d)
-    attn = {name: {'kernel': qkv_w[:, j], 'bias': qkv_b[j]}
-            for j, name in enumerate(('query', 'key', 'value'))}
-    attn['out'] = {'kernel': tensors[f'{h}.attn.c_proj.weight'].reshape(heads, d, e),
-                   'bias': tensors[f'{h}.attn.c_proj.bias']}
-    mlp = {'fc_in': {'kernel': tensors[f'{h}.mlp.c_fc.weight'],
-                     'bias': tensors[f'{h}.mlp.c_fc.bias']},
-           'fc_out': {'kernel': tensors[f'{h}.mlp.c_proj.weight'],
-                      'bias': tensors[f'{h}.mlp.c_proj.bias']}}
-    params[f'block_{i}'] = {'ln_1': norm(f'{h}.ln_1'), 'attn': attn, 'ln_2': norm(f'{h}.ln_2'),
-                            'mlp': mlp}
-  if not model['tie_embeddings']:
-    params['lm_head'] = {'kernel': tensors['lm_head.weight'].T}
+  params = {}
+  for name in hf_shapes(model):
+    for path, value in tensor_to_params(name, tensors[name], model):
+      node = params
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = value
   return params
 
 
