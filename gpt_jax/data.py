@@ -25,6 +25,12 @@ have read.
 Batches are numpy dicts {'inputs', 'targets'}: int32[batch_size // process_count,
 seq_len] holding this process's rows of the global batch: process p has rows
 [p * local_batch, (p + 1) * local_batch) of the batch a single process would see.
+With `data.document_masking`, they also hold 'segment_ids' (a new one after each EOS) and
+'positions' restarting at 0 in each, so that attention does not cross documents.
+
+This cached mode suits corpora that one process tokenizes in a minute or two. Larger ones
+stream (gpt_jax/streaming.py): `data.streaming='auto'` streams a training split of more than
+STREAM_ABOVE_BYTES of text, 'true' and 'false' force either.
 """
 
 import glob
@@ -174,6 +180,48 @@ def token_stream(data_config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
 
 
 # ---------------------------------------------------------------------------
+# Cached or streamed
+# ---------------------------------------------------------------------------
+
+# Where data.streaming='auto' starts streaming: one process tokenizes 256 MiB of text with a
+# sentencepiece vocabulary in about a minute and a half (experiments/data_pipeline), held as
+# ~0.3 GB of tokens; beyond that, start-up time and memory grow with the corpus.
+STREAM_ABOVE_BYTES = 256 * 2**20
+
+
+def _split_bytes(data_config, split: str) -> int | None:
+  """The size of a split's text: our builders' from the files on disk (without TFDS), other
+  TFDS datasets' from their recorded split info; None where not known before building."""
+  if data_config.text_files:
+    fraction = data_config.val_fraction if split == data_config.val_split else (
+        1 - data_config.val_fraction)
+    identity = _source_identity(data_config)['text_files']
+    return int(sum(size for _, size, _ in identity) * fraction)
+  if data_config.tfds_name == 'pydoc_topics':
+    return 0  # CPython's documentation: a few MB
+  split_info = _tfds_builder(data_config).info.splits
+  try:
+    return split_info[split].num_bytes or None
+  except KeyError:
+    return None
+
+
+def use_streaming(data_config) -> bool:
+  """Whether the training split streams (data.streaming: 'auto', 'true' or 'false')."""
+  mode = data_config.get('streaming', 'false')
+  if mode in ('true', 'false'):
+    return mode == 'true'
+  if mode != 'auto':
+    raise ConfigError(f"config.data.streaming must be 'auto', 'true' or 'false', got {mode!r}")
+  size = _split_bytes(data_config, data_config.train_split)
+  stream = size is None or size > STREAM_ABOVE_BYTES
+  logging.info('data.streaming=auto: split %r holds %s bytes -> %s.', data_config.train_split,
+               'an unknown number of' if size is None else size,
+               'streaming' if stream else 'tokenized once into a cached stream')
+  return stream
+
+
+# ---------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------
 
@@ -194,6 +242,34 @@ def _split_window(window: np.ndarray) -> dict[str, np.ndarray]:
   return {'inputs': window[..., :-1], 'targets': window[..., 1:]}
 
 
+def document_segments(inputs: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
+  """{'segment_ids', 'positions'} of int[..., t] inputs: segment 1 from the first token, a new
+  segment after each EOS, and positions counting from 0 within each."""
+  starts = np.zeros(inputs.shape, bool)
+  starts[..., 0] = True
+  starts[..., 1:] = inputs[..., :-1] == eos_id
+  index = np.broadcast_to(np.arange(inputs.shape[-1]), inputs.shape)
+  segment_start = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
+  return {'segment_ids': np.cumsum(starts, axis=-1, dtype=np.int32),
+          'positions': (index - segment_start).astype(np.int32)}
+
+
+def _window_to_row(data_config, tokenizer):
+  """The cached mode's window of seq_len + 1 tokens -> a batch row (with document masking if
+  asked)."""
+  if not data_config.get('document_masking'):
+    return _split_window
+  if tokenizer.eos_id is None:
+    raise ConfigError('data.document_masking needs a tokenizer with an end-of-document token; '
+                      f'data.tokenizer={data_config.tokenizer!r} has none.')
+
+  def to_row(window):
+    row = _split_window(window)
+    return {**row, **document_segments(row['inputs'], tokenizer.eos_id)}
+
+  return to_row
+
+
 def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
                         process_index: int | None = None,
                         process_count: int | None = None) -> grain.DatasetIterator:
@@ -201,6 +277,7 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str
   data = config.data
   process_index, process_count, local_batch = _process_share(data.batch_size, process_index,
                                                              process_count)
+  to_row = _window_to_row(data, tokenizer)
   tokens = token_stream(data, tokenizer, workdir, data.train_split)
   window = data.seq_len + 1
   # Leave room to shift every window by up to `window - 1` tokens.
@@ -215,7 +292,7 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str
     epoch = index // num_windows
     offset = np.random.default_rng([config.seed, epoch]).integers(window)
     start = offset + window_number * window
-    return _split_window(tokens[start:start + window])
+    return to_row(tokens[start:start + window])
 
   ds = (
       grain.MapDataset.range(num_windows)
@@ -247,6 +324,7 @@ def make_eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
   batch_size = eval_batch_size(data)
   process_index, process_count, local_batch = _process_share(batch_size, process_index,
                                                              process_count)
+  to_row = _window_to_row(data, tokenizer)
   tokens = token_stream(data, tokenizer, workdir, data.val_split)
   window = data.seq_len + 1
   available = len(tokens) // (batch_size * window)
@@ -260,4 +338,4 @@ def make_eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
   num_batches = min(num_batches, available)
   windows = tokens[:num_batches * batch_size * window].reshape(num_batches, batch_size, window)
   rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-  return [_split_window(batch[rows]) for batch in windows]
+  return [to_row(batch[rows]) for batch in windows]
