@@ -129,6 +129,39 @@ def test_two_processes_read_disjoint_documents_that_cover_each_epoch(corpus):
     reads = [reads[0][covering[0]:], reads[1][n - covering[0]:]]
 
 
+# Each process of a jax.distributed job on 127.0.0.1 prints the documents it reads, unsharded
+# by hand: the process index and count come from JAX.
+PROCESS_SCRIPT = """
+import json, sys
+import jax, ml_collections, numpy as np
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from gpt_jax import streaming, tokenizer
+config = ml_collections.ConfigDict(json.loads(sys.argv[3]))
+iterator = streaming.make_train_iterator(config, tokenizer.ByteTokenizer())
+print(json.dumps([np.asarray(next(iterator)['inputs']).tolist() for _ in range(int(sys.argv[4]))]))
+"""
+
+
+def test_jax_processes_read_the_shares_the_process_index_names(corpus):
+  root, tokenizer, documents = corpus
+  config = streaming_config(root, shuffle_buffer=0)
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', PROCESS_SCRIPT, f'127.0.0.1:{port}', str(i), config.to_json(), '3'],
+      cwd=REPO, env=module_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    outputs.append(np.array(json.loads(out.splitlines()[-1])))
+  for p, got in enumerate(outputs):
+    expected = take(streaming.make_train_iterator(config, tokenizer, p, 2), 3)
+    np.testing.assert_array_equal(got, [b['inputs'] for b in expected])
+
+
 def test_workers_give_the_same_stream(corpus):
   root, tokenizer, _ = corpus
   expected = take(streaming.make_train_iterator(streaming_config(root), tokenizer, 0, 1), 6)
