@@ -114,6 +114,8 @@ def llama_pretraining_config(num_layers: int, emb_dim: int, num_heads: int, num_
   config.data.seq_len = seq_len
   config.data.batch_size = batch_size
   config.data.prefetch = 4
+  config.data.streaming = 'true'  # every host tokenizes its own share (gpt_jax/streaming.py)
+  config.data.worker_count = 8
 
   model = config.model
   model.vocab_size, model.max_len = vocab_size, seq_len

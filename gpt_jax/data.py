@@ -56,7 +56,7 @@ from gpt_jax.errors import ConfigError
 # ---------------------------------------------------------------------------
 
 
-def _tfds_builder(data_config):
+def tfds_builder(data_config):
   """The (not yet prepared) TFDS builder for the configured corpus."""
   # Imported here: a run whose token streams are cached never needs TFDS (0.2-0.3 s to import).
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -78,7 +78,7 @@ def _tfds_builder(data_config):
 
 def open_texts(data_config, split: str) -> Iterator[str]:
   """The documents of `split`, building the dataset first if needed."""
-  builder = _tfds_builder(data_config)
+  builder = tfds_builder(data_config)
   # Array_record, because that is what `as_data_source` reads without TensorFlow.
   builder.download_and_prepare(file_format='array_record')
   key = data_config.text_key
@@ -157,7 +157,7 @@ def token_stream(data_config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
         path = os.path.join(cache_dir, f.read().strip())
       if os.path.exists(path):
         return np.load(path, mmap_mode='r')
-  builder = _tfds_builder(data_config)
+  builder = tfds_builder(data_config)
   identity = {'dataset': builder.info.full_name, 'split': split,
               'text_key': data_config.text_key, 'tokenizer': tokenizer_digest}
   key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -199,7 +199,7 @@ def _split_bytes(data_config, split: str) -> int | None:
     return int(sum(size for _, size, _ in identity) * fraction)
   if data_config.tfds_name == 'pydoc_topics':
     return 0  # CPython's documentation: a few MB
-  split_info = _tfds_builder(data_config).info.splits
+  split_info = tfds_builder(data_config).info.splits
   try:
     return split_info[split].num_bytes or None
   except KeyError:
@@ -226,7 +226,7 @@ def use_streaming(data_config) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _process_share(batch_size: int, process_index: int | None,
+def process_share(batch_size: int, process_index: int | None,
                    process_count: int | None) -> tuple[int, int, int]:
   """(process index, process count, rows per process); None means this JAX process's."""
   process_index = jax.process_index() if process_index is None else process_index
@@ -237,7 +237,7 @@ def _process_share(batch_size: int, process_index: int | None,
   return process_index, process_count, batch_size // process_count
 
 
-def _split_window(window: np.ndarray) -> dict[str, np.ndarray]:
+def split_window(window: np.ndarray) -> dict[str, np.ndarray]:
   window = np.asarray(window, np.int32)
   return {'inputs': window[..., :-1], 'targets': window[..., 1:]}
 
@@ -258,13 +258,13 @@ def _window_to_row(data_config, tokenizer):
   """The cached mode's window of seq_len + 1 tokens -> a batch row (with document masking if
   asked)."""
   if not data_config.get('document_masking'):
-    return _split_window
+    return split_window
   if tokenizer.eos_id is None:
     raise ConfigError('data.document_masking needs a tokenizer with an end-of-document token; '
                       f'data.tokenizer={data_config.tokenizer!r} has none.')
 
   def to_row(window):
-    row = _split_window(window)
+    row = split_window(window)
     return {**row, **document_segments(row['inputs'], tokenizer.eos_id)}
 
   return to_row
@@ -275,7 +275,7 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str
                         process_count: int | None = None) -> grain.DatasetIterator:
   """An endless, checkpointable iterator over this process's share of training batches."""
   data = config.data
-  process_index, process_count, local_batch = _process_share(data.batch_size, process_index,
+  process_index, process_count, local_batch = process_share(data.batch_size, process_index,
                                                              process_count)
   to_row = _window_to_row(data, tokenizer)
   tokens = token_stream(data, tokenizer, workdir, data.train_split)
@@ -322,7 +322,7 @@ def make_eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
   """The first `num_batches` batches of the validation split, in order, this process's rows."""
   data = config.data
   batch_size = eval_batch_size(data)
-  process_index, process_count, local_batch = _process_share(batch_size, process_index,
+  process_index, process_count, local_batch = process_share(batch_size, process_index,
                                                              process_count)
   to_row = _window_to_row(data, tokenizer)
   tokens = token_stream(data, tokenizer, workdir, data.val_split)

@@ -60,7 +60,7 @@ class _Tokenize(grain.transforms.Map):
 
 
 def _source(data_config, split: str):
-  builder = data._tfds_builder(data_config)  # pylint: disable=protected-access
+  builder = data.tfds_builder(data_config)
   if data_config.text_key not in builder.info.features:
     raise ConfigError(f'data.text_key {data_config.text_key!r} is not a feature of '
                       f'{builder.info.full_name}; it has {list(builder.info.features)}.')
@@ -98,9 +98,6 @@ class _RestoredFromJson(grain.DatasetIterator):
   (checkpoints store it as JSON): grain 0.2.18 tests its remainder slices against a tuple,
   (-1, -1) for none, which a JSON list never equals, and restores a remainder that isn't."""
 
-  def __init__(self, parent: grain.DatasetIterator):
-    super().__init__(parent)
-
   def __next__(self):
     return next(self._parent)
 
@@ -112,7 +109,10 @@ class _RestoredFromJson(grain.DatasetIterator):
     self._parent.set_state({**state, 'remainder_slices': slices})
 
 
-class _ConcatThenSplit(grain.IterDataset):
+class _Windows(grain.IterDataset):
+  """Windows of `window` tokens cut from the documents joined end to end (grain's
+  concat-then-split), with its per-document `tokens_segment_ids` and `tokens_positions`
+  (segment 0 marks the padding of the last window of a finite split)."""
 
   def __init__(self, documents: grain.IterDataset, window: int):
     super().__init__(grain.experimental.ConcatThenSplitIterDataset(
@@ -122,16 +122,9 @@ class _ConcatThenSplit(grain.IterDataset):
     return _RestoredFromJson(self._parent.__iter__())
 
 
-def _windows(documents: grain.IterDataset, window: int) -> grain.IterDataset:
-  """Windows of `window` tokens cut from the documents joined end to end (grain's
-  concat-then-split), with its per-document `tokens_segment_ids` and `tokens_positions`
-  (segment 0 marks the padding of the last window of a finite split)."""
-  return _ConcatThenSplit(documents, window)
-
-
 def _to_row(document_masking: bool):
   def to_row(packed):
-    row = data._split_window(packed['tokens'])  # pylint: disable=protected-access
+    row = data.split_window(packed['tokens'])
     if document_masking:
       row['segment_ids'] = packed['tokens_segment_ids'][:-1].astype(np.int32)
       row['positions'] = packed['tokens_positions'][:-1].astype(np.int32)
@@ -144,11 +137,11 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer,
                         process_count: int | None = None) -> grain.DatasetIterator:
   """An endless, checkpointable iterator over this process's training batches, streamed."""
   data_config = config.data
-  process_index, process_count, local_batch = data._process_share(  # pylint: disable=protected-access
+  process_index, process_count, local_batch = data.process_share(
       data_config.batch_size, process_index, process_count)
   documents = _token_documents(config, tokenizer, data_config.train_split, True, process_index,
                                process_count, data_config.worker_count)
-  rows = _windows(documents, data_config.seq_len + 1)
+  rows = _Windows(documents, data_config.seq_len + 1)
   if data_config.shuffle_buffer > 1:
     rows = grain.experimental.WindowShuffleIterDataset(
         rows, window_size=data_config.shuffle_buffer, seed=config.seed)
@@ -169,11 +162,11 @@ def make_eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, num_batches: i
   documents, only as many as the batches need, so the loss does not depend on the topology."""
   data_config = config.data
   batch_size = data.eval_batch_size(data_config)
-  process_index, _, local_batch = data._process_share(  # pylint: disable=protected-access
+  process_index, _, local_batch = data.process_share(
       batch_size, process_index, process_count)
   # A short read: not worth starting worker processes.
   documents = _token_documents(config, tokenizer, data_config.val_split, False, 0, 1, workers=0)
-  full = _windows(documents, data_config.seq_len + 1).filter(
+  full = _Windows(documents, data_config.seq_len + 1).filter(
       lambda packed: packed['tokens_segment_ids'][-1] > 0)  # the padded last window
   rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
   batches = [{k: v[rows] for k, v in batch.items()} for batch in itertools.islice(
