@@ -30,7 +30,8 @@ With `data.document_masking`, they also hold 'segment_ids' (a new one after each
 
 This cached mode suits corpora that one process tokenizes in a minute or two. Larger ones
 stream (gpt_jax/streaming.py): `data.streaming='auto'` streams a training split of more than
-STREAM_ABOVE_BYTES of text, 'true' and 'false' force either.
+STREAM_ABOVE_BYTES of text (or of a size TFDS does not know before building it), 'true' and
+'false' force either.
 """
 
 import glob
@@ -80,7 +81,15 @@ def open_texts(data_config, split: str) -> Iterator[str]:
   """The documents of `split`, building the dataset first if needed."""
   builder = tfds_builder(data_config)
   # Array_record, because that is what `as_data_source` reads without TensorFlow.
-  builder.download_and_prepare(file_format='array_record')
+  try:
+    builder.download_and_prepare(file_format='array_record')
+  except ModuleNotFoundError as e:
+    if e.name != 'tensorflow':
+      raise
+    # TFDS's writer keeps up to 1 GB of a split in memory and spills the rest with tf.io.gfile.
+    raise ConfigError(f'Building {builder.info.full_name} needs TensorFlow (TFDS writes splits '
+                      'of more than 1 GB through it): pip install tensorflow-cpu, then run '
+                      'again; reading it afterwards does not.') from None
   key = data_config.text_key
   if key not in builder.info.features:
     raise ConfigError(f'data.text_key {key!r} is not a feature of {builder.info.full_name}; '

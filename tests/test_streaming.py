@@ -193,6 +193,19 @@ def test_auto_streams_large_splits_and_config_is_checked(corpus, monkeypatch):
       config_lib.validate(bad)
 
 
+def test_a_split_too_large_for_tfds_memory_buffer_asks_for_tensorflow(tmp_path, monkeypatch):
+  try:
+    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+    pytest.skip('TensorFlow is installed: TFDS builds large splits')
+  except ImportError:
+    pass
+  from tensorflow_datasets.core import shuffle  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(shuffle, 'MAX_MEM_BUFFER_SIZE', 1000)  # as if the files held > 1 GB
+  write_random_files(tmp_path / 'files', [3000])
+  with pytest.raises(ValueError, match='needs TensorFlow .* pip install tensorflow-cpu'):
+    streaming.prepare(streaming_config(tmp_path).data, 'train')
+
+
 def test_streaming_run_resumes_from_its_checkpoint_exactly(tmp_path, tfds_dir):
   """Two tokenizer workers, document masking: a run resumed from step 4 (its step-8
   checkpoint lost, as when killed) trains on the batches the uninterrupted run trained on."""
