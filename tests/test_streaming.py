@@ -193,6 +193,28 @@ def test_auto_streams_large_splits_and_config_is_checked(corpus, monkeypatch):
       config_lib.validate(bad)
 
 
+def test_compiled_steps_take_the_masked_batch():
+  """gpt_jax.aot compiles the batch training reads: with document masking, segment ids too."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from gpt_jax import checkpoint, optim, sharding  # pylint: disable=import-outside-toplevel
+  from gpt_jax import steps as steps_lib  # pylint: disable=import-outside-toplevel
+  from gpt_jax.model import ModelConfig, Transformer  # pylint: disable=import-outside-toplevel
+  config = config_lib.base_config()
+  config.model.update(num_layers=1, num_heads=2, emb_dim=32, mlp_dim=64, max_len=16,
+                      vocab_size=64)
+  config.data.document_masking = True
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  steps = steps_lib.build(config, Transformer(ModelConfig.from_config(config.model)),
+                          optim.make_optimizer(config.optim, 10),
+                          optim.learning_rate_schedule(config.optim, 10), mesh,
+                          sharding.logical_rules(config.mesh),
+                          checkpoint.trainable_params(config, None))
+  batch = steps.abstract_batch(2, 16)
+  assert sorted(batch) == ['inputs', 'positions', 'segment_ids', 'targets']
+  with jax.set_mesh(mesh):
+    steps.eval_step.lower(steps.abstract_state.params, batch, steps.abstract_frozen)
+
+
 def test_a_split_too_large_for_tfds_memory_buffer_asks_for_tensorflow(tmp_path, monkeypatch):
   try:
     import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
