@@ -196,7 +196,8 @@ def main():
   parser.add_argument('--seconds', type=float, default=40)
   parser.add_argument('--results', help='also append each measurement to this JSONL file')
   parser.add_argument('--spm_train_chars', type=int, default=5_000_000)
-  parser.add_argument('--mode', choices=['cached', 'stream', 'pack', 'tokenize'])  # internal: measure one
+  # Internal: measure one mode, in this process.
+  parser.add_argument('--mode', choices=['cached', 'stream', 'pack', 'tokenize'])
   parser.add_argument('--workers', type=int, default=0)
   parser.add_argument('--size_mb', type=int)
   args = parser.parse_args()
