@@ -25,6 +25,8 @@ def get_config():
   config.data.seq_len = 1024
   config.data.batch_size = 128   # 16 sequences per chip on a v5e-8
   config.data.prefetch = 4
+  config.data.streaming = 'true'  # tokenized on the fly by 8 processes per host
+  config.data.worker_count = 8
 
   config.model.vocab_size = 0  # the tokenizer's: 32,000
   config.model.max_len = 1024

@@ -36,6 +36,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 128               # tokens per training sequence (<= model.max_len)
   c.data.cache_dir = ''              # tokenized corpus cache; '' -> <workdir>/data_cache
   c.data.prefetch = 2                # batches prepared ahead in background threads
+  c.data.streaming = 'auto'          # 'true': read, tokenize and pack on the fly on every host;
+                                     # 'false': tokenize once into a cached stream; 'auto':
+                                     # stream above data.STREAM_ABOVE_BYTES (256 MiB) of text
+  c.data.worker_count = 2            # streaming: tokenizer processes per host (0: in-process)
+  c.data.shuffle_buffer = 1024       # streaming: packed windows shuffled together (0: none)
+  c.data.document_masking = False    # segment ids at document ends: attention stays within one
   # Chat fine-tuning (gpt_jax.finetune): JSONL conversations instead of a text corpus.
   c.data.chat_files = ''             # glob of chat JSONL files; when set, the run is chat SFT
   c.data.val_chat_files = ''         # glob of validation conversations ('' -> no evaluation)
@@ -108,6 +114,8 @@ def llama_pretraining_config(num_layers: int, emb_dim: int, num_heads: int, num_
   config.data.seq_len = seq_len
   config.data.batch_size = batch_size
   config.data.prefetch = 4
+  config.data.streaming = 'true'  # every host tokenizes its own share (gpt_jax/streaming.py)
+  config.data.worker_count = 8
 
   model = config.model
   model.vocab_size, model.max_len = vocab_size, seq_len
@@ -185,6 +193,10 @@ def validate(config) -> None:
     raise ConfigError('Set config.data.tfds_name or config.data.text_files')
   _choice('data.on_bad_lines', config.data.on_bad_lines, ('raise', 'skip'))
   _choice('data.long_conversations', config.data.long_conversations, ('truncate', 'drop'))
+  _choice('data.streaming', config.data.streaming, ('auto', 'true', 'false'))
+  for field in ('worker_count', 'shuffle_buffer'):
+    if config.data[field] < 0:
+      raise ConfigError(f'config.data.{field} must be >= 0, got {config.data[field]}')
   if config.data.chat_files and not config.init_from:
     raise ConfigError('config.data.chat_files fine-tunes a pretrained model: set init_from '
                       '(python -m gpt_jax.finetune --init_from=WORKDIR)')

@@ -25,6 +25,13 @@ have read.
 Batches are numpy dicts {'inputs', 'targets'}: int32[batch_size // process_count,
 seq_len] holding this process's rows of the global batch: process p has rows
 [p * local_batch, (p + 1) * local_batch) of the batch a single process would see.
+With `data.document_masking`, they also hold 'segment_ids' (a new one after each EOS) and
+'positions' restarting at 0 in each, so that attention does not cross documents.
+
+This cached mode suits corpora that one process tokenizes in a minute or two. Larger ones
+stream (gpt_jax/streaming.py): `data.streaming='auto'` streams a training split of more than
+STREAM_ABOVE_BYTES of text (or of a size TFDS does not know before building it), 'true' and
+'false' force either.
 """
 
 import glob
@@ -50,7 +57,7 @@ from gpt_jax.errors import ConfigError
 # ---------------------------------------------------------------------------
 
 
-def _tfds_builder(data_config):
+def tfds_builder(data_config):
   """The (not yet prepared) TFDS builder for the configured corpus."""
   # Imported here: a run whose token streams are cached never needs TFDS (0.2-0.3 s to import).
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -72,9 +79,17 @@ def _tfds_builder(data_config):
 
 def open_texts(data_config, split: str) -> Iterator[str]:
   """The documents of `split`, building the dataset first if needed."""
-  builder = _tfds_builder(data_config)
+  builder = tfds_builder(data_config)
   # Array_record, because that is what `as_data_source` reads without TensorFlow.
-  builder.download_and_prepare(file_format='array_record')
+  try:
+    builder.download_and_prepare(file_format='array_record')
+  except ModuleNotFoundError as e:
+    if e.name != 'tensorflow':
+      raise
+    # TFDS's writer keeps up to 1 GB of a split in memory and spills the rest with tf.io.gfile.
+    raise ConfigError(f'Building {builder.info.full_name} needs TensorFlow (TFDS writes splits '
+                      'of more than 1 GB through it): pip install tensorflow-cpu, then run '
+                      'again; reading it afterwards does not.') from None
   key = data_config.text_key
   if key not in builder.info.features:
     raise ConfigError(f'data.text_key {key!r} is not a feature of {builder.info.full_name}; '
@@ -153,7 +168,7 @@ def token_stream(data_config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
         path = os.path.join(cache_dir, f.read().strip())
       if os.path.exists(path):
         return np.load(path, mmap_mode='r')
-  builder = _tfds_builder(data_config)
+  builder = tfds_builder(data_config)
   identity = {'dataset': builder.info.full_name, 'split': split,
               'text_key': data_config.text_key, 'tokenizer': tokenizer_digest}
   key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -176,11 +191,55 @@ def token_stream(data_config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
 
 
 # ---------------------------------------------------------------------------
+# Cached or streamed
+# ---------------------------------------------------------------------------
+
+# Where data.streaming='auto' starts streaming. The cached mode tokenizes a split in one process
+# before the first step: 512 MiB of text took 6 minutes and 1 GB of memory, 2 GiB 26 minutes
+# and 3.2 GB, against streaming's 5-11 s and 0.5-0.7 GB at either size (experiments/
+# data_pipeline, 32k sentencepiece, 2 busy cores). Below this, a few minutes once per corpus buy
+# the cached stream's exact epochs and a restart that needs no TFDS.
+STREAM_ABOVE_BYTES = 256 * 2**20
+
+
+def _split_bytes(data_config, split: str) -> int | None:
+  """The size of a split's text: our builders' from the files on disk (without TFDS), other
+  TFDS datasets' from their recorded split info; None where not known before building."""
+  if data_config.text_files:
+    fraction = data_config.val_fraction if split == data_config.val_split else (
+        1 - data_config.val_fraction)
+    identity = _source_identity(data_config)['text_files']
+    return int(sum(size for _, size, _ in identity) * fraction)
+  if data_config.tfds_name == 'pydoc_topics':
+    return 0  # CPython's documentation: a few MB
+  split_info = tfds_builder(data_config).info.splits
+  try:
+    return split_info[split].num_bytes or None
+  except KeyError:
+    return None
+
+
+def use_streaming(data_config) -> bool:
+  """Whether the training split streams (data.streaming: 'auto', 'true' or 'false')."""
+  mode = data_config.get('streaming', 'false')
+  if mode in ('true', 'false'):
+    return mode == 'true'
+  if mode != 'auto':
+    raise ConfigError(f"config.data.streaming must be 'auto', 'true' or 'false', got {mode!r}")
+  size = _split_bytes(data_config, data_config.train_split)
+  stream = size is None or size > STREAM_ABOVE_BYTES
+  logging.info('data.streaming=auto: split %r holds %s bytes -> %s.', data_config.train_split,
+               'an unknown number of' if size is None else size,
+               'streaming' if stream else 'tokenized once into a cached stream')
+  return stream
+
+
+# ---------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------
 
 
-def _process_share(batch_size: int, process_index: int | None,
+def process_share(batch_size: int, process_index: int | None,
                    process_count: int | None) -> tuple[int, int, int]:
   """(process index, process count, rows per process); None means this JAX process's."""
   process_index = jax.process_index() if process_index is None else process_index
@@ -191,9 +250,37 @@ def _process_share(batch_size: int, process_index: int | None,
   return process_index, process_count, batch_size // process_count
 
 
-def _split_window(window: np.ndarray) -> dict[str, np.ndarray]:
+def split_window(window: np.ndarray) -> dict[str, np.ndarray]:
   window = np.asarray(window, np.int32)
   return {'inputs': window[..., :-1], 'targets': window[..., 1:]}
+
+
+def document_segments(inputs: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
+  """{'segment_ids', 'positions'} of int[..., t] inputs: segment 1 from the first token, a new
+  segment after each EOS, and positions counting from 0 within each."""
+  starts = np.zeros(inputs.shape, bool)
+  starts[..., 0] = True
+  starts[..., 1:] = inputs[..., :-1] == eos_id
+  index = np.broadcast_to(np.arange(inputs.shape[-1]), inputs.shape)
+  segment_start = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
+  return {'segment_ids': np.cumsum(starts, axis=-1, dtype=np.int32),
+          'positions': (index - segment_start).astype(np.int32)}
+
+
+def _window_to_row(data_config, tokenizer):
+  """The cached mode's window of seq_len + 1 tokens -> a batch row (with document masking if
+  asked)."""
+  if not data_config.get('document_masking'):
+    return split_window
+  if tokenizer.eos_id is None:
+    raise ConfigError('data.document_masking needs a tokenizer with an end-of-document token; '
+                      f'data.tokenizer={data_config.tokenizer!r} has none.')
+
+  def to_row(window):
+    row = split_window(window)
+    return {**row, **document_segments(row['inputs'], tokenizer.eos_id)}
+
+  return to_row
 
 
 def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
@@ -201,8 +288,9 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str
                         process_count: int | None = None) -> grain.DatasetIterator:
   """An endless, checkpointable iterator over this process's share of training batches."""
   data = config.data
-  process_index, process_count, local_batch = _process_share(data.batch_size, process_index,
+  process_index, process_count, local_batch = process_share(data.batch_size, process_index,
                                                              process_count)
+  to_row = _window_to_row(data, tokenizer)
   tokens = token_stream(data, tokenizer, workdir, data.train_split)
   window = data.seq_len + 1
   # Leave room to shift every window by up to `window - 1` tokens.
@@ -217,7 +305,7 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str
     epoch = index // num_windows
     offset = np.random.default_rng([config.seed, epoch]).integers(window)
     start = offset + window_number * window
-    return _split_window(tokens[start:start + window])
+    return to_row(tokens[start:start + window])
 
   ds = (
       grain.MapDataset.range(num_windows)
@@ -247,8 +335,9 @@ def make_eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
   """The first `num_batches` batches of the validation split, in order, this process's rows."""
   data = config.data
   batch_size = eval_batch_size(data)
-  process_index, process_count, local_batch = _process_share(batch_size, process_index,
+  process_index, process_count, local_batch = process_share(batch_size, process_index,
                                                              process_count)
+  to_row = _window_to_row(data, tokenizer)
   tokens = token_stream(data, tokenizer, workdir, data.val_split)
   window = data.seq_len + 1
   available = len(tokens) // (batch_size * window)
@@ -262,4 +351,4 @@ def make_eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, workdir: str,
   num_batches = min(num_batches, available)
   windows = tokens[:num_batches * batch_size * window].reshape(num_batches, batch_size, window)
   rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-  return [_split_window(batch[rows]) for batch in windows]
+  return [to_row(batch[rows]) for batch in windows]

@@ -174,6 +174,8 @@ class Steps:
   train_step: Any
   train_step_options: dict      # the jit options of train_step
   eval_step: Any                # (params, batch, frozen) -> (loss sum, weight sum)
+  # The batch's int32 [batch, seq_len] arrays: segment ids and positions with document masking.
+  batch_keys: tuple[str, ...] = ('inputs', 'targets')
 
   @property
   def state_shardings(self):
@@ -188,10 +190,10 @@ class Steps:
     return jax.tree.structure(self.abstract_state)
 
   def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """A pretraining batch of token ids (inputs and targets), as the train step takes it."""
+    """A pretraining batch of token ids, as the train step takes it."""
     return {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
                                       sharding=self.batch_sharding)
-            for key in ('inputs', 'targets')}
+            for key in self.batch_keys}
 
 
 def build(config, model: Transformer, tx, schedule, mesh, rules,
@@ -220,4 +222,6 @@ def build(config, model: Transformer, tx, schedule, mesh, rules,
   return Steps(init_state=init_state, abstract_state=abstract_state,
                abstract_frozen=abstract_frozen, batch_sharding=batch_sharding,
                train_step=jax.jit(train_step, **train_step_options),
-               train_step_options=train_step_options, eval_step=eval_step)
+               train_step_options=train_step_options, eval_step=eval_step,
+               batch_keys=('inputs', 'targets') + (
+                   ('segment_ids', 'positions') if config.data.get('document_masking') else ()))

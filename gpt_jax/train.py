@@ -29,7 +29,7 @@ import numpy as np
 import tqdm
 
 from gpt_jax import (chat_template, checkpoint, cli, data, decode, flops, optim, sft_data,
-                     sharding, traced_steps)
+                     sharding, streaming, traced_steps)
 from gpt_jax import steps as steps_lib
 from gpt_jax import config as config_lib
 from gpt_jax import lora as lora_lib
@@ -176,6 +176,14 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
     train_iter = sft_data.make_train_iterator(config, tokenizer)
     eval_batches = (sft_data.make_eval_batches(config, tokenizer, config.train.eval_batches)
                     if config.train.eval_every and config.data.val_chat_files else [])
+  elif data.use_streaming(config.data):
+    # Every process reads, tokenizes and packs its own documents (gpt_jax/streaming.py).
+    if is_main:
+      streaming.prepare(config.data, config.data.train_split)
+    multihost_utils.sync_global_devices('dataset ready')
+    train_iter = streaming.make_train_iterator(config, tokenizer)
+    eval_batches = (streaming.make_eval_batches(config, tokenizer, config.train.eval_batches)
+                    if config.train.eval_every else [])
   else:
     for split, needed in ((config.data.train_split, True), (config.data.val_split,
                                                            bool(config.train.eval_every))):
@@ -319,7 +327,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
           break
     checkpoint.wait_until_saved(manager)
   finally:
-    _close_all(stop.restore, manager.close, progress.close, writer.close)
+    # Closing the data iterator stops its worker processes, if any.
+    _close_all(stop.restore, train_iter.close, manager.close, progress.close, writer.close)
   if stop.signal_name or step < num_steps:
     reason = stop.signal_name or 'a preemption notice'
     if is_main:
