@@ -465,4 +465,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  absl_app.run(main)
+  absl_app.run(main, flags_parser=cli.parse_flags)

@@ -396,4 +396,4 @@ def main(argv, configure=None):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
