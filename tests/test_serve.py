@@ -600,3 +600,31 @@ def test_fuzz_1200_requests_from_the_openapi_schema_and_around_it(local):
     assert statuses[200] >= 50, statuses  # the schema's valid requests were answered, too
     _until(lambda: local.engine.busy_slots == 0 and local.engine.waiting == 0)
     assert http.post('/v1/completions', json=reference).json()['choices'][0]['text'] == before
+
+
+def test_garbage_on_the_socket_leaves_the_server_serving(server, client):
+  """Below HTTP: bytes that are not a request, invalid UTF-8 in the request line and headers, a
+  body cut short, a connection closed mid-request; then the server answers as before."""
+  url, proc = server
+  port = int(url.rsplit(':', 1)[1])
+  before = client.completions.create(model=MODEL, prompt='The ', max_tokens=5,
+                                     temperature=0).choices[0].text
+  junk = [b'\x00\xff' * 100 + b'\r\n\r\n', b'GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n',
+          b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-\xff: \xfe\r\n\r\n',
+          b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"mod',
+          b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n',
+          b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n',
+          b'GET /health HTTP/1.1\r\n' + b'X: ' + b'a' * 100_000 + b'\r\n\r\n', b'POST']
+  for data in junk:
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
+      s.sendall(data)
+      s.shutdown(socket.SHUT_WR)
+      try:
+        reply = s.recv(100)
+      except (ConnectionResetError, TimeoutError):
+        reply = b''
+      assert not reply.startswith(b'HTTP/1.1 5'), (data[:60], reply)
+  assert proc.poll() is None
+  assert health(url)['busy_slots'] == 0
+  assert client.completions.create(model=MODEL, prompt='The ', max_tokens=5,
+                                   temperature=0).choices[0].text == before
