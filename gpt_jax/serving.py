@@ -157,7 +157,8 @@ class Engine:
   @property
   def waiting(self) -> int:
     """Sequences waiting for a slot (cancelled ones no longer count)."""
-    return sum(not seq.cancelled for seq in self._pending)
+    with self._lock:  # the engine thread changes the queue
+      return sum(not seq.cancelled for seq in self._pending)
 
   def _admit(self, slot: int, seq: Sequence) -> None:
     prompt = seq.prompt

@@ -2,8 +2,10 @@
 
 import glob
 import os
+import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -253,6 +255,41 @@ def test_field_errors_name_the_closest_path():
   assert cli.field_error(config, 'model.num_layers.x') == (
       'config.model.num_layers is a value, not a group of fields')
   assert cli.field_error(config, 'zzz') == 'config.zzz is not a field of the config'
+
+
+def test_a_lost_process_stops_the_other_in_bounded_time_naming_it(tmp_path):
+  """2 processes under jax.distributed on 127.0.0.1: `kill -9` of process 1 stops process 0
+  within the heartbeat timeout (2 s here), with one line naming process 1; a process that ends
+  normally is not lost, however long its peer still runs."""
+  def start(port, process_id, then):
+    return subprocess.Popen(
+        [sys.executable, 'tests/liveness_peer.py', str(port), str(process_id), '2', then],
+        cwd=REPO, env=module_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  ports = []
+  for _ in range(2):
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      ports.append(s.getsockname()[1])
+  killed = [start(ports[0], 0, 'wait'), start(ports[0], 1, 'wait')]
+  finishing = [start(ports[1], 0, 'wait'), start(ports[1], 1, 'exit')]
+  for proc in killed + finishing:
+    assert proc.stdout.readline() == 'ready\n', proc.communicate()[1][-3000:]
+  killed[1].kill()
+  start_time = time.perf_counter()
+  _, err = killed[0].communicate(timeout=30)
+  seconds = time.perf_counter() - start_time
+  assert killed[0].returncode == 1 and 2 <= seconds < 6, (seconds, err[-3000:])
+  assert re.fullmatch(r'error: Lost process 1 of 2 \(.+, pid \d+\): no heartbeat for 2 s\. '
+                      r'Stopping; rerun every process with the same command to resume from the '
+                      r'last checkpoint\.', err.strip().splitlines()[-1]), err[-3000:]
+  assert f'pid {killed[1].pid}' in err
+  # By now process 1 of the other pair has ended its script and waits in JAX's shutdown barrier
+  # for process 0: neither counts the other as lost.
+  assert finishing[0].poll() is None and finishing[1].poll() is None, \
+      finishing[1].communicate()[1][-3000:]
+  for proc in killed + finishing:
+    proc.kill()
+    proc.wait()
 
 
 def test_disk_full_at_checkpoint_time_stops_cleanly(tmp_path, tfds_dir):
