@@ -11,6 +11,8 @@ one after another until the time is up, drawing each at random from
   streaming completion abandoned after 1-5 chunks (the client closes the connection) |
   n=2 completion | a request without the key (expected 401) | malformed JSON (expected 400)
 
+and waiting the answer's Retry-After (1 s) after a 429.
+
 Reported (printed and written to experiments/bench_serve/soak.json): requests by kind and
 outcome, errors by kind (HTTP status, error code, or the exception a client saw), the server's
 resident memory (VmRSS) after warm-up, at its peak (sampled every second) and at the end, and
@@ -137,6 +139,8 @@ async def client_loop(url, seconds, seed, max_tokens, counts, errors):
       counts[kind, outcome] += 1
       if detail:
         errors[detail] += 1
+      if detail and detail.startswith('HTTP 429'):
+        await asyncio.sleep(1)  # as the answer's Retry-After says (and the openai client does)
 
 
 async def soak(url, proc, args):
