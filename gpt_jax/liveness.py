@@ -11,7 +11,10 @@ answered for that long: process 0, which hosts it, is gone) ends this process wi
   process with the same command to resume from the last checkpoint.
 
 and exit status 1. Counters rather than timestamps: hosts' clocks need not agree. JAX's own
-heartbeat timeout is set longer (`jax_heartbeat_timeout`), so that this line comes first.
+heartbeat timeout is set longer (`jax_heartbeat_timeout`), so that this line comes first. A
+survivor whose collective fails first (on CPU, gloo's connection to the dead process is reset)
+calls `wait_for_lost_process()` before raising, so that the watchdog names the cause; a process
+that exits keeps watching while it waits in JAX's shutdown barrier for the others.
 """
 
 import atexit
@@ -25,7 +28,8 @@ from jax._src import distributed
 
 _PREFIX = 'gpt_jax/alive/'
 _DONE = 'done'
-_exiting = threading.Event()
+_watching = {}  # while the watchdog runs: its 'timeout' and 'interval'
+_ended = threading.Event()  # this process is exiting: its counter says 'done'
 
 
 def jax_heartbeat_timeout(timeout: float) -> int:
@@ -45,13 +49,22 @@ def watch(timeout: float, interval: float = 1.0) -> threading.Thread | None:
                             name='liveness', daemon=True)
   thread.start()
   atexit.register(_finished, client, me)  # runs before JAX's own exit handler shuts the client
+  _watching.update(timeout=timeout, interval=interval)
   return thread
 
 
+def wait_for_lost_process() -> None:
+  """For an error that a lost process may have caused (a collective whose connection to it was
+  reset): waits until the watchdog would have named a lost process, which ends this process
+  with its one line; returns at once in a single-process run, or when no process is lost."""
+  if _watching:
+    time.sleep(_watching['timeout'] + 3 * _watching['interval'])
+
+
 def _finished(client, me: int) -> None:
-  """A process that ends normally (and waits in JAX's shutdown barrier for the others) is not
-  lost, and stops watching."""
-  _exiting.set()
+  """A process that ends (and waits in JAX's shutdown barrier for the others) is not lost to the
+  others; it goes on watching them, so that a peer lost meanwhile is still named."""
+  _ended.set()
   try:
     client.key_value_set(f'{_PREFIX}{me}/beat', _DONE, allow_overwrite=True)
   except Exception:  # pylint: disable=broad-except
@@ -61,11 +74,12 @@ def _finished(client, me: int) -> None:
 def _loop(client, me: int, count: int, timeout: float, interval: float) -> None:
   beats, last_seen = 0, {}  # peer -> (its counter, when it last moved, by this host's clock)
   last_answer = time.monotonic()
-  while not _exiting.is_set():
+  while True:
     beats += 1
     now = time.monotonic()
     try:
-      client.key_value_set(f'{_PREFIX}{me}/beat', str(beats), allow_overwrite=True)
+      if not _ended.is_set():
+        client.key_value_set(f'{_PREFIX}{me}/beat', str(beats), allow_overwrite=True)
       values = dict(client.key_value_dir_get(_PREFIX))
       last_answer = now
     except Exception:  # pylint: disable=broad-except  (the service is unreachable)

@@ -396,6 +396,9 @@ def main(argv, configure=None):
       if configure is not None:
         configure(_CONFIG.value)
       train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
+  except jax.errors.JaxRuntimeError:
+    liveness.wait_for_lost_process()  # a collective failing because a process died: name it
+    raise
   except (checkpoint.CheckpointWriteError, MetricsWriteError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     # Skip interpreter teardown: Orbax's failed writer threads would print tracebacks after it.
