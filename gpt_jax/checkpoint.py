@@ -263,15 +263,45 @@ def _read(manager: ocp.CheckpointManager, step: int, items: dict) -> dict:
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
-  """Restores and verifies the train state into `abstract_state`'s shardings (and data position)."""
+  """Restores and verifies the train state into `abstract_state`'s shardings (and data position).
+
+  The state reshards onto the current mesh, whatever mesh and process count wrote it. So does
+  the data position: each process saves its own, but every process's is the count of global
+  batches read (gpt_jax/data.py slices global batch s into the processes' shares), so a
+  checkpoint from another process count gives every process that same position."""
   items = {'params': ocp.args.StandardRestore(abstract_state.params),
            'opt_state': ocp.args.StandardRestore(abstract_state.opt_state)}
+  data_state = None
   if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    data_state = _data_state_of_other_process_count(manager, step)
+    if data_state is None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = _read(manager, step, items)
+  if data_state is not None:
+    data_iterator.set_state(data_state)
   step_array = jax.device_put(np.int32(step), abstract_state.step.sharding)
   return abstract_state.replace(step=step_array, params=restored['params'],
                                 opt_state=restored['opt_state'])
+
+
+def _data_state_of_other_process_count(manager, step: int) -> dict | None:
+  """The data position saved by another number of processes than this run's; None when this
+  process has its own file (or there is none at all, which the restore reports)."""
+  folder = os.path.join(_step_dir(manager, step), 'data')
+  if not os.path.isdir(folder) or os.path.exists(os.path.join(
+      folder, f'process_{jax.process_index()}-of-{jax.process_count()}.json')):
+    return None
+  states = []
+  for name in sorted(os.listdir(folder)):
+    if re.fullmatch(r'process_\d+-of-\d+\.json', name):
+      with open(os.path.join(folder, name), encoding='utf-8') as f:
+        states.append(json.load(f))
+  if not states:
+    return None
+  if any(state != states[0] for state in states):
+    raise CorruptCheckpointError(f'{folder} holds different data positions for its processes: '
+                                 f'{states}')
+  return states[0]
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):

@@ -1,10 +1,15 @@
-"""What every gpt_jax binary does: one-line errors for user mistakes, quiet library logs, and
-for the binaries that run whole models on the CPU, freed host memory kept."""
+"""What every gpt_jax binary does: one-line errors for user mistakes (a misspelt flag or config
+field named with its closest known name), quiet library logs, and for the binaries that run
+whole models on the CPU, freed host memory kept."""
 
 import contextlib
+import difflib
+import functools
+import re
 import sys
 
 from absl import flags, logging
+import ml_collections
 
 from gpt_jax.errors import ConfigError
 
@@ -54,3 +59,92 @@ def one_line_errors(*more: type[Exception]):
     if _VERBOSE.value:
       raise
     sys.exit(f'error: {e}')
+
+
+# -------------------------------------------------------------------- flags and config fields
+
+
+def config_paths(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Every dotted path of `config`: its groups and their fields ('train', 'train.num_steps')."""
+  paths = []
+  for key, value in config.items():
+    paths.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      paths += config_paths(value, f'{prefix}{key}.')
+  return paths
+
+
+def closest(name: str, known, prefix: str = '') -> str:
+  """' (did you mean PREFIX+X?)' for the known name X closest to `name`; '' when none is close."""
+  match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+  return f' (did you mean {prefix}{match[0]}?)' if match else ''
+
+
+def field_error(config: ml_collections.ConfigDict, key: str,
+                source: str = 'the config') -> str | None:
+  """None when the dotted `key` ('train.num_steps') names a field of `config`; otherwise one
+  sentence naming the first part that is not a field, with the closest known path."""
+  node, parts = config, key.split('.')
+  for i, part in enumerate(parts):
+    here = '.'.join(parts[:i + 1])
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"config.{'.'.join(parts[:i])} is a value, not a group of fields"
+    if part not in node:
+      paths = config_paths(config)
+      suggestion = closest(key, paths, 'config.') or closest(here, paths, 'config.')
+      return f'config.{here} is not a field of {source}{suggestion}'
+    node = node[part]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (app.run's `flags_parser`), with every mistake in a flag or a
+  `--config.` override ending the program with one line: `error: <message>`, exit code 1.
+  An unknown flag or config field is named with the closest known name."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    message = _flag_error(argv, e)
+    if message is None or '--verbose' in argv:
+      raise
+    sys.exit(f'error: {message}')
+
+
+def _flag_error(argv: list[str], error: Exception) -> str | None:
+  """The one-line message for a flag parsing error, or None for an error of another kind (one in
+  a config file's own code, shown with its traceback)."""
+  if isinstance(error, flags.UnrecognizedFlagError):
+    name = error.flagname
+    if name.startswith('config.'):  # the override of a field when --config was not given
+      return f'--{name} overrides a field of --config, which was not given'
+    return f'unknown flag --{name}{closest(name, _own_flags(), "--")}'
+  config_file = next((arg.split('=', 1)[1] for arg in reversed(argv[1:])
+                      if arg.startswith('--config=')), None)
+  config = _load_config(config_file) if config_file and 'config' in flags.FLAGS else None
+  if isinstance(error, (KeyError, AttributeError)) and config is not None:
+    for arg in argv[1:]:
+      if match := re.match(r'--(?:no)?config\.([\w.]+)', arg):
+        problem = field_error(config, match[1], config_file)
+        if problem:
+          return problem
+  if isinstance(error, flags.IllegalFlagValueError):
+    message = str(error).removeprefix('flag ')  # '--name=value: why'
+    match = re.fullmatch(r'--config\.([\w.]+)=(.*?): .*', message, re.S)
+    if match and config is not None and field_error(config, match[1]) is None:
+      old = functools.reduce(lambda node, part: node[part], match[1].split('.'), config)
+      kind = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}
+      return f'config.{match[1]} takes {kind.get(type(old), type(old).__name__)}, got {match[2]!r}'
+    return message
+  return None
+
+
+def _own_flags() -> list[str]:
+  """The binary's flags, without absl's own (--only_check_args, --logtostderr, ...)."""
+  return [flag.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
+          if not module.startswith('absl.') for flag in defined]
+
+
+def _load_config(path: str) -> ml_collections.ConfigDict | None:
+  """The config that `--config=path` loads, before any override."""
+  config = flags.FLAGS['config'].parser.parse(path)
+  return config if isinstance(config, ml_collections.ConfigDict) else None

@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags
 
-from gpt_jax import checkpoint, train
+from gpt_jax import checkpoint, cli, train
 from gpt_jax.errors import ConfigError
 
 _INIT_FROM = flags.DEFINE_string('init_from', None, 'Workdir of the pretrained model.')
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

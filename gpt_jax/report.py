@@ -306,4 +306,4 @@ if __name__ == '__main__':
   # Flags are defined here only, so that scripts importing this module may define their own.
   flags.DEFINE_string('root', None, 'Folder of runs (searched recursively).')
   flags.DEFINE_string('out', None, 'Output folder (default: --root).')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

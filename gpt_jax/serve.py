@@ -19,12 +19,20 @@ not depend on what else is in the batch. Bad requests (malformed JSON, missing f
 types, values out of range, prompt + max_tokens beyond the context, an unknown model) get a 4xx
 with an OpenAI-style body {"error": {"message", "type", "param", "code"}}; a client that
 disconnects mid-stream frees its slots.
+
+Facing a network: with --api_key (or GPT_JAX_API_KEY) every endpoint but /health requires
+`Authorization: Bearer <key>` (401 otherwise); at most --max_queue choices wait for a slot and a
+request beyond that gets 429 with Retry-After; a request that waits or runs longer than
+--request_timeout seconds is ended with a 408 (or an error event in its stream) and its slot
+freed; a body over MAX_BODY_BYTES gets 413.
 """
 
 import asyncio
+import hmac
 import json
 import os
 import secrets
+import sys
 import time
 import uuid
 from typing import Any
@@ -45,6 +53,9 @@ from gpt_jax.errors import ConfigError
 FLAGS = flags.FLAGS
 MAX_N = 16     # choices per request
 MAX_STOP = 4   # stop strings per request (as OpenAI)
+MAX_BODY_BYTES = 4 << 20  # a request body beyond this is refused before it is read whole
+API_KEY_ENV = 'GPT_JAX_API_KEY'
+LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
 
 
 def define_flags() -> None:
@@ -57,7 +68,13 @@ def define_flags() -> None:
   flags.DEFINE_enum('quantize', 'none', quantize.MODES, 'Weights: float as trained, or int8 '
                     '(weight-only, per-channel scales; about 4x less parameter memory).')
   flags.DEFINE_integer('slots', 16, 'Sequences decoded together (KV cache rows).')
-  flags.DEFINE_integer('max_waiting', 1024, 'Choices that may wait for a slot; beyond, 429.')
+  flags.DEFINE_integer('max_queue', 1024, 'Choices (n per prompt of a request) that may wait '
+                       'for a slot; a request beyond that gets 429 with Retry-After.')
+  flags.DEFINE_float('request_timeout', 600, 'Seconds a request may wait and run before it is '
+                     'ended with an error and its slots freed (0: no limit).')
+  flags.DEFINE_string('api_key', None, 'Require `Authorization: Bearer <key>` on every endpoint '
+                      f'but /health (default: ${API_KEY_ENV}, if set; prefer it: a flag shows in '
+                      'the process list).')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   cli.define_mesh_flag()
 
@@ -69,10 +86,12 @@ class APIError(Exception):
   """An error answered with an OpenAI-style body."""
 
   def __init__(self, status: int, message: str, param: str | None = None,
-               code: str | None = None, kind: str = 'invalid_request_error'):
+               code: str | None = None, kind: str = 'invalid_request_error',
+               headers: dict[str, str] | None = None):
     super().__init__(message)
     self.status, self.message, self.param, self.code, self.kind = (status, message, param, code,
                                                                    kind)
+    self.headers = headers
 
 
 def error_body(message: str, kind: str = 'invalid_request_error', param: str | None = None,
@@ -147,6 +166,11 @@ class CompletionRequest(_Request):
   max_tokens: int | None = pydantic.Field(16, ge=1)
   echo: bool = False
 
+  @pydantic.field_validator('max_tokens')
+  @classmethod
+  def _max_tokens(cls, value):
+    return 16 if value is None else value  # null: the default, as OpenAI
+
 
 class ChatRequest(_Request):
   messages: list[Any]
@@ -160,10 +184,11 @@ class Server:
   """The model, its tokenizer and the engine; builds one response per request."""
 
   def __init__(self, engine: serving.Engine, tokenizer, model_name: str,
-               max_waiting: int = 1024):
+               max_queue: int = 1024, request_timeout: float = 600):
     self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
     self.context = engine.context
-    self.max_waiting = max_waiting
+    self.max_queue = max_queue
+    self.request_timeout = request_timeout  # seconds; 0: no limit
     self.created = int(time.time())
     self.chat = chat_template.has_chat_tokens(tokenizer)
     self.vocab_size = engine.cfg.vocab_size
@@ -186,20 +211,28 @@ class Server:
                      'context_length_exceeded')
 
   def check_capacity(self, choices: int) -> None:
-    if self.engine.waiting + choices > self.max_waiting:
+    """At most max_queue choices wait for a slot, counting the new ones beyond the free slots."""
+    if choices > self.engine.slots + self.max_queue:
+      raise APIError(400, f'The request asks for {choices} choices (n for each prompt); this '
+                     f'server holds at most {self.engine.slots + self.max_queue} '
+                     f'({self.engine.slots} slots, a queue of {self.max_queue}).', 'n',
+                     'too_many_choices')
+    free = self.engine.slots - self.engine.busy_slots
+    if self.engine.waiting + choices - free > self.max_queue:
       raise APIError(429, f'The server is busy ({self.engine.waiting} choices waiting for a '
-                     'slot); retry later.', None, 'server_busy', 'rate_limit_error')
+                     'slot); retry later.', None, 'server_busy', 'rate_limit_error',
+                     {'Retry-After': '1'})
 
   def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
     prompt = req.prompt
     if isinstance(prompt, str):
-      prompts = [decode.encode_prompt(self.tokenizer, prompt)]
+      prompts = [self._encode(prompt)]
     elif prompt and all(isinstance(p, int) for p in prompt):
       prompts = [list(prompt)]
     elif prompt and all(isinstance(p, list) for p in prompt):
       prompts = [list(p) for p in prompt]
     else:
-      prompts = [decode.encode_prompt(self.tokenizer, p) for p in prompt]
+      prompts = [self._encode(p) for p in prompt]
     if not prompts:
       raise APIError(400, "'prompt' must not be an empty list.", 'prompt', 'invalid_value')
     for p in prompts:
@@ -211,6 +244,13 @@ class Server:
                        f'{self.vocab_size}).', 'prompt', 'invalid_value')
     return prompts
 
+  def _encode(self, text: str) -> list[int]:
+    try:
+      return decode.encode_prompt(self.tokenizer, text)
+    except UnicodeEncodeError as e:  # JSON can carry lone surrogates ("\ud800"), UTF-8 cannot
+      raise APIError(400, f"'prompt' is not valid Unicode text ({e.reason} at character "
+                     f'{e.start}).', 'prompt', 'invalid_value') from None
+
   def chat_prompt(self, req: ChatRequest) -> list[int]:
     if not self.chat:
       raise APIError(400, f"The model '{self.model_name}' has no chat template: its tokenizer "
@@ -221,6 +261,9 @@ class Server:
       return chat_template.render(self.tokenizer, messages, add_generation_prompt=True).tokens
     except chat_template.ConversationError as e:
       raise APIError(400, f"Invalid 'messages': {e}.", 'messages', 'invalid_value') from None
+    except UnicodeEncodeError as e:
+      raise APIError(400, f"Invalid 'messages': not valid Unicode text ({e.reason}).",
+                     'messages', 'invalid_value') from None
 
   # ------------------------------------------------ generation
 
@@ -274,6 +317,50 @@ class Server:
     return on_finish
 
 
+class Guard:
+  """ASGI middleware before every endpoint: with an API key, every request but /health carries
+  `Authorization: Bearer <key>` (compared in constant time), else 401; a body over
+  MAX_BODY_BYTES gets 413 before it is read whole. Both in the OpenAI error shape."""
+
+  def __init__(self, app, api_key: str | None):
+    self.app, self.api_key = app, api_key.encode() if api_key else None
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] != 'http':
+      await self.app(scope, receive, send)
+      return
+    headers = dict(scope['headers'])
+    if self.api_key and scope['path'] != '/health' and not self._authorized(headers):
+      await _error_response(scope, receive, send, 401, 'Incorrect or missing API key: send it '
+                            'as `Authorization: Bearer <key>`.', 'invalid_api_key',
+                            {'WWW-Authenticate': 'Bearer'})
+      return
+    length = headers.get(b'content-length', b'0')
+    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+      await _error_response(scope, receive, send, 413, f'The request body exceeds '
+                            f'{MAX_BODY_BYTES} bytes.', 'request_too_large')
+      return
+    received = 0
+
+    async def receive_at_most():  # a body sent without Content-Length (chunked)
+      nonlocal received
+      message = await receive()
+      received += len(message.get('body', b''))
+      if received > MAX_BODY_BYTES:
+        raise starlette_exceptions.HTTPException(413)  # answered by create_app's handler
+      return message
+    await self.app(scope, receive_at_most, send)
+
+  def _authorized(self, headers) -> bool:
+    scheme, _, key = headers.get(b'authorization', b'').partition(b' ')
+    return scheme.lower() == b'bearer' and hmac.compare_digest(key.strip(), self.api_key)
+
+
+async def _error_response(scope, receive, send, status, message, code, headers=None):
+  await responses.JSONResponse(error_body(message, 'invalid_request_error', None, code),
+                               status_code=status, headers=headers)(scope, receive, send)
+
+
 def _usage(prompts, seqs) -> dict:
   prompt_tokens = sum(len(p) for p in prompts)  # each prompt counted once, whatever n
   completion = sum(s.generated for s in seqs)
@@ -281,13 +368,15 @@ def _usage(prompts, seqs) -> dict:
           'total_tokens': prompt_tokens + completion}
 
 
-def create_app(server: Server) -> fastapi.FastAPI:
+def create_app(server: Server, api_key: str | None = None) -> fastapi.FastAPI:
+  """The FastAPI app; with `api_key`, every endpoint but /health requires it."""
   api = fastapi.FastAPI(title='gpt_jax', docs_url=None, redoc_url=None)
+  api.add_middleware(Guard, api_key=api_key)
 
   @api.exception_handler(APIError)
   async def _api_error(_, exc: APIError):
     return responses.JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code),
-                                  status_code=exc.status)
+                                  status_code=exc.status, headers=exc.headers)
 
   @api.exception_handler(fastapi_exceptions.RequestValidationError)
   async def _invalid(_, exc):
@@ -297,10 +386,12 @@ def create_app(server: Server) -> fastapi.FastAPI:
   @api.exception_handler(starlette_exceptions.HTTPException)
   async def _http(request: fastapi.Request, exc):
     message = {404: f'Unknown URL {request.method} {request.url.path}.',
-               405: f'Method {request.method} is not allowed for {request.url.path}.'}
+               405: f'Method {request.method} is not allowed for {request.url.path}.',
+               413: f'The request body exceeds {MAX_BODY_BYTES} bytes.'}
     return responses.JSONResponse(
         error_body(message.get(exc.status_code, str(exc.detail)), 'invalid_request_error', None,
-                   {404: 'unknown_url', 405: 'method_not_allowed'}.get(exc.status_code)),
+                   {404: 'unknown_url', 405: 'method_not_allowed',
+                    413: 'request_too_large'}.get(exc.status_code)),
         status_code=exc.status_code)
 
   @api.get('/health')
@@ -362,15 +453,16 @@ async def _respond(kind, id_prefix, prompts, queue, seqs, req, server):
   meta = {'id': f'{id_prefix}-{uuid.uuid4().hex}', 'created': int(time.time()),
           'model': server.model_name}
   chat = kind == 'chat.completion'
+  next_event = _event_reader(queue, seqs, server.request_timeout)
   if req.stream:
-    return responses.StreamingResponse(_events(kind, meta, prompts, queue, seqs, req, chat),
+    return responses.StreamingResponse(_events(kind, meta, prompts, next_event, seqs, req, chat),
                                        media_type='text/event-stream',
                                        headers={'Cache-Control': 'no-cache'})
   texts, reasons = [''] * len(seqs), [None] * len(seqs)
   try:
     remaining = len(seqs)
     while remaining:
-      choice, event, value = await queue.get()
+      choice, event, value = await next_event()
       if event == 'text':
         texts[choice] += value
       elif event == 'finish':
@@ -394,7 +486,26 @@ async def _respond(kind, id_prefix, prompts, queue, seqs, req, server):
           'system_fingerprint': None}
 
 
-async def _events(kind, meta, prompts, queue, seqs, req, chat):
+def _event_reader(queue: asyncio.Queue, seqs, timeout: float):
+  """`await next_event()`: the request's next event, or APIError 408 once it has waited and run
+  `timeout` seconds in all (0: no limit)."""
+  deadline = time.monotonic() + timeout if timeout else None
+
+  async def next_event():
+    if deadline is None:
+      return await queue.get()
+    try:
+      return await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+      generated = sum(seq.generated for seq in seqs)
+      where = 'while waiting for a slot' if not generated else f'after {generated} tokens'
+      raise APIError(408, f'The request did not finish within the server\'s --request_timeout '
+                     f'of {timeout:g} s ({where}); it was ended and its slots freed.', None,
+                     'request_timeout', 'timeout_error') from None
+  return next_event
+
+
+async def _events(kind, meta, prompts, next_event, seqs, req, chat):
   chunk_kind = 'chat.completion.chunk' if chat else 'text_completion'
 
   def chunk(choices, **extra):
@@ -406,7 +517,11 @@ async def _events(kind, meta, prompts, queue, seqs, req, chat):
                     'logprobs': None, 'finish_reason': None} for i in range(len(seqs))])
     remaining = len(seqs)
     while remaining:
-      choice, event, value = await queue.get()
+      try:
+        choice, event, value = await next_event()
+      except APIError as e:  # the response has begun: the error is the stream's last event
+        yield f'data: {json.dumps(error_body(e.message, e.kind, e.param, e.code))}\n\n'
+        break
       if event == 'text':
         delta = {'content': value} if chat else None
         yield chunk([{'index': choice, 'delta': delta, 'logprobs': None, 'finish_reason': None}
@@ -432,12 +547,17 @@ async def _events(kind, meta, prompts, queue, seqs, req, chat):
 
 
 def load(workdir: str, quantize_mode: str = 'none', slots: int = 16, step: int | None = None,
-         model_name: str = '', max_waiting: int = 1024, mesh: str = '') -> Server:
+         model_name: str = '', max_queue: int = 1024, request_timeout: float = 600,
+         mesh: str = '') -> Server:
   """A Server for a workdir, its programs compiled; mesh: as --mesh."""
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'Workdir {workdir} does not exist')
   if slots < 1:
     raise ConfigError(f'--slots must be >= 1, got {slots}')
+  if max_queue < 0:
+    raise ConfigError(f'--max_queue must be >= 0, got {max_queue}')
+  if request_timeout < 0:
+    raise ConfigError(f'--request_timeout must be >= 0 (0: no limit), got {request_timeout}')
   config = checkpoint.load_config(workdir)
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
   placement = sharding.inference_placement(mesh, config.mesh)
@@ -447,7 +567,7 @@ def load(workdir: str, quantize_mode: str = 'none', slots: int = 16, step: int |
                           placement=placement)
   engine.compile()
   name = model_name or os.path.basename(os.path.normpath(workdir))
-  return Server(engine.start(), tokenizer, name, max_waiting)
+  return Server(engine.start(), tokenizer, name, max_queue, request_timeout)
 
 
 def main(argv):
@@ -458,15 +578,21 @@ def main(argv):
   with cli.one_line_errors():
     if not FLAGS.workdir:
       raise ConfigError('--workdir is required')
+    api_key = FLAGS.api_key or os.environ.get(API_KEY_ENV) or None
+    if not api_key and FLAGS.host not in LOCAL_HOSTS:
+      print(f'warning: serving on {FLAGS.host} without an API key: anyone who can reach port '
+            f'{FLAGS.port} can use the model (set {API_KEY_ENV} or --api_key).', file=sys.stderr,
+            flush=True)
     server = load(FLAGS.workdir, FLAGS.quantize, FLAGS.slots, FLAGS.step, FLAGS.model_name,
-                  FLAGS.max_waiting, FLAGS.mesh)
+                  FLAGS.max_queue, FLAGS.request_timeout, FLAGS.mesh)
   print(f"Serving '{server.model_name}' ({server.engine.slots} slots, context {server.context}, "
-        f"quantize={FLAGS.quantize}, chat={'yes' if server.chat else 'no'}) on "
+        f"quantize={FLAGS.quantize}, chat={'yes' if server.chat else 'no'}, "
+        f"API key {'required' if api_key else 'not required'}) on "
         f'http://{FLAGS.host}:{FLAGS.port}/v1', flush=True)
-  uvicorn.run(create_app(server), host=FLAGS.host, port=FLAGS.port, log_level='warning')
+  uvicorn.run(create_app(server, api_key), host=FLAGS.host, port=FLAGS.port, log_level='warning')
   server.engine.stop()
 
 
 if __name__ == '__main__':
   define_flags()
-  absl_app.run(main)
+  absl_app.run(main, flags_parser=cli.parse_flags)

@@ -177,7 +177,9 @@ class Engine:
 
   @property
   def waiting(self) -> int:
-    return len(self._pending)
+    """Sequences waiting for a slot (cancelled ones no longer count)."""
+    with self._lock:  # the engine thread changes the queue
+      return sum(not seq.cancelled for seq in self._pending)
 
   def _admit(self, slot: int, seq: Sequence) -> None:
     prompt = seq.prompt
@@ -217,6 +219,11 @@ class Engine:
           self._lock.wait()
         if self._stopped:
           break
+        cancelled = [seq for seq in self._pending if seq.cancelled]
+        if cancelled:  # a request that gave up while waiting leaves the queue now
+          self._pending = collections.deque(seq for seq in self._pending if not seq.cancelled)
+          for seq in cancelled:
+            seq.on_finish('cancelled', None)
         admit = []
         for slot in range(self.slots):
           while self._seqs[slot] is None and self._pending:

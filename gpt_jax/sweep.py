@@ -197,7 +197,7 @@ def resolve_config(base_config: str, point: Point, extra_args: Sequence[str] = (
     for part in parents:
       node = node.get(part) if hasattr(node, 'get') else None
     if node is None or not hasattr(node, 'keys') or leaf not in node:
-      raise ConfigError(f'{key!r} is not a field of {base_config}')
+      raise ConfigError(cli.field_error(config, key, base_config))
     try:
       node[leaf] = _parse_like(node[leaf], value) if from_text else value
     except (TypeError, ValueError, SyntaxError) as e:
@@ -281,7 +281,7 @@ def _define_flags() -> None:
 def _parse_flags(argv: list[str]) -> tuple[list[str], list[str]]:
   """absl flags for this binary; `--config.x=y` flags go through to the train binary."""
   passthrough = [a for a in argv[1:] if a.startswith('--config.')]
-  rest = flags.FLAGS([argv[0]] + [a for a in argv[1:] if not a.startswith('--config.')])
+  rest = cli.parse_flags([argv[0]] + [a for a in argv[1:] if not a.startswith('--config.')])
   return passthrough, rest[1:]
 
 

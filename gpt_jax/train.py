@@ -28,8 +28,8 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from gpt_jax import (chat_template, checkpoint, cli, data, decode, flops, optim, sft_data,
-                     sharding, streaming, traced_steps)
+from gpt_jax import (chat_template, checkpoint, cli, data, decode, flops, liveness, optim,
+                     sft_data, sharding, streaming, traced_steps)
 from gpt_jax import steps as steps_lib
 from gpt_jax import config as config_lib
 from gpt_jax import lora as lora_lib
@@ -49,6 +49,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
     'Call jax.distributed.initialize() (cluster auto-detection: Cloud TPU, SLURM, Open MPI). '
     'auto: when a multi-process SLURM or Open MPI job is detected, or --coordinator_address is '
     'given.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout', 60, 'Multi-process runs: seconds without a heartbeat after which a '
+    'process counts as lost and the others stop, naming it (gpt_jax/liveness.py).')
 _START_OVER = flags.DEFINE_bool(
     'start_over', False, 'Move existing checkpoints aside and train from step 0 (needed when '
     'none of them can be read).')
@@ -388,15 +391,22 @@ def main(argv, configure=None):
   cli.keep_freed_host_memory()
   cli.skip_absent_tpu()
   cli.quiet_logs()
+  heartbeat = liveness.jax_heartbeat_timeout(_HEARTBEAT_TIMEOUT.value)
   if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_seconds=heartbeat)
   elif _DISTRIBUTED.value == 'on' or (_DISTRIBUTED.value == 'auto' and _multiprocess_job()):
-    jax.distributed.initialize()  # jax detects the coordinator, process count and id
+    # jax detects the coordinator, process count and id
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+  liveness.watch(_HEARTBEAT_TIMEOUT.value)  # multi-process: a lost process stops the others
   try:
     with cli.one_line_errors(FloatingPointError):
       if configure is not None:
         configure(_CONFIG.value)
       train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
+  except jax.errors.JaxRuntimeError:
+    liveness.wait_for_lost_process()  # a collective failing because a process died: name it
+    raise
   except (checkpoint.CheckpointWriteError, MetricsWriteError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     # Skip interpreter teardown: Orbax's failed writer threads would print tracebacks after it.
@@ -404,4 +414,4 @@ def main(argv, configure=None):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

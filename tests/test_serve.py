@@ -2,6 +2,7 @@
 streaming, n, stop, seeds; batching invariance; bad requests; disconnects; a bounded load test."""
 
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -12,12 +13,14 @@ import threading
 import time
 
 import httpx
+import hypothesis
+from hypothesis import strategies as st
 import openai
 import pytest
 from fastapi import testclient
 
 from conftest import REPO, module_env, train
-from gpt_jax import chat_template, serve, tokenizer as tokenizer_lib
+from gpt_jax import chat_template, serve, serving, tokenizer as tokenizer_lib
 
 SLOTS = 8
 # A byte-level tiny model; vocab_size leaves room for the chat tokens. Greedy decoding of a model
@@ -325,17 +328,303 @@ def test_load_64_concurrent_requests_with_malformed_ones(server, client):
   assert rss[1] - rss[0] < 50, f'server memory grew from {rss[0]:.0f} to {rss[1]:.0f} MB'
 
 
-def test_model_without_chat_tokens_and_int8_weights(workdirs):
-  """In-process: the plain workdir, int8 weights; chat is a clear 400, completions work."""
-  server = serve.load(workdirs[0], quantize_mode='int8', slots=2)
+# -------------------------------------------------------------------- facing a network
+
+
+@pytest.fixture(scope='module')
+def local(workdirs):
+  """An in-process Server on the chat workdir, int8 weights, 2 slots (limits set per test)."""
+  server = serve.load(workdirs[1], quantize_mode='int8', slots=2)
+  yield server
+  server.engine.stop()
+
+
+def test_model_without_chat_tokens_and_int8_weights(local, workdirs):
+  """The same int8 engine behind the plain workdir's tokenizer: chat is a clear 400,
+  completions work."""
+  plain = serve.Server(local.engine, tokenizer_lib.load(os.path.join(workdirs[0], 'tokenizer')),
+                       'plain')
+  with testclient.TestClient(serve.create_app(plain)) as http:
+    response = http.post('/v1/chat/completions', json={
+        'model': 'plain', 'messages': [{'role': 'user', 'content': 'Hi'}]})
+    assert 'no chat template' in check_error(response, 400, 'messages')
+    response = http.post('/v1/completions', json={
+        'model': 'plain', 'prompt': 'The ', 'max_tokens': 8, 'temperature': 0})
+    assert response.status_code == 200
+    assert response.json()['usage']['completion_tokens'] <= 8
+
+
+def _hold_slots(server, count, seconds_per_token=0.02):
+  """`count` sequences submitted straight to the engine, each slowing every step it is in and
+  running until cancelled (or to the end of the context: 2.5 s)."""
+  seqs = [serving.Sequence([1, 2], server.context - 2,
+                           lambda _: time.sleep(seconds_per_token) or False,
+                           lambda reason, error: None, temperature=0) for _ in range(count)]
+  for seq in seqs:
+    server.engine.submit(seq)
+  return seqs
+
+
+def _until(condition, timeout=10):
+  deadline = time.time() + timeout
+  while not condition():
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.01)
+
+
+def _release(server, seqs):
+  for seq in seqs:
+    seq.cancel()
+  _until(lambda: server.engine.busy_slots == 0 and server.engine.waiting == 0)
+
+
+def test_api_key_guards_every_endpoint_but_health(local, workdirs):
+  body = {'model': 'tiny-chat', 'prompt': 'The ', 'max_tokens': 3, 'temperature': 0}
+  with testclient.TestClient(serve.create_app(local, api_key='s3cret')) as http:
+    assert http.get('/health').status_code == 200
+    for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': 's3cret'},
+                    {'Authorization': 'Basic s3cret'}, {'Authorization': 'Bearer s3cret-'}):
+      for method, path in (('GET', '/v1/models'), ('POST', '/v1/completions'),
+                           ('GET', '/v1/nowhere')):
+        response = http.request(method, path, json=body, headers=headers)
+        assert 'API key' in check_error(response, 401, None)
+        assert response.json()['error']['code'] == 'invalid_api_key'
+        assert response.headers['WWW-Authenticate'] == 'Bearer'
+    key = {'Authorization': 'Bearer s3cret'}
+    assert http.get('/v1/models', headers=key).json()['data'][0]['id'] == 'tiny-chat'
+    assert http.post('/v1/completions', json=body, headers=key).json()['usage'][
+        'completion_tokens'] == 3
+    # The openai client sends its api_key this way.
+    client = openai.OpenAI(base_url='http://testserver/v1', api_key='s3cret', http_client=http,
+                           max_retries=0)
+    assert client.completions.create(**body).usage.completion_tokens == 3
+    with pytest.raises(openai.AuthenticationError, match='API key'):
+      openai.OpenAI(base_url='http://testserver/v1', api_key='nope', http_client=http,
+                    max_retries=0).models.list()
+
+  # The binary: a key from the environment; a warning when listening beyond loopback without one.
+  def start(host, key):
+    env = {**module_env(), serve.API_KEY_ENV: key}
+    return subprocess.Popen([sys.executable, '-m', 'gpt_jax.serve', f'--host={host}',
+                             f'--workdir={workdirs[1]}-missing'], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  runs = [start('0.0.0.0', ''), start('0.0.0.0', 'k')]
+  outputs = [proc.communicate(timeout=60)[1].strip().splitlines() for proc in runs]
+  missing = f'error: Workdir {workdirs[1]}-missing does not exist'
+  assert outputs[0] == ['warning: serving on 0.0.0.0 without an API key: anyone who can reach '
+                        'port 8000 can use the model (set GPT_JAX_API_KEY or --api_key).', missing]
+  assert outputs[1] == [missing]
+
+
+def test_a_full_queue_answers_429_with_retry_after(local):
+  local.max_queue = 1
+  held = _hold_slots(local, 3)  # two in the slots, one waiting: the queue is full
   try:
-    with testclient.TestClient(serve.create_app(server)) as http:
-      response = http.post('/v1/chat/completions', json={
-          'model': server.model_name, 'messages': [{'role': 'user', 'content': 'Hi'}]})
-      assert 'no chat template' in check_error(response, 400, 'messages')
-      response = http.post('/v1/completions', json={
-          'model': server.model_name, 'prompt': 'The ', 'max_tokens': 8, 'temperature': 0})
-      assert response.status_code == 200
-      assert response.json()['usage']['completion_tokens'] <= 8
+    _until(lambda: local.engine.busy_slots == 2 and local.engine.waiting == 1)
+    with testclient.TestClient(serve.create_app(local)) as http:
+      body = {'model': 'tiny-chat', 'prompt': 'The ', 'max_tokens': 3}
+      response = http.post('/v1/completions', json=body)
+      assert 'busy' in check_error(response, 429, None)
+      assert response.headers['Retry-After'] == '1'
+      assert response.json()['error']['type'] == 'rate_limit_error'
+      # More choices than slots and queue together can never be served: 400, not 429.
+      assert 'holds at most 3' in check_error(http.post('/v1/completions', json={**body, 'n': 4}),
+                                              400, 'n')
+      assert local.engine.waiting == 1  # nothing was queued
+      _release(local, held)
+      assert http.post('/v1/completions', json={**body, 'n': 3}).status_code == 200
   finally:
-    server.engine.stop()
+    local.max_queue = 1024
+    _release(local, held)
+
+
+def test_request_timeout_ends_waiting_and_running_requests_and_frees_slots(local):
+  local.request_timeout = 0.5
+  held = _hold_slots(local, 2)
+  try:
+    _until(lambda: local.engine.busy_slots == 2)
+    with testclient.TestClient(serve.create_app(local)) as http:
+      body = {'model': 'tiny-chat', 'prompt': 'The ', 'max_tokens': 100, 'temperature': 0}
+      start = time.perf_counter()
+      response = http.post('/v1/completions', json=body)
+      assert 0.5 <= time.perf_counter() - start < 5
+      assert 'within the server\'s --request_timeout of 0.5 s (while waiting for a slot)' in \
+          check_error(response, 408, None)
+      assert response.json()['error']['code'] == 'request_timeout'
+      _until(lambda: local.engine.waiting == 0)  # it left the queue
+
+      held[0].cancel()  # one slot free; the other sequence slows every step to >= 20 ms
+      _until(lambda: local.engine.busy_slots == 1)
+      message = check_error(http.post('/v1/completions', json=body), 408, None)
+      assert 'tokens); it was ended and its slots freed' in message
+      _until(lambda: local.engine.busy_slots == 1)  # its slot is free again
+      with http.stream('POST', '/v1/completions', json={**body, 'stream': True}) as response:
+        assert response.status_code == 200
+        events = [line[len('data: '):] for line in response.iter_lines() if line]
+      assert events[-1] == '[DONE]'
+      assert json.loads(events[-2])['error']['code'] == 'request_timeout'
+      assert all('choices' in json.loads(e) for e in events[:-2])
+      _until(lambda: local.engine.busy_slots == 1)
+  finally:
+    local.request_timeout = 600
+    _release(local, held)
+
+
+# -------------------------------------------------------------------- fuzzing
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([
+        0, -1, 2**31, 2**63, 10**30, -10**30]) | st.floats(allow_nan=False) |
+    st.sampled_from([1e308, -1e308, 5e-324, 0.0, -0.0]) | st.text() |
+    st.sampled_from(['', '\x00', '\x1b[2J', '\u202e\u200b', '😀' * 50, 'a' * 10_000, '\ufffd']),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=8)
+RAW_BODIES = [
+    b'', b'{', b'null', b'[]', b'"x"', b'1e999', b'NaN', b'{"model": NaN, "prompt": "x"}',
+    b'{"model": "tiny-chat", "prompt": "x", "temperature": NaN}',
+    b'{"model": "tiny-chat", "prompt": "x", "top_p": Infinity}',
+    b'{"model": "tiny-chat", "prompt": "\\ud800"}',  # a lone surrogate
+    b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "\\udfff"}]}',
+    b'{"model": "tiny-chat", "prompt": "\xff\xfe\xfa"}',  # not UTF-8
+    b'\xef\xbb\xbf{"model": "tiny-chat", "prompt": "x"}',  # a byte order mark
+    b'[' * 100_000 + b']' * 100_000,
+    b'{"model": "tiny-chat", "prompt": "x", "max_tokens": 1' + b'0' * 5000 + b'}',
+    b'{"model": "tiny-chat", "prompt": "x", "model": 5}',
+    b' ' * (serve.MAX_BODY_BYTES + 1)]
+
+
+def _from_schema(schema, components):
+  """Values valid under an OpenAPI (JSON Schema) node, for the forms FastAPI's schema uses."""
+  if '$ref' in schema:
+    return _from_schema(components[schema['$ref'].rsplit('/', 1)[1]], components)
+  if 'anyOf' in schema:
+    return st.one_of([_from_schema(s, components) for s in schema['anyOf']])
+  kind = schema.get('type')
+  if kind == 'object' and 'properties' in schema:
+    required = set(schema.get('required', ()))
+    return st.fixed_dictionaries(
+        {k: _from_schema(v, components) for k, v in schema['properties'].items() if k in required},
+        optional={k: _from_schema(v, components) for k, v in schema['properties'].items()
+                  if k not in required})
+  if kind == 'object':
+    values = _from_schema(schema.get('additionalProperties', {}), components)
+    return st.dictionaries(st.text(max_size=16), values, max_size=3)
+  if kind == 'array':
+    return st.lists(_from_schema(schema.get('items', {}), components), max_size=5)
+  if kind == 'integer':
+    return st.integers(min_value=schema.get('minimum') and int(schema['minimum']),
+                       max_value=schema.get('maximum') and int(schema['maximum']))
+  if kind == 'number':
+    return st.floats(schema.get('minimum', schema.get('exclusiveMinimum')),
+                     schema.get('maximum'), exclude_min='exclusiveMinimum' in schema,
+                     allow_nan=False)
+  simple = {'string': st.text(), 'boolean': st.booleans(), 'null': st.none()}
+  return simple.get(kind, JSON_VALUES)
+
+
+def _schema_bodies(spec, name):
+  """Request bodies valid under the server's OpenAPI schema for `name`, half of them naming the
+  served model; at most 2 prompts, n <= 2 and max_tokens <= 3 (decoding is not what is fuzzed)."""
+
+  def shape(body, named):
+    for key in ('max_tokens', 'max_completion_tokens'):
+      if isinstance(body.get(key), int):
+        body[key] = min(body[key], 3)
+    body['n'] = min(body.get('n', 1), 2)
+    if isinstance(body.get('prompt'), list) and body['prompt'] and \
+        not isinstance(body['prompt'][0], int):
+      body['prompt'] = body['prompt'][:2]
+    if name == 'ChatRequest' and not body.get('max_completion_tokens'):
+      body['max_tokens'] = min(body.get('max_tokens') or 3, 3)  # not the rest of the context
+    if named:
+      body['model'] = 'tiny-chat'
+    return body
+  components = spec['components']['schemas']
+  return st.builds(shape, _from_schema(components[name], components), st.booleans())
+
+
+def _mutated(bodies):
+  """A schema body with one field set to any JSON value, or an unknown field added."""
+  return st.builds(lambda body, key, value: {**body, key: value}, bodies,
+                   st.sampled_from(['model', 'prompt', 'messages', 'max_tokens', 'temperature',
+                                    'top_p', 'n', 'stop', 'seed', 'stream', 'stream_options',
+                                    'echo', 'max_completion_tokens', 'user', 'logit_bias']) |
+                   st.text(max_size=12), JSON_VALUES)
+
+
+def test_fuzz_1200_requests_from_the_openapi_schema_and_around_it(local):
+  """Schema-valid bodies, mutated ones, raw bytes (not JSON, not UTF-8, lone surrogates, deep
+  nesting, oversized), odd headers, methods and paths: never a 5xx, and afterwards valid requests
+  are answered as before."""
+  app = serve.create_app(local)
+  spec = app.openapi()
+  paths = {'/v1/completions': 'CompletionRequest', '/v1/chat/completions': 'ChatRequest'}
+  bodies = {path: _schema_bodies(spec, name) for path, name in paths.items()}
+  reference = {'model': 'tiny-chat', 'prompt': 'The ', 'max_tokens': 6, 'temperature': 0}
+  statuses = collections.Counter()
+  with testclient.TestClient(app) as http:
+    before = http.post('/v1/completions', json=reference).json()['choices'][0]['text']
+
+    def send(method, path, content, content_type='application/json'):
+      response = http.request(method, path, content=content,
+                              headers={'content-type': content_type})
+      statuses[response.status_code] += 1
+      assert response.status_code < 500, (method, path, response.text[:300])
+      if response.status_code >= 400:
+        check_error(response, response.status_code, response.json()['error']['param'])
+      return response
+
+    @hypothesis.settings(max_examples=1200, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.data())
+    def fuzz(data):
+      path = data.draw(st.sampled_from(list(paths)))
+      kind = data.draw(st.sampled_from(['schema', 'mutated', 'mutated', 'raw', 'other']))
+      if kind == 'raw':
+        raw = data.draw(st.integers(0, len(RAW_BODIES) - 1) | st.binary(max_size=200))
+        send('POST', path, RAW_BODIES[raw] if isinstance(raw, int) else raw)
+      elif kind == 'other':
+        send(data.draw(st.sampled_from(['GET', 'PUT', 'DELETE', 'POST'])),
+             data.draw(st.sampled_from(['/v1/models/x', '/v1/nowhere', '/v1', '/', path])),
+             json.dumps(data.draw(JSON_VALUES)).encode(),
+             data.draw(st.sampled_from(['text/plain', 'application/json', '', 'x/\x7f'])))
+      else:
+        body = data.draw(bodies[path] if kind == 'schema' else _mutated(bodies[path]))
+        send('POST', path, json.dumps(body).encode())
+
+    fuzz()  # pylint: disable=no-value-for-parameter
+    chunked = (b' ' * (1 << 20) for _ in range(5))  # no Content-Length: counted as it arrives
+    assert 'exceeds' in check_error(send('POST', '/v1/completions', chunked), 413, None)
+    assert sum(statuses.values()) >= 1200
+    assert statuses[200] >= 50, statuses  # the schema's valid requests were answered, too
+    _until(lambda: local.engine.busy_slots == 0 and local.engine.waiting == 0)
+    assert http.post('/v1/completions', json=reference).json()['choices'][0]['text'] == before
+
+
+def test_garbage_on_the_socket_leaves_the_server_serving(server, client):
+  """Below HTTP: bytes that are not a request, invalid UTF-8 in the request line and headers, a
+  body cut short, a connection closed mid-request; then the server answers as before."""
+  url, proc = server
+  port = int(url.rsplit(':', 1)[1])
+  before = client.completions.create(model=MODEL, prompt='The ', max_tokens=5,
+                                     temperature=0).choices[0].text
+  junk = [b'\x00\xff' * 100 + b'\r\n\r\n', b'GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n',
+          b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-\xff: \xfe\r\n\r\n',
+          b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"mod',
+          b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n',
+          b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n',
+          b'GET /health HTTP/1.1\r\n' + b'X: ' + b'a' * 100_000 + b'\r\n\r\n', b'POST']
+  for data in junk:
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
+      s.sendall(data)
+      s.shutdown(socket.SHUT_WR)
+      try:
+        reply = s.recv(100)
+      except (ConnectionResetError, TimeoutError):
+        reply = b''
+      assert not reply.startswith(b'HTTP/1.1 5'), (data[:60], reply)
+  assert proc.poll() is None
+  assert health(url)['busy_slots'] == 0
+  assert client.completions.create(model=MODEL, prompt='The ', max_tokens=5,
+                                   temperature=0).choices[0].text == before

@@ -60,6 +60,9 @@ ROWS['remat/splash/full/loop'] = ('remat', 'llama_1b', 'v5p-8', [
 MEMORY_VARIANTS = {'chunk': ['--config.model.loss_chunk=512'],
                    'chunk_bf16': ['--config.model.loss_chunk=512',
                                   '--config.model.residual_dtype=bfloat16']}
+ROWS['remat/splash/full/loop/chunk_bf16'] = ('remat', 'llama_1b', 'v5p-8', [
+    '--config.model.attention=splash', '--config.model.scan_layers=False', '--noeval']
+    + MEMORY_VARIANTS['chunk_bf16'], MAXTEXT_1B[('splash', 'full')])
 for remat in ('full', 'projections'):
   for variant, variant_flags in MEMORY_VARIANTS.items():
     ROWS[f'remat/splash/{remat}/scan/{variant}'] = ('remat', 'llama_1b', 'v5p-8', [
