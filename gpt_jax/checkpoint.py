@@ -416,7 +416,13 @@ def load_model(workdir: str, step: int | None = None, placement=None):
     return model_cfg, params, step
 
   trainable = trainable_params(config, tokenizer_lib.load(os.path.join(workdir, 'tokenizer')))
-  abstract_trained = trainable.split(_abstract_params(Transformer(model_cfg, lora), placement))[0]
+  # What the run trained: adapters and a few embedding rows, small enough to replicate.
+  shapes = jax.eval_shape(lambda tree: trainable.split(tree)[0],
+                          _abstract_params(Transformer(model_cfg, lora), None))
+  where = (jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec())
+           if placement else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  abstract_trained = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shapes)
   trained, step = restore_params(workdir, abstract_trained, step)
   _, base, _ = load_model(config.init_from, config.init_step, placement)
   base = lora_lib.grow_vocab(base, model_cfg.vocab_size)
