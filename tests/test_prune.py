@@ -32,9 +32,9 @@ CRITERION = {'gpt2': 'magnitude', 'llama_gqa': 'activation'}
 
 
 @pytest.fixture(scope='module', params=sorted(LAYOUTS))
-def workdir(request, corpus, tmp_path_factory):
+def workdir(request, corpus, tfds_dir, tmp_path_factory):
   path = str(tmp_path_factory.mktemp(request.param))
-  cfg, params = make_workdir(path, corpus, scale=10.0, **LAYOUTS[request.param])
+  cfg, params = make_workdir(path, corpus, tfds_dir, scale=10.0, **LAYOUTS[request.param])
   return path, cfg, params, request.param
 
 

@@ -21,11 +21,13 @@ def write_corpus(directory: str) -> str:
   return path
 
 
-def make_workdir(workdir: str, corpus: str, seed: int = 0, scale: float = 1.0, **model) -> tuple:
+def make_workdir(workdir: str, corpus: str, tfds_dir: str, seed: int = 0, scale: float = 1.0,
+                 **model) -> tuple:
   """(ModelConfig, params) of a new workdir on `corpus` (char tokenizer, 64-token context).
   `scale` multiplies every initial weight: larger weights make heads and units differ more."""
   config = config_lib.base_config()
   config.data.text_files, config.data.tokenizer = corpus, 'char'
+  config.data.tfds_data_dir = tfds_dir
   config.data.seq_len, config.data.batch_size = 32, 4
   fields = dict(max_len=64, num_layers=2, num_heads=4, emb_dim=32, mlp_dim=64, dropout=0.0)
   fields.update(model)
