@@ -139,14 +139,16 @@ class Distillation(steps_lib.Objective):
   def loss(self, model, params, batch, dropout_rng, inputs):
     deterministic = model.cfg.dropout == 0 and model.lora.dropout == 0
     logits = steps_lib.batch_logits(model, params, batch, deterministic, dropout_rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+    weights = batch.get('weights', jnp.ones_like(ce)).astype(ce.dtype)
+    mean = lambda x: jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1)
+    if self.alpha == 0:  # cross-entropy alone: the teacher is not run (a from-scratch baseline)
+      return mean(ce), {'train_ce': mean(ce)}
     teacher_logits = jax.lax.stop_gradient(
         steps_lib.batch_logits(self.teacher_model, inputs, batch))
     t = self.temperature
     kl = optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(logits / t),
                                                      jax.nn.log_softmax(teacher_logits / t))
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-    weights = batch.get('weights', jnp.ones_like(ce)).astype(ce.dtype)
-    mean = lambda x: jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1)
     kl, ce = mean(kl), mean(ce)
     loss = self.alpha * t ** 2 * kl + (1 - self.alpha) * ce
     return loss, {'distill_kl': kl, 'train_ce': ce}

@@ -44,7 +44,8 @@ def distill(workdir, teacher, check=True, **overrides):
 def test_loss_is_the_weighted_sum_of_tempered_kl_and_cross_entropy():
   cfg = ModelConfig(vocab_size=11, max_len=8, num_layers=1, num_heads=2, emb_dim=16, mlp_dim=32)
   model = Transformer(cfg)
-  init = lambda seed: nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))[
+  init_fn = jax.jit(model.init)  # one compilation for both
+  init = lambda seed: nn.unbox(init_fn(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))[
       'params']
   student, teacher_params = init(0), jax.tree.map(lambda x: 5 * x, init(1))
   rng = np.random.default_rng(0)
