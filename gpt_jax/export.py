@@ -21,9 +21,9 @@ padding changes no earlier token's logits).
 `jax.export.deserialize(bytes).call(...)`, no gpt_jax needed) and `<name>.mlir` (the StableHLO
 module as text, for other XLA runtimes). `onnx`: `forward.onnx`, through the Hugging Face GPT-2
 form of the model (gpt_jax.convert) and torch.onnx, checked with onnx.checker; only models in
-the GPT-2 layout export. Either way `manifest.json` lists each function's inputs and outputs
-(names, shapes, dtypes, in the flat order of the arguments) and the tokenizer's files are copied
-to `tokenizer/`. The vocabulary may have padding rows: only logits below manifest['num_tokens']
+the GPT-2 layout (with biases or without: zero ones) export. Either way `manifest.json` lists
+each function's inputs and outputs (names, shapes, dtypes, in the flat order of the arguments)
+and the tokenizer's files are copied to `tokenizer/`. The vocabulary may have padding rows: only logits below manifest['num_tokens']
 are tokens.
 """
 
@@ -33,6 +33,8 @@ import os
 import shutil
 
 from absl import app, flags
+from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,12 +118,22 @@ def export_stablehlo(cfg: ModelConfig, params, out: str, batch: int, max_len: in
   return entries
 
 
+def with_zero_biases(cfg: ModelConfig, params) -> dict:
+  """`params` of a model without biases, with the zero biases of the same model with them."""
+  with_biases = nn.unbox(jax.eval_shape(lambda: Transformer(dataclasses.replace(
+      cfg, use_bias=True)).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))['params']
+  given = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({
+      path: given[path] if path in given else np.zeros(leaf.shape, leaf.dtype)
+      for path, leaf in traverse_util.flatten_dict(with_biases).items()})
+
+
 def check_onnx_exportable(cfg: ModelConfig, model_fields: dict, decode: bool) -> None:
   """A ConfigError naming what the ONNX export cannot express."""
   if decode:
     raise ConfigError('--decode: the ONNX export has the forward function only; export '
                       '--format=stablehlo for prefill and decode_step')
-  convert.check_gpt2_layout(model_fields)
+  convert.check_gpt2_layout(dict(model_fields, use_bias=True))  # no biases: zero ones
   if cfg.compute_dtype != 'float32' or cfg.param_dtype != 'float32':
     raise ConfigError(f'model.compute_dtype={cfg.compute_dtype!r}, model.param_dtype='
                       f'{cfg.param_dtype!r}: the ONNX export is float32')
@@ -135,6 +147,9 @@ def export_onnx(cfg: ModelConfig, params, model_fields: dict, out: str, batch: i
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
 
+  if not cfg.use_bias:  # GPT-2 has biases: zero ones add nothing
+    model_fields = dict(model_fields, use_bias=True)
+    params = with_zero_biases(cfg, params)
   hf_config = transformers.GPT2Config(**{
       k: v for k, v in convert.hf_config_from_model(model_fields, None).items()
       if k not in ('architectures', 'model_type')})
