@@ -28,7 +28,7 @@ STUDENT = {'model.num_layers': 1, 'model.emb_dim': 32, 'model.mlp_dim': 64, 'mod
 @pytest.fixture(scope='module')
 def teacher(tmp_path_factory, tfds_dir):
   directory = tmp_path_factory.mktemp('distill')
-  corpus = write_corpus(str(directory))
+  corpus = write_corpus(tfds_dir)
   path = str(directory / 'teacher')
   make_workdir(path, corpus, tfds_dir, scale=3.0, num_kv_heads=2, mlp='swiglu')
   return path

@@ -46,7 +46,7 @@ print(json.dumps({'imported_gpt_jax': 'gpt_jax' in sys.modules, 'tokens': np.arr
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory, tfds_dir):
   path = tmp_path_factory.mktemp('export')
-  corpus = write_corpus(str(path))
+  corpus = write_corpus(tfds_dir)
   # No biases: the ONNX form gives GPT-2 zero ones.
   cfg, params = make_workdir(str(path / 'model'), corpus, tfds_dir, scale=3.0, use_bias=False)
   return str(path / 'model'), cfg, params

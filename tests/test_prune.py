@@ -23,8 +23,8 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 20, (2, 24)), jnp.int3
 
 
 @pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  return write_corpus(str(tmp_path_factory.mktemp('corpus')))
+def corpus(tfds_dir):
+  return write_corpus(tfds_dir)
 
 
 # Each layout ranks by one criterion (both criteria run, in half the time).

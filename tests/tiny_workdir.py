@@ -7,17 +7,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpt_jax import checkpoint, config as config_lib, data
+from gpt_jax import checkpoint, config as config_lib
+from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.model import ModelConfig, Transformer
 
 TEXT = ''.join(f'{i} little lambs ate {i * 7 % 13} green leaves; ' for i in range(600))
 
 
 def write_corpus(directory: str) -> str:
-  """A small text file (the char tokenizer's alphabet comes from it); returns its path."""
+  """A small text file (the char tokenizer's alphabet comes from it); returns its path. Written
+  once per directory: pass the session's TFDS dir, so that TFDS prepares it once per session."""
   path = os.path.join(directory, 'corpus.txt')
-  with open(path, 'w') as f:
-    f.write(TEXT)
+  if not os.path.exists(path):
+    with open(path, 'w') as f:
+      f.write(TEXT)
   return path
 
 
@@ -33,7 +36,8 @@ def make_workdir(workdir: str, corpus: str, tfds_dir: str, seed: int = 0, scale:
   fields.update(model)
   for key, value in fields.items():
     config.model[key] = value
-  tokenizer = data.prepare_tokenizer(config, workdir)
+  # Built from the text itself: TFDS prepares the corpus only for the tests that read batches.
+  tokenizer = tokenizer_lib.build(config.data, [TEXT], os.path.join(workdir, 'tokenizer'))
   config.model.vocab_size = tokenizer.vocab_size
   cfg = ModelConfig.from_config(config.model)
   params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(seed),
