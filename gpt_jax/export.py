@@ -23,8 +23,8 @@ module as text, for other XLA runtimes). `onnx`: `forward.onnx`, through the Hug
 form of the model (gpt_jax.convert) and torch.onnx, checked with onnx.checker; only models in
 the GPT-2 layout (with biases or without: zero ones) export. Either way `manifest.json` lists
 each function's inputs and outputs (names, shapes, dtypes, in the flat order of the arguments)
-and the tokenizer's files are copied to `tokenizer/`. The vocabulary may have padding rows: only logits below manifest['num_tokens']
-are tokens.
+and the tokenizer's files are copied to `tokenizer/`. The vocabulary may have padding rows:
+only logits below manifest['num_tokens'] are tokens.
 """
 
 import dataclasses

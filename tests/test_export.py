@@ -23,8 +23,9 @@ PROMPTS = [[3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1, 8]]
 RELOAD = r'''
 import json, sys
 import jax, numpy as np
-out, tokens, prompts, new = sys.argv[1], np.load(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
-load = lambda name: jax.export.deserialize(bytearray(open(f'{out}/{name}.jax_exported', 'rb').read()))
+out, tokens = sys.argv[1], np.load(sys.argv[2])
+prompts, new = json.loads(sys.argv[3]), int(sys.argv[4])
+load = lambda name: jax.export.deserialize(open(f'{out}/{name}.jax_exported', 'rb').read())
 manifest = json.load(open(f'{out}/manifest.json'))
 np.save(sys.argv[2] + '.logits.npy', np.asarray(load('forward').call(tokens)))
 num_tokens = manifest['num_tokens']
@@ -39,7 +40,8 @@ for _ in range(new):
   generated.append(next_tokens.tolist())
   logits, cache = step.call(next_tokens, lengths, cache)
   lengths = lengths + 1
-print(json.dumps({'imported_gpt_jax': 'gpt_jax' in sys.modules, 'tokens': np.array(generated).T.tolist()}))
+print(json.dumps({'imported_gpt_jax': 'gpt_jax' in sys.modules,
+                  'tokens': np.array(generated).T.tolist()}))
 '''
 
 
