@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 from absl import app, flags, logging
 
-from gpt_jax import chat_template, checkpoint, cli, decode, quantize, sample
+from gpt_jax import chat_template, checkpoint, cli, decode, quantize, sample, sharding
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
@@ -51,6 +51,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.DEFINE_enum('quantize', 'none', quantize.MODES, 'Weights: float as trained, or int8 '
                     '(weight-only, per-channel scales; about 4x less parameter memory).')
+  cli.define_mesh_flag()
 
 
 def stop_ids(tokenizer) -> set[int]:
@@ -142,15 +143,16 @@ class Chat:
 
 
 def load_chat(workdir: str, step: int | None = None, quantize_mode: str = 'none',
-              **kwargs) -> tuple[Chat, int]:
+              mesh: str = '', **kwargs) -> tuple[Chat, int]:
   """(a Chat with the workdir's model, its checkpoint step); kwargs as Chat. quantize_mode:
-  'none' or 'int8' (gpt_jax.quantize)."""
-  checkpoint.load_config(workdir)  # a clear error before the tokenizer's
+  'none' or 'int8' (gpt_jax.quantize); mesh: as --mesh (sharding.inference_placement)."""
+  config = checkpoint.load_config(workdir)  # a clear error before the tokenizer's
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
   chat_template.end_of_turn_id(tokenizer)  # no chat tokens: say so before loading the model
-  model_cfg, params, step = checkpoint.load_model(workdir, step)
+  placement = sharding.inference_placement(mesh, config.mesh)
+  model_cfg, params, step = checkpoint.load_model(workdir, step, placement)
   generator = quantize.generator(model_cfg, quantize.apply(params, quantize_mode),
-                                 tokenizer.vocab_size)
+                                 tokenizer.vocab_size, placement=placement)
   return Chat(generator, tokenizer, **kwargs), step
 
 
@@ -230,7 +232,7 @@ def main(argv):
     if message is not None and not message.strip():
       raise ConfigError('--message is empty')
     chat, _ = load_chat(
-        FLAGS.workdir, FLAGS.step, FLAGS.quantize, system=FLAGS.system,
+        FLAGS.workdir, FLAGS.step, FLAGS.quantize, FLAGS.mesh, system=FLAGS.system,
         max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, temperature=FLAGS.temperature,
         top_k=FLAGS.top_k, top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty)
     if message is not None:

@@ -10,6 +10,7 @@ adapters and the rows of the chat tokens. Its base is `init_from` at the recorde
 `load_model` rebuilds the base, grows its vocabulary as the run did, and merges the adapters.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from gpt_jax import chat_template, files, lora as lora_lib
 from gpt_jax import config as config_lib
+from gpt_jax import sharding
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import PARAMETER_FIELDS, ModelConfig, Transformer, unstack_layers
@@ -314,31 +316,63 @@ def _single_device(abstract_tree):
                       abstract_tree)
 
 
-def load_model(workdir: str, step: int | None = None):
-  """(ModelConfig, params on the first device, step) from a workdir; no optimizer state.
+def _abstract_params(model: Transformer, placement):
+  """Parameters' abstract arrays: on `placement`'s mesh by their logical names, or on the first
+  device."""
+  if placement is None:
+    return _single_device(nn.unbox(jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))['params'])
+  return sharding.abstract_params(model, 1, placement.mesh, placement.rules)
 
-  Scanned layers come back as per-layer parameters (and a config saying so), ready to decode.
-  A LoRA workdir's adapters come back merged into its base's weights.
+
+def _unstack_in_place(model_cfg: ModelConfig, params, placement):
+  """unstack_layers, one stacked leaf at a time into each layer's own sharding, so that a
+  sharded model never needs twice its memory on a device."""
+  if placement is None or not model_cfg.scan_layers:
+    return unstack_layers(model_cfg, params)
+  params = dict(params)
+  stacked, treedef = jax.tree.flatten(params.pop('blocks'))
+  layers = [[] for _ in range(model_cfg.num_layers)]
+  for i, leaf in enumerate(stacked):
+    stacked[i] = None  # freed as soon as it is split
+    each = jax.sharding.NamedSharding(leaf.sharding.mesh,
+                                      jax.sharding.PartitionSpec(*leaf.sharding.spec[1:]))
+    parts = jax.jit(lambda x: [x[n] for n in range(model_cfg.num_layers)],
+                    out_shardings=each)(leaf)
+    del leaf
+    for n, part in enumerate(parts):
+      layers[n].append(part)
+  for n, leaves in enumerate(layers):
+    params[f'block_{n}'] = jax.tree.unflatten(treedef, leaves)
+  return dataclasses.replace(model_cfg, scan_layers=False, scan_unroll=1), params
+
+
+def load_model(workdir: str, step: int | None = None, placement=None):
+  """(ModelConfig, params, step) from a workdir; no optimizer state.
+
+  The parameters go straight into the shardings `placement` (a sharding.Placement) gives them,
+  never gathered on one device; without one, onto the first device. Scanned layers come back as
+  per-layer parameters (and a config saying so), ready to decode. A LoRA workdir's adapters come
+  back merged into its base's weights.
 
   The checkpoint may have been written by any number of devices and processes.
   """
   config = load_config(workdir)
   model_cfg = ModelConfig.from_config(config.model)
+  if placement is not None:
+    sharding.check_heads_fit(model_cfg.num_heads, model_cfg.kv_heads, placement)
   lora = config_lib.lora_config(config)
   if not lora.rank:
-    abstract = nn.unbox(jax.eval_shape(
-        lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
-    params, step = restore_params(workdir, _single_device(abstract['params']), step)
-    model_cfg, params = unstack_layers(model_cfg, params)
+    params, step = restore_params(workdir, _abstract_params(Transformer(model_cfg), placement),
+                                  step)
+    model_cfg, params = _unstack_in_place(model_cfg, params, placement)
     return model_cfg, params, step
 
   trainable = trainable_params(config, tokenizer_lib.load(os.path.join(workdir, 'tokenizer')))
-  abstract_trained = jax.eval_shape(lambda: trainable.split(nn.unbox(
-      Transformer(model_cfg, lora).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-  )['params'])[0])
-  trained, step = restore_params(workdir, _single_device(abstract_trained), step)
-  _, base, _ = load_model(config.init_from, config.init_step)
+  abstract_trained = trainable.split(_abstract_params(Transformer(model_cfg, lora), placement))[0]
+  trained, step = restore_params(workdir, abstract_trained, step)
+  _, base, _ = load_model(config.init_from, config.init_step, placement)
   base = lora_lib.grow_vocab(base, model_cfg.vocab_size)
-  model_cfg, trained = unstack_layers(model_cfg, trained)
+  model_cfg, trained = _unstack_in_place(model_cfg, trained, placement)
   params = lora_lib.merge(trainable.assemble(trained, base), lora)
   return model_cfg, params, step

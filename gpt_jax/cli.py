@@ -15,6 +15,14 @@ _KEEP_FREED_HOST_MEMORY = flags.DEFINE_bool(
     'does not fault in each step\'s temporary buffer afresh (gpt_jax/host_memory.py).')
 
 
+def define_mesh_flag() -> None:
+  """--mesh, for the binaries that run a trained model (sample, chat, eval, serve)."""
+  flags.DEFINE_string(
+      'mesh', '', 'Devices as DATAxFSDPxTENSOR sizes, e.g. 1x1x8 (one may be -1): parameters '
+      'load straight into their shards, and the KV cache and batch split like the activations. '
+      'Default: the training config\'s mesh where it fits the devices, else all on data.')
+
+
 def keep_freed_host_memory() -> None:
   """Unless --keep_freed_host_memory=false; call before anything starts JAX."""
   if _KEEP_FREED_HOST_MEMORY.value:

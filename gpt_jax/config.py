@@ -140,7 +140,7 @@ def validate(config) -> None:
   _choice('optim.muon_ns_coeffs', config.optim.muon_ns_coeffs, ('standard', 'polar_express'))
   _choice('model.attention', model.attention, kernels.ATTENTION)
   _choice('model.remat', model.remat, ('none', 'full', 'dots_saveable', 'projections'))
-  for dtype_field in ('compute_dtype', 'param_dtype'):
+  for dtype_field in ('compute_dtype', 'param_dtype', 'residual_dtype'):
     _choice(f'model.{dtype_field}', getattr(model, dtype_field), ('float32', 'bfloat16', 'float16'))
   positive = {
       'model.num_layers': model.num_layers, 'model.num_heads': model.num_heads,
@@ -170,6 +170,9 @@ def validate(config) -> None:
     if not 1 <= config.optim.muon_ns_steps <= len(POLAR_EXPRESS_COEFFS):
       raise ConfigError(f'config.optim.muon_ns_steps ({config.optim.muon_ns_steps}) must be 1 to '
                         f'{len(POLAR_EXPRESS_COEFFS)} with optim.muon_ns_coeffs=polar_express')
+  if model.loss_chunk < 0 or (model.loss_chunk and config.data.seq_len % model.loss_chunk):
+    raise ConfigError(f'config.model.loss_chunk ({model.loss_chunk}) must be 0 (off) or divide '
+                      f'data.seq_len ({config.data.seq_len})')
   if config.data.seq_len > model.max_len:
     raise ConfigError(f'config.data.seq_len ({config.data.seq_len}) exceeds '
                      f'config.model.max_len ({model.max_len})')

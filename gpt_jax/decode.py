@@ -26,6 +26,7 @@ max_new_tokens within a bucket, temperature, top_p, repetition_penalty, eos_id a
 are traced values: changing them reuses the program.
 """
 
+import contextlib
 import dataclasses
 from typing import Iterator, Sequence
 
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax import kernel_layout, target
+from gpt_jax import kernel_layout, sharding, target
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer, init_cache, unstack_layers
 
@@ -138,6 +139,7 @@ class _Request:
   cache_len: int
   mode: _Mode
   dynamic: tuple        # eos_id, seed, temperature, top_p, repetition_penalty
+  rows: int             # the caller's rows (the rest pad the batch to the mesh)
 
 
 def cache_compiler_options() -> dict:
@@ -182,17 +184,22 @@ class Generator:
   """Jitted prefill, step and whole-loop programs for one model; reused across calls."""
 
   def __init__(self, cfg: ModelConfig, params, num_tokens: int | None = None,
-               output_major: bool | None = None):
+               output_major: bool | None = None, placement: sharding.Placement | None = None):
     """num_tokens: the tokenizer's vocabulary size; ids past it are never drawn.
 
     output_major: hold the projection kernels [out, in] (gpt_jax/kernel_layout.py); None: on
-    CPU only. `params` come in the trained layout; `self.params` are in the layout held.
+    one CPU device only. `params` come in the trained layout; `self.params` are in the layout
+    held. placement: the mesh and rules of sharded `params` (checkpoint.load_model's); the
+    programs run on its devices, the batch padded to a multiple of its batch shards.
     """
     cfg, params = unstack_layers(cfg, params)  # decoding runs the blocks one by one
-    self.output_major = kernel_layout.wanted() if output_major is None else output_major
+    if output_major is None:
+      output_major = kernel_layout.wanted() and (placement is None or placement.num_devices == 1)
+    self.output_major = output_major
     if self.output_major:
       params = kernel_layout.to_output_major(params)
     self.cfg, self.params, self.num_tokens = cfg, params, num_tokens
+    self.placement = placement
     self.model = Transformer(cfg)
     options = cache_compiler_options()
     self._prefill = jax.jit(self._prefill_impl, static_argnames=('mode', 'cache_len'),
@@ -203,6 +210,10 @@ class Generator:
                              compiler_options=options)
 
   # ---------------------------------------------------------------- device programs
+
+  def _on_devices(self):
+    """The context the programs are traced and run in: the placement's mesh and rules."""
+    return self.placement.activate() if self.placement else contextlib.nullcontext()
 
   def _apply(self, params, tokens, positions, cache, logits_at=None):
     with kernel_layout.output_major_projections(self.output_major):
@@ -286,14 +297,16 @@ class Generator:
     (jax.ShapeDtypeStruct on another platform's device) they compile for it (gpt_jax.aot)."""
     req = self._request([[0] * prompt_len] * batch, max_new_tokens, 1, False, None, 0,
                         **sampling)
-    loop = self._generate.lower(self.params, req.tokens, req.lengths, req.max_new, req.dynamic,
-                                mode=req.mode, cache_len=req.cache_len)
+    rows = req.tokens.shape[0]
     cache = jax.eval_shape(lambda: init_cache(dataclasses.replace(self.cfg,
-                                                                  max_len=req.cache_len), batch))
-    seen = jax.ShapeDtypeStruct((batch, self.cfg.vocab_size if req.mode.penalty else 0), bool)
-    tokens = np.zeros(batch, np.int32)
-    step = self._step.lower(self.params, tokens, tokens, cache, seen, np.int32(1), req.dynamic,
-                            mode=req.mode)
+                                                                  max_len=req.cache_len), rows))
+    seen = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size if req.mode.penalty else 0), bool)
+    tokens = np.zeros(rows, np.int32)
+    with self._on_devices():
+      loop = self._generate.lower(self.params, req.tokens, req.lengths, req.max_new,
+                                  req.dynamic, mode=req.mode, cache_len=req.cache_len)
+      step = self._step.lower(self.params, tokens, tokens, cache, seen, np.int32(1),
+                              req.dynamic, mode=req.mode)
     return loop, step
 
   # ---------------------------------------------------------------- host side
@@ -324,8 +337,13 @@ class Generator:
                                                 f'gpt_jax.sample, keeps its last {context - n})'
                                                 if n < context else ''))
     prompts = [p for p in prompts for _ in range(num_samples)]
-    lengths = np.array([len(p) for p in prompts], np.int32)
     max_new = np.repeat(np.asarray(max_new_tokens, np.int32), num_samples)
+    rows = len(prompts)
+    if self.placement:  # rows that split evenly over the batch shards; the extra end at once
+      padding = self.placement.rows(rows) - rows
+      prompts += [[0]] * padding
+      max_new = np.concatenate([max_new, np.ones(padding, np.int32)])
+    lengths = np.array([len(p) for p in prompts], np.int32)
     tokens = np.zeros((len(prompts), _bucket(int(lengths.max()), context)), np.int32)
     for row, prompt in enumerate(prompts):
       tokens[row, :len(prompt)] = prompt
@@ -335,7 +353,7 @@ class Generator:
     dynamic = (np.int32(PAD if eos_id is None else eos_id), np.int32(seed),
                np.float32(temperature or 1.0), np.float32(top_p), np.float32(repetition_penalty))
     return _Request(tokens, lengths, max_new, _bucket(int((lengths + max_new).max()), context),
-                    mode, dynamic)
+                    mode, dynamic, rows)
 
   def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
              eos_id: int | None = None, num_samples: int = 1, truncate: bool = False,
@@ -352,16 +370,18 @@ class Generator:
     return self._stream(req)
 
   def _stream(self, req: _Request) -> Iterator[np.ndarray]:
-    tokens, cache, seen = self._prefill(self.params, req.tokens, req.lengths, req.dynamic,
-                                        mode=req.mode, cache_len=req.cache_len)
+    with self._on_devices():
+      tokens, cache, seen = self._prefill(self.params, req.tokens, req.lengths, req.dynamic,
+                                          mode=req.mode, cache_len=req.cache_len)
     positions = req.lengths.copy()
     done = np.zeros(len(req.lengths), bool)
     for step in range(int(req.max_new.max())):
       if step + 1 < req.max_new.max():  # dispatched before this step's tokens are read back
-        next_tokens, cache, seen = self._step(self.params, tokens, positions, cache, seen,
-                                              np.int32(step + 1), req.dynamic, mode=req.mode)
+        with self._on_devices():
+          next_tokens, cache, seen = self._step(self.params, tokens, positions, cache, seen,
+                                                np.int32(step + 1), req.dynamic, mode=req.mode)
       host = np.where(done, PAD, np.asarray(tokens))
-      yield host
+      yield host[:req.rows]
       done |= (host == req.dynamic[0]) | (step + 1 >= req.max_new)
       if done.all():
         return
@@ -375,9 +395,11 @@ class Generator:
     Arguments as `stream`; equals collecting `stream`'s tokens for the same seed.
     """
     req = self._request(prompts, max_new_tokens, num_samples, truncate, eos_id, seed, **sampling)
-    out = np.asarray(self._generate(self.params, req.tokens, req.lengths, req.max_new,
-                                    req.dynamic, mode=req.mode, cache_len=req.cache_len))
-    return [[int(t) for t in row[:n] if t != PAD] for row, n in zip(out, req.max_new)]
+    with self._on_devices():
+      out = np.asarray(self._generate(self.params, req.tokens, req.lengths, req.max_new,
+                                      req.dynamic, mode=req.mode, cache_len=req.cache_len))
+    return [[int(t) for t in row[:n] if t != PAD]
+            for row, n in zip(out[:req.rows], req.max_new)]
 
 
 # ------------------------------------------------------------------ text

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt_jax import checkpoint
+from gpt_jax import checkpoint, sharding
 from gpt_jax import config as config_lib
 from gpt_jax import steps as steps_lib
 from gpt_jax.errors import ConfigError
@@ -130,7 +130,7 @@ class Distillation(steps_lib.Objective):
     return Transformer(teacher_model_config(self.teacher))
 
   def abstract_inputs(self, seq_len: int, mesh, rules):
-    return steps_lib.abstract_params(self.teacher_model, seq_len, mesh, rules)
+    return sharding.abstract_params(self.teacher_model, seq_len, mesh, rules)
 
   def load_inputs(self, abstract_inputs):
     params, _ = checkpoint.restore_params(self.teacher, abstract_inputs, self.teacher_step)
@@ -138,12 +138,13 @@ class Distillation(steps_lib.Objective):
 
   def loss(self, model, params, batch, dropout_rng, inputs):
     deterministic = model.cfg.dropout == 0 and model.lora.dropout == 0
+    if self.alpha == 0:  # cross-entropy alone: the teacher is not run (a from-scratch baseline)
+      ce = steps_lib.loss_fn(model, params, batch, dropout_rng)
+      return ce, {'train_ce': ce}
     logits = steps_lib.batch_logits(model, params, batch, deterministic, dropout_rng)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
     weights = batch.get('weights', jnp.ones_like(ce)).astype(ce.dtype)
     mean = lambda x: jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1)
-    if self.alpha == 0:  # cross-entropy alone: the teacher is not run (a from-scratch baseline)
-      return mean(ce), {'train_ce': mean(ce)}
     teacher_logits = jax.lax.stop_gradient(
         steps_lib.batch_logits(self.teacher_model, inputs, batch))
     t = self.temperature

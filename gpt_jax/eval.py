@@ -38,6 +38,7 @@ tokens for the loss. Written to <workdir>/eval/chat-<files>-step<step>.json, wit
 reference and answer in the .samples.jsonl beside it.
 """
 
+import contextlib
 import glob
 import json
 import math
@@ -52,7 +53,7 @@ import numpy as np
 import optax
 import tqdm
 
-from gpt_jax import chat_template, checkpoint, cli, data, decode
+from gpt_jax import chat_template, checkpoint, cli, data, decode, sharding
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.chat import stop_ids
 from gpt_jax.errors import ConfigError
@@ -69,13 +70,14 @@ def define_flags() -> None:
                       "of the workdir's dataset.")
   flags.DEFINE_integer('seq_len', 0, 'Tokens per window (0: config.data.seq_len).')
   flags.DEFINE_integer('batch_size', 0, 'Windows per batch (0: config.data.batch_size); '
-                       'rounded up to a multiple of the device count.')
+                       'rounded up to a multiple of the mesh\'s batch shards (data x fsdp).')
   flags.DEFINE_string('tfds_data_dir', None, "TFDS data dir (default: the workdir config's).")
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
   flags.DEFINE_string('chat_files', '', 'Score greedy answers to these conversations (a glob '
                       'of JSONL files) instead of the loss on a split.')
   flags.DEFINE_integer('max_new_tokens', 128, 'With --chat_files: most tokens in one answer.')
+  cli.define_mesh_flag()
 
 
 def windows(tokens: np.ndarray, seq_len: int, batch_size: int):
@@ -100,8 +102,8 @@ def windows(tokens: np.ndarray, seq_len: int, batch_size: int):
 
 def evaluate(workdir: str, split: str = '', text_files: str = '', seq_len: int = 0,
              batch_size: int = 0, step: int | None = None, tfds_data_dir: str | None = None,
-             progress_bar: bool = False) -> dict:
-  """Evaluates and writes the result JSON; returns the result."""
+             progress_bar: bool = False, mesh: str = '') -> dict:
+  """Evaluates and writes the result JSON; returns the result. mesh: as --mesh."""
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'Workdir {workdir} does not exist')
   config = checkpoint.load_config(workdir)
@@ -114,26 +116,23 @@ def evaluate(workdir: str, split: str = '', text_files: str = '', seq_len: int =
     data_config.tfds_data_dir = tfds_data_dir
   split = split or data_config.val_split
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
-  model_cfg, params, step = checkpoint.load_model(workdir, step)
+  placement = sharding.inference_placement(mesh, config.mesh)
+  model_cfg, params, step = checkpoint.load_model(workdir, step, placement)
   seq_len = seq_len or min(data_config.seq_len, model_cfg.max_len)
   if not 0 < seq_len <= model_cfg.max_len:
     raise ConfigError(f'--seq_len must be in [1, {model_cfg.max_len}] (the model\'s context), '
                       f'got {seq_len}')
-  devices = jax.local_devices()
   batch_size = batch_size or data_config.batch_size
   if batch_size <= 0:
     raise ConfigError(f'--batch_size must be positive, got {batch_size}')
-  batch_size = -(-batch_size // len(devices)) * len(devices)
+  batch_size = placement.rows(batch_size)
 
   tokens = data.token_stream(data_config, tokenizer, workdir, split)
   if len(tokens) < 2:
     raise ConfigError(f'Split {split!r} has {len(tokens)} tokens: nothing to predict')
   num_bytes = sum(len(text.encode('utf-8')) for text in data.open_texts(data_config, split))
 
-  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  params = jax.device_put(params, replicated)
+  rows = placement.sharding('batch', 'length')
   model = Transformer(model_cfg)
 
   @jax.jit
@@ -148,7 +147,8 @@ def evaluate(workdir: str, split: str = '', text_files: str = '', seq_len: int =
   start = time.perf_counter()
   loss_sum = 0.0
   for batch in windows(tokens, seq_len, batch_size):
-    loss_sum += float(eval_step(params, jax.device_put(batch, rows)))
+    with placement.activate():
+      loss_sum += float(eval_step(params, jax.device_put(batch, rows)))
     progress.update()
   progress.close()
 
@@ -160,7 +160,8 @@ def evaluate(workdir: str, split: str = '', text_files: str = '', seq_len: int =
       'loss': loss, 'perplexity': math.exp(min(loss, 700)),
       'bits_per_byte': loss_sum / (math.log(2) * num_bytes) if num_bytes else None,
       'loss_sum': loss_sum, 'tokens': count, 'bytes': num_bytes, 'seq_len': seq_len,
-      'batch_size': batch_size, 'devices': len(devices),
+      'batch_size': batch_size, 'devices': placement.num_devices,
+      'mesh': dict(placement.mesh.shape),
       'seconds': round(time.perf_counter() - start, 3),
   }
   out_dir = os.path.join(workdir, 'eval')
@@ -200,9 +201,11 @@ def _batches(items: list, batch_size: int):
 
 
 def assistant_loss(model_cfg, params, conversations: list[chat_template.Rendered],
-                   batch_size: int, progress_bar: bool = False) -> tuple[float, float]:
+                   batch_size: int, progress_bar: bool = False,
+                   placement: sharding.Placement | None = None) -> tuple[float, float]:
   """(total nats, tokens) of the weighted (assistant) tokens of rendered conversations; one longer
-  than the context is scored on its last max_len + 1 tokens."""
+  than the context is scored on its last max_len + 1 tokens. With a placement, batch_size must
+  be a multiple of its batch shards."""
   length = min(model_cfg.max_len, max(len(c.tokens) for c in conversations) - 1)
   model = Transformer(model_cfg)
 
@@ -221,7 +224,8 @@ def assistant_loss(model_cfg, params, conversations: list[chat_template.Rendered
       kept = slice(-(length + 1), None)
       tokens[row, :len(conversation.tokens[kept])] = conversation.tokens[kept]
       weights[row, :len(conversation.weights[kept])] = conversation.weights[kept]
-    batch_loss, batch_count = loss_sums(params, tokens, weights)
+    with placement.activate() if placement else contextlib.nullcontext():
+      batch_loss, batch_count = loss_sums(params, tokens, weights)
     loss_sum, count = loss_sum + float(batch_loss), count + float(batch_count)
   return loss_sum, count
 
@@ -253,7 +257,7 @@ def generate_answers(generator: decode.Generator, tokenizer, prompts: list[list[
 
 
 def evaluate_chat(workdir: str, chat_files: str, max_new_tokens: int = 128, batch_size: int = 0,
-                  step: int | None = None, progress_bar: bool = False) -> dict:
+                  step: int | None = None, progress_bar: bool = False, mesh: str = '') -> dict:
   """Scores greedy answers to the conversations and writes the result JSON; returns the result."""
   from rouge_score import rouge_scorer  # imports nltk (seconds): only the chat mode needs it
   import sacrebleu
@@ -268,16 +272,19 @@ def evaluate_chat(workdir: str, chat_files: str, max_new_tokens: int = 128, batc
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
   chat_template.end_of_turn_id(tokenizer)  # no chat tokens: say so before loading anything
   examples = read_chat_examples(chat_files)
-  model_cfg, params, step = checkpoint.load_model(workdir, step)
+  placement = sharding.inference_placement(mesh, config.mesh)
+  batch_size = placement.rows(batch_size)
+  model_cfg, params, step = checkpoint.load_model(workdir, step, placement)
 
   start = time.perf_counter()
   conversations = [chat_template.render(tokenizer, whole) for _, _, whole in examples]
-  loss_sum, count = assistant_loss(model_cfg, params, conversations, batch_size, progress_bar)
+  loss_sum, count = assistant_loss(model_cfg, params, conversations, batch_size, progress_bar,
+                                   placement)
   prompts = [chat_template.render(tokenizer, prompt, add_generation_prompt=True).tokens
              for prompt, _, _ in examples]
-  answers, truncated = generate_answers(decode.Generator(model_cfg, params, tokenizer.vocab_size),
-                                        tokenizer, prompts,
-                                        max_new_tokens, batch_size, progress_bar)
+  generator = decode.Generator(model_cfg, params, tokenizer.vocab_size, placement=placement)
+  answers, truncated = generate_answers(generator, tokenizer, prompts, max_new_tokens, batch_size,
+                                        progress_bar)
   references = [reference for _, reference, _ in examples]
   scorer = rouge_scorer.RougeScorer(['rougeL'])
   rouge_l = [scorer.score(ref, answer)['rougeL'].fmeasure for ref, answer in
@@ -324,14 +331,15 @@ def main(argv):
       if given:
         raise ConfigError(f'--chat_files cannot be combined with {", ".join(given)}')
       result = evaluate_chat(FLAGS.workdir, FLAGS.chat_files, FLAGS.max_new_tokens,
-                             FLAGS.batch_size, FLAGS.step, FLAGS.progress_bar)
+                             FLAGS.batch_size, FLAGS.step, FLAGS.progress_bar, FLAGS.mesh)
       print(f"chat {result['chat_files']} (step {result['step']}): BLEU {result['bleu']:.2f}, "
             f"ROUGE-L {result['rouge_l']:.2f}, exact match {result['exact_match']:.1%}, "
             f"assistant loss {result['assistant_loss']:.4f} over {result['conversations']:,} "
             f"conversations -> {result['path']}")
       return
     result = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.text_files, FLAGS.seq_len,
-                      FLAGS.batch_size, FLAGS.step, FLAGS.tfds_data_dir, FLAGS.progress_bar)
+                      FLAGS.batch_size, FLAGS.step, FLAGS.tfds_data_dir, FLAGS.progress_bar,
+                      FLAGS.mesh)
   print(f"{result['dataset']} {result['split']} (step {result['step']}): loss "
         f"{result['loss']:.4f}, perplexity {result['perplexity']:.2f}, bits/byte "
         f"{result['bits_per_byte']:.4f} over {result['tokens']:,} tokens, {result['bytes']:,} "

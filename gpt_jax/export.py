@@ -134,9 +134,9 @@ def check_onnx_exportable(cfg: ModelConfig, model_fields: dict, decode: bool) ->
     raise ConfigError('--decode: the ONNX export has the forward function only; export '
                       '--format=stablehlo for prefill and decode_step')
   convert.check_gpt2_layout(dict(model_fields, use_bias=True))  # no biases: zero ones
-  if cfg.compute_dtype != 'float32' or cfg.param_dtype != 'float32':
-    raise ConfigError(f'model.compute_dtype={cfg.compute_dtype!r}, model.param_dtype='
-                      f'{cfg.param_dtype!r}: the ONNX export is float32')
+  for field in ('compute_dtype', 'param_dtype', 'residual_dtype'):
+    if getattr(cfg, field) != 'float32':
+      raise ConfigError(f'model.{field}={getattr(cfg, field)!r}: the ONNX export is float32')
 
 
 def export_onnx(cfg: ModelConfig, params, model_fields: dict, out: str, batch: int,

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 import flax.linen as nn
 from gpt_jax import kernels, target
 from gpt_jax.activations import gelu
@@ -33,6 +34,7 @@ Array = jax.Array
 # are contiguous, as attention reads them; with the slots axis second, XLA:CPU transposed the
 # whole cache at every decoding step (11x slower attention at batch 8).
 LayerCache = dict[str, Array]
+CACHE_AXES = ('batch', 'act_kv_heads', None, 'head_dim')  # sharded like the activations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,10 @@ class ModelConfig:
   qk_norm: bool = False          # RMSNorm of each head's query and key (before RoPE)
   dropout: float = 0.0
   param_dtype: str = 'float32'
-  compute_dtype: str = 'float32'  # matmul inputs and outputs, activations (residual: float32)
+  compute_dtype: str = 'float32'  # matmul inputs and outputs, activations
+  residual_dtype: str = 'float32'  # the residual stream between blocks (and what full remat
+                                   # keeps of each block); 'bfloat16' halves that, as MaxText's
+                                   # bf16 activations do
   attention: str = 'auto'        # 'auto' | 'xla' | 'splash' | 'cudnn' (gpt_jax/kernels)
   splash_block_q: int = 512      # splash attention's blocks (capped at the sequence length)
   splash_block_kv: int = 512
@@ -67,6 +72,10 @@ class ModelConfig:
                                  # [b, h, t, t] logits included, recompute the rest) |
                                  # 'projections' (keep the projections' and the head's outputs,
                                  # not attention's logits or probabilities)
+  loss_chunk: int = 0            # training and evaluation losses: the output head and the
+                                 # cross-entropy run over this many positions at a time, so
+                                 # float32 logits [batch, chunk, vocab] exist instead of
+                                 # [batch, length, vocab] (0: all positions at once)
   scan_layers: bool = False      # one nn.scan over the blocks: compile time independent of depth
   scan_unroll: int = 1           # blocks per scan iteration (num_layers: straight-line code over
                                  # the stacked parameters)
@@ -362,7 +371,8 @@ class Attention(nn.Module):
       # write those into their positions' slots.
       y = cached_attention(q, k, v, cache['k'].astype(q.dtype), cache['v'].astype(q.dtype),
                            positions)
-      cache = {name: write_cache(cache[name], new, positions) for name, new in (('k', k), ('v', v))}
+      cache = {name: _constrain(write_cache(cache[name], new, positions), CACHE_AXES)
+               for name, new in (('k', k), ('v', v))}
     y = _constrain(y, ('batch', 'length', 'act_heads', 'head_dim'))
     y = _project(self, y, 'bthv,hve->bte', (cfg.num_heads, d, e), ('heads', 'head_dim', 'embed'),
                  'out', lora, deterministic, stddev=out_std)
@@ -401,9 +411,9 @@ class Block(nn.Module):
     cfg, deterministic = self.cfg, self.deterministic
     y, cache = Attention(cfg, self.lora, name='attn')(make_norm(cfg, 'ln_1')(x), positions,
                                                       segment_ids, cache, deterministic)
-    x = x + y.astype(jnp.float32)
+    x = x + y.astype(x.dtype)
     x = x + Mlp(cfg, self.lora, name='mlp')(make_norm(cfg, 'ln_2')(x),
-                                            deterministic).astype(jnp.float32)
+                                            deterministic).astype(x.dtype)
     return _constrain(x, ('batch', 'length', 'act_embed')), cache
 
 
@@ -431,7 +441,8 @@ class Transformer(nn.Module):
   attention to equal ids. A token attends to no later one in the sequence (nor to a later
   position), whatever the positions. logits_at [batch, n] (indices along length): the logits
   of those tokens only, [batch, n, vocab] (a prefill needs its last token's, and the output
-  head is a large product).
+  head is a large product). hidden_only: the final norm's output [batch, length, emb_dim]
+  instead of the logits (for `chunked_token_losses`).
   """
   cfg: ModelConfig
   lora: LoraConfig = NO_LORA
@@ -439,20 +450,21 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None,
                cache: list[LayerCache] | None = None, deterministic: bool = True,
-               segment_ids: Array | None = None, logits_at: Array | None = None):
+               segment_ids: Array | None = None, logits_at: Array | None = None,
+               hidden_only: bool = False):
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    # Looked up in the parameters' dtype: the residual stream is float32 in any precision, and a
+    # Looked up in the parameters' dtype, then cast to the residual dtype: a
     # bf16 lookup converted the whole table at every step (124M bf16 steps: 1.01-1.03x).
     embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype=jnp.dtype(cfg.param_dtype),
                   param_dtype=jnp.dtype(cfg.param_dtype),
                   embedding_init=_init(0.02, ('vocab', 'embed')), name='wte')
-    x = embed(tokens).astype(jnp.float32)
+    x = embed(tokens).astype(cfg.residual_dtype)
     if cfg.position == 'learned':
       wpe = self.param('wpe', _init(0.02, ('position', 'embed')), (cfg.max_len, cfg.emb_dim),
                        jnp.dtype(cfg.param_dtype))
-      x = x + jnp.take(wpe, positions, axis=0).astype(jnp.float32)
+      x = x + jnp.take(wpe, positions, axis=0).astype(x.dtype)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = _constrain(x, ('batch', 'length', 'act_embed'))
 
@@ -481,6 +493,8 @@ class Transformer(nn.Module):
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
     x = make_norm(cfg, 'ln_f')(x)
+    if hidden_only:
+      return x, new_cache
 
     # The head's float32 sums are the logits as they are: rounding them to the compute dtype
     # would lose precision and cost two passes over [tokens, vocab].
@@ -493,6 +507,36 @@ class Transformer(nn.Module):
                       use_bias=False, out_dtype=jnp.float32)(x)
     logits = _constrain(logits, ('batch', 'length', 'act_vocab'))
     return logits, new_cache
+
+
+def chunked_token_losses(cfg: ModelConfig, params, hidden: Array, targets: Array,
+                         chunk: int) -> Array:
+  """Per-token cross-entropy [batch, length] of the output head over `hidden` (the model's
+  hidden_only output), `chunk` positions at a time. Each chunk's float32 logits are computed,
+  reduced to losses and dropped, and computed again in the backward pass (jax.checkpoint): the
+  whole [batch, length, vocab] logits, the largest activation of a large-vocabulary model,
+  never exist at once. Equals the losses of the full logits."""
+  batch, length, emb = hidden.shape
+  if length % chunk:
+    raise ConfigError(f'config.model.loss_chunk ({chunk}) must divide the sequence length '
+                      f'({length})')
+  if cfg.tie_embeddings:
+    kernel, transposed = nn.unbox(params['wte']['embedding']), True
+  else:
+    kernel, transposed = nn.unbox(params['lm_head']['kernel']), False
+
+  @jax.checkpoint
+  def losses_of(x, chunk_targets):
+    logits = matmul(x.reshape(-1, emb), kernel, cfg.compute_dtype, w_transposed=transposed,
+                    out_dtype=jnp.float32).reshape(batch, chunk, cfg.vocab_size)
+    logits = _constrain(logits, ('batch', 'length', 'act_vocab'))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, chunk_targets)
+
+  chunks = length // chunk
+  xs = hidden.reshape(batch, chunks, chunk, emb).swapaxes(0, 1)
+  ts = targets.reshape(batch, chunks, chunk).swapaxes(0, 1)
+  losses = jax.lax.map(lambda pair: losses_of(*pair), (xs, ts))  # [chunks, batch, chunk]
+  return losses.swapaxes(0, 1).reshape(batch, length)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, dtype: Any = None) -> list[LayerCache]:

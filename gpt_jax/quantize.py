@@ -105,9 +105,9 @@ class _Dequantizing:
 
 
 def generator(cfg: ModelConfig, params, num_tokens: int | None = None,
-              output_major: bool | None = None) -> decode.Generator:
+              output_major: bool | None = None, placement=None) -> decode.Generator:
   """A decode.Generator for float or `quantize_params` parameters (sample, chat and eval use)."""
-  gen = decode.Generator(cfg, params, num_tokens, output_major)
+  gen = decode.Generator(cfg, params, num_tokens, output_major, placement)
   if is_quantized(params):
     gen.model = _Dequantizing(gen.model)
   return gen

@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags, logging
 
-from gpt_jax import checkpoint, cli, decode, quantize, tokenizer as tokenizer_lib
+from gpt_jax import checkpoint, cli, decode, quantize, sharding, tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -44,6 +44,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.DEFINE_enum('quantize', 'none', quantize.MODES, 'Weights: float as trained, or int8 '
                     '(weight-only, per-channel scales; about 4x less parameter memory).')
+  cli.define_mesh_flag()
 
 
 def check_flags(f) -> None:
@@ -74,11 +75,12 @@ def main(argv):
   cli.quiet_logs(logging.ERROR)
   with cli.one_line_errors():  # e.g. a prompt longer than the context
     check_flags(FLAGS)
-    checkpoint.load_config(FLAGS.workdir)  # a clear error before the tokenizer's
+    config = checkpoint.load_config(FLAGS.workdir)  # a clear error before the tokenizer's
     tokenizer = tokenizer_lib.load(os.path.join(FLAGS.workdir, 'tokenizer'))
-    model_cfg, params, _ = checkpoint.load_model(FLAGS.workdir, FLAGS.step)
+    placement = sharding.inference_placement(FLAGS.mesh, config.mesh)
+    model_cfg, params, _ = checkpoint.load_model(FLAGS.workdir, FLAGS.step, placement)
     generator = quantize.generator(model_cfg, quantize.apply(params, FLAGS.quantize),
-                                   tokenizer.vocab_size)
+                                   tokenizer.vocab_size, placement=placement)
     stop = [codecs.decode(s.encode('latin-1', 'backslashreplace'), 'unicode_escape')
             for s in FLAGS.stop]
     prompts = FLAGS.prompt

@@ -38,6 +38,7 @@ from starlette import exceptions as starlette_exceptions
 import uvicorn
 
 from gpt_jax import chat as chat_lib, checkpoint, chat_template, cli, decode, quantize, serving
+from gpt_jax import sharding
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
@@ -58,6 +59,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('slots', 16, 'Sequences decoded together (KV cache rows).')
   flags.DEFINE_integer('max_waiting', 1024, 'Choices that may wait for a slot; beyond, 429.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  cli.define_mesh_flag()
 
 
 # -------------------------------------------------------------------- errors
@@ -430,17 +432,19 @@ async def _events(kind, meta, prompts, queue, seqs, req, chat):
 
 
 def load(workdir: str, quantize_mode: str = 'none', slots: int = 16, step: int | None = None,
-         model_name: str = '', max_waiting: int = 1024) -> Server:
-  """A Server for a workdir, its programs compiled."""
+         model_name: str = '', max_waiting: int = 1024, mesh: str = '') -> Server:
+  """A Server for a workdir, its programs compiled; mesh: as --mesh."""
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'Workdir {workdir} does not exist')
   if slots < 1:
     raise ConfigError(f'--slots must be >= 1, got {slots}')
-  checkpoint.load_config(workdir)
+  config = checkpoint.load_config(workdir)
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
-  cfg, params, _ = checkpoint.load_model(workdir, step)
+  placement = sharding.inference_placement(mesh, config.mesh)
+  cfg, params, _ = checkpoint.load_model(workdir, step, placement)
   params = quantize.apply(params, quantize_mode)
-  engine = serving.Engine(cfg, params, slots=slots, num_tokens=tokenizer.vocab_size)
+  engine = serving.Engine(cfg, params, slots=slots, num_tokens=tokenizer.vocab_size,
+                          placement=placement)
   engine.compile()
   name = model_name or os.path.basename(os.path.normpath(workdir))
   return Server(engine.start(), tokenizer, name, max_waiting)
@@ -455,7 +459,7 @@ def main(argv):
     if not FLAGS.workdir:
       raise ConfigError('--workdir is required')
     server = load(FLAGS.workdir, FLAGS.quantize, FLAGS.slots, FLAGS.step, FLAGS.model_name,
-                  FLAGS.max_waiting)
+                  FLAGS.max_waiting, FLAGS.mesh)
   print(f"Serving '{server.model_name}' ({server.engine.slots} slots, context {server.context}, "
         f"quantize={FLAGS.quantize}, chat={'yes' if server.chat else 'no'}) on "
         f'http://{FLAGS.host}:{FLAGS.port}/v1', flush=True)

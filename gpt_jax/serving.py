@@ -20,6 +20,7 @@ each sequence's `on_token(token)` and `on_finish(reason, error)` from there.
 """
 
 import collections
+import contextlib
 import dataclasses
 import threading
 from typing import Callable
@@ -28,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax import decode, kernel_layout, quantize
-from gpt_jax.model import ModelConfig, Transformer, init_cache
+from gpt_jax import decode, kernel_layout, quantize, sharding
+from gpt_jax.model import CACHE_AXES, ModelConfig, Transformer, init_cache
 
 
 @dataclasses.dataclass(eq=False)
@@ -56,17 +57,29 @@ class Sequence:
 class Engine:
   """Fixed-slot continuous batching for one model (float or `quantize.quantize_params`)."""
 
-  def __init__(self, cfg: ModelConfig, params, slots: int = 8, num_tokens: int | None = None):
-    """num_tokens: the tokenizer's vocabulary size; ids past it are never drawn."""
+  def __init__(self, cfg: ModelConfig, params, slots: int = 8, num_tokens: int | None = None,
+               placement: sharding.Placement | None = None):
+    """num_tokens: the tokenizer's vocabulary size; ids past it are never drawn. placement: the
+    mesh and rules of sharded `params` (the slots are rounded up to its batch shards)."""
     if slots < 1:
       raise ValueError(f'slots must be >= 1, got {slots}')
-    self.output_major = kernel_layout.wanted()  # as decode.Generator
+    # As decode.Generator: output-major kernels on one CPU device.
+    self.output_major = kernel_layout.wanted() and (placement is None or
+                                                    placement.num_devices == 1)
     if self.output_major:
       params = kernel_layout.to_output_major(params)
+    if placement:
+      slots = placement.rows(slots)
     self.cfg, self.params, self.slots, self.num_tokens = cfg, params, slots, num_tokens
+    self.placement = placement
     self.context = cfg.max_len
     self._model = Transformer(cfg)
-    self._cache = init_cache(cfg, slots)
+    if placement:
+      with placement.activate():
+        self._cache = jax.jit(lambda: init_cache(cfg, slots),
+                              out_shardings=placement.sharding(*CACHE_AXES))()
+    else:
+      self._cache = init_cache(cfg, slots)
     options = decode.cache_compiler_options()
     self._step_fn = jax.jit(self._step_impl, donate_argnums=(1,), compiler_options=options)
     self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,), compiler_options=options)
@@ -85,6 +98,13 @@ class Engine:
     self.steps = 0  # step programs run (for tests and benchmarks)
 
   # ---------------------------------------------------------------- device programs
+
+  def _on_devices(self, one_row: bool = False):
+    """The context programs are traced and run in: the placement's mesh and rules (a prefill's
+    single row is not split over the batch shards)."""
+    if not self.placement:
+      return contextlib.nullcontext()
+    return (self.placement.unsplit_batch() if one_row else self.placement).activate()
 
   def _apply(self, params, tokens, positions, cache):
     with kernel_layout.output_major_projections(self.output_major):
@@ -118,8 +138,9 @@ class Engine:
       width = 16
       while True:
         width = decode._bucket(width, self.context)  # pylint: disable=protected-access
-        self._cache = self._prefill_fn(self.params, self._cache, np.int32(0),
-                                       np.zeros((1, width), np.int32))
+        with self._on_devices(one_row=True):
+          self._cache = self._prefill_fn(self.params, self._cache, np.int32(0),
+                                         np.zeros((1, width), np.int32))
         if width >= self.context:
           break
         width *= 2
@@ -164,7 +185,8 @@ class Engine:
       width = decode._bucket(len(prompt) - 1, self.context)  # pylint: disable=protected-access
       tokens = np.zeros((1, width), np.int32)
       tokens[0, :len(prompt) - 1] = prompt[:-1]
-      self._cache = self._prefill_fn(self.params, self._cache, np.int32(slot), tokens)
+      with self._on_devices(one_row=True):
+        self._cache = self._prefill_fn(self.params, self._cache, np.int32(slot), tokens)
     self._seqs[slot] = seq
     self._tokens[slot] = prompt[-1]
     self._positions[slot] = len(prompt) - 1
@@ -175,9 +197,10 @@ class Engine:
 
   def _run_step(self) -> np.ndarray:
     steps = np.array([s.generated if s else 0 for s in self._seqs], np.int32)
-    next_tokens, self._cache = self._step_fn(
-        self.params, self._cache, self._tokens, self._positions, steps, self._seed, self._row,
-        self._temperature, self._top_p)
+    with self._on_devices():
+      next_tokens, self._cache = self._step_fn(
+          self.params, self._cache, self._tokens, self._positions, steps, self._seed, self._row,
+          self._temperature, self._top_p)
     self.steps += 1
     return np.asarray(next_tokens)
 

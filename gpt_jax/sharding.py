@@ -5,11 +5,15 @@ parameters and optimizer state sharded, ZeRO-3 style) and `tensor` (Megatron-sty
 heads, MLP and vocabulary). The batch is split over `data` and `fsdp` together.
 """
 
+import contextlib
+import dataclasses
 import itertools
 import math
+import re
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from jax.experimental import mesh_utils
@@ -37,6 +41,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('length', None),
     ('act_embed', None),
     ('act_heads', 'tensor'),
+    ('act_kv_heads', 'tensor'),  # the KV cache's heads
     ('act_mlp', 'tensor'),
     ('act_vocab', 'tensor'),
 )
@@ -159,6 +164,100 @@ def logical_to_shardings(logical_specs, mesh: Mesh, rules):
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   """Sharding of a [batch, length] token array."""
   return nn.logical_to_mesh_sharding(PartitionSpec('batch', 'length'), mesh, rules)
+
+
+def abstract_params(model: nn.Module, seq_len: int, mesh: Mesh, rules):
+  """The parameters' abstract arrays, each with the sharding its logical names give."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len),
+                                                                         jnp.int32))['params'])
+  shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+  # Unboxed without a sharding constraint, which would need concrete arrays under a mesh.
+  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
+                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                      unboxed, shardings)
+
+
+# ------------------------------------------------------------------ inference
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """A mesh and the rules table: where an inference program's arrays live.
+
+  Programs are traced under `activate()`, so that the model's logical constraints (batch over
+  data x fsdp, heads over tensor) place activations and the KV cache. A batch is padded to a
+  multiple of `batch_shards` rows.
+  """
+  mesh: Mesh
+  rules: tuple
+
+  @property
+  def batch_shards(self) -> int:
+    return self.mesh.shape['data'] * self.mesh.shape['fsdp']
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+  def activate(self):
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def sharding(self, *logical_names) -> NamedSharding:
+    return nn.logical_to_mesh_sharding(PartitionSpec(*logical_names), self.mesh, self.rules)
+
+  def unsplit_batch(self) -> 'Placement':
+    """The same mesh with the batch replicated: for a program on a single row."""
+    return Placement(self.mesh, tuple((name, None if name == 'batch' else axes)
+                                      for name, axes in self.rules))
+
+  def rows(self, n: int) -> int:
+    """n rounded up to a multiple of the batch shards."""
+    return -(-n // self.batch_shards) * self.batch_shards
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'DxFxT' (data x fsdp x tensor sizes, one may be -1) -> {'data': D, 'fsdp': F, ...}."""
+  if not re.fullmatch(r'(-1|\d+)x(-1|\d+)x(-1|\d+)', text.strip()):
+    raise ConfigError(f'--mesh must be DATAxFSDPxTENSOR sizes such as 1x1x8 or -1x1x2, got '
+                      f'{text!r}')
+  return dict(zip(MESH_AXES, (int(n) for n in text.strip().split('x'))))
+
+
+def inference_placement(mesh_flag: str, mesh_config, devices=None) -> Placement:
+  """The Placement `--mesh` asks for (fixed sizes whose product is below the device count take
+  the first devices); without it, the training config's mesh where it fits the devices, else
+  every device on data."""
+  devices = list(devices if devices is not None else jax.devices())
+  rules = logical_rules(mesh_config)
+  if mesh_flag:
+    sizes = parse_mesh(mesh_flag)
+    if -1 not in sizes.values():
+      devices = devices[:math.prod(sizes.values())]
+    try:
+      shape = mesh_shape(sizes, len(devices))
+    except ConfigError as e:
+      raise ConfigError(str(e).replace('config.mesh', f'--mesh={mesh_flag}')) from None
+  else:
+    try:
+      shape = mesh_shape(mesh_config, len(devices))
+    except ConfigError:
+      shape = (len(devices), 1, 1)
+  mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+  return Placement(mesh, rules)
+
+
+def check_heads_fit(num_heads: int, kv_heads: int, placement: Placement) -> None:
+  """A one-line error when attention heads do not split over the tensor axis."""
+  tensor = placement.mesh.shape['tensor']
+  for count, what in ((kv_heads, 'key/value heads'), (num_heads, 'attention heads')):
+    if count % tensor:
+      raise ConfigError(f'The model\'s {count} {what} do not divide over tensor={tensor} '
+                        f'devices: choose a --mesh whose tensor size divides {count}')
 
 
 def bytes_per_device(tree) -> int:

@@ -23,7 +23,7 @@ import optax
 from gpt_jax import lora as lora_lib
 from gpt_jax import kernels, sharding, target
 from gpt_jax.errors import ConfigError
-from gpt_jax.model import Transformer
+from gpt_jax.model import Transformer, chunked_token_losses
 
 
 class TrainState(train_state.TrainState):
@@ -39,8 +39,8 @@ class TrainState(train_state.TrainState):
 
 
 def batch_logits(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
-  """The logits of every token of the batch. Packed batches pass segment_ids and positions, so
-  no token attends across conversations."""
+  """The logits of every token of the batch (all of them at once, whatever model.loss_chunk).
+  Packed batches pass segment_ids and positions, so no token attends across conversations."""
   logits, _ = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
                           segment_ids=batch.get('segment_ids'), deterministic=deterministic,
                           rngs={'dropout': dropout_rng} if dropout_rng is not None else {})
@@ -48,9 +48,18 @@ def batch_logits(model: Transformer, params, batch, deterministic=True, dropout_
 
 
 def token_losses(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
-  """(per-token cross-entropy, weights): weights are batch['weights'] or all ones."""
-  logits = batch_logits(model, params, batch, deterministic, dropout_rng)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  """(per-token cross-entropy, weights): weights are batch['weights'] or all ones. Packed
+  batches pass segment_ids and positions, so no token attends across conversations."""
+  chunk = model.cfg.loss_chunk
+  chunked = 0 < chunk < batch['inputs'].shape[1]
+  out, _ = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
+                       segment_ids=batch.get('segment_ids'), deterministic=deterministic,
+                       rngs={'dropout': dropout_rng} if dropout_rng is not None else {},
+                       hidden_only=chunked)
+  if chunked:
+    losses = chunked_token_losses(model.cfg, params, out, batch['targets'], chunk)
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(out, batch['targets'])
   weights = batch.get('weights', jnp.ones_like(losses)).astype(losses.dtype)
   return losses, weights
 
@@ -84,18 +93,6 @@ class Objective:
 
 
 CROSS_ENTROPY = Objective()
-
-
-def abstract_params(model: Transformer, seq_len: int, mesh, rules):
-  """The parameters' abstract arrays, each with the sharding its logical names give."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len),
-                                                                         jnp.int32))['params'])
-  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
-  # Unboxed without a sharding constraint, which would need concrete arrays under a mesh.
-  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
-                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                      unboxed, shardings)
 
 
 def compile_once_run(jitted, *args):

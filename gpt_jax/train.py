@@ -34,7 +34,6 @@ import tqdm
 from gpt_jax import (chat_template, checkpoint, cli, data, decode, flops, optim, sft_data,
                      sharding, traced_steps)
 from gpt_jax import steps as steps_lib
-from gpt_jax.steps import abstract_params
 from gpt_jax import config as config_lib
 from gpt_jax import lora as lora_lib
 from gpt_jax.metrics import MetricWriter, MetricsWriteError
@@ -113,7 +112,7 @@ def load_base_params(config, mesh, rules):
   """init_from's parameters at init_step, sharded by the rules (a LoRA base comes merged)."""
   base_config = checkpoint.load_config(config.init_from)
   base_cfg = ModelConfig.from_config(base_config.model)
-  abstract = abstract_params(Transformer(base_cfg), config.data.seq_len, mesh, rules)
+  abstract = sharding.abstract_params(Transformer(base_cfg), config.data.seq_len, mesh, rules)
   if config_lib.lora_config(base_config).rank:
     if base_cfg.scan_layers:
       raise ConfigError(f'{config.init_from} is a LoRA workdir with scanned layers: merge it '

@@ -307,3 +307,51 @@ def test_remat_projections_keeps_projections_but_not_attention_logits():
   logits = {'f32[2,2,16,16]', 'f32[2,2,16,32]'}
   assert logits <= saved('dots_saveable')
   assert not logits & saved('projections') and 'f32[64,64]' in saved('projections')
+
+
+@pytest.mark.parametrize('layout', [GPT2, LLAMA], ids=['tied', 'untied'])
+def test_loss_chunk_gives_the_losses_and_gradients_of_the_full_logits(layout):
+  from gpt_jax import steps  # pylint: disable=import-outside-toplevel
+  cfg, model, params = make(layout)
+  tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, cfg.vocab_size)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+
+  def loss_and_grads(chunk):
+    chunked = Transformer(dataclasses.replace(cfg, loss_chunk=chunk))
+    return jax.jit(jax.value_and_grad(lambda p: steps.loss_fn(chunked, p, batch, None)))(params)
+
+  loss, grads = loss_and_grads(0)
+  chunked_loss, chunked_grads = loss_and_grads(8)
+  np.testing.assert_allclose(chunked_loss, loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # The chunks' logits are all the program holds: no [batch, length, vocab] array.
+  hlo = jax.jit(jax.grad(lambda p: steps.loss_fn(
+      Transformer(dataclasses.replace(cfg, loss_chunk=8)), p, batch, None))).lower(
+          params).as_text()
+  assert f'2x32x{cfg.vocab_size}x' not in hlo and f'2x8x{cfg.vocab_size}x' in hlo
+  config = config_lib.base_config()
+  config.model.loss_chunk = 24
+  with pytest.raises(ConfigError, match='loss_chunk .24. must be 0 .off. or divide'):
+    config_lib.validate(config)
+
+
+def test_bfloat16_residual_stream_halves_what_full_remat_keeps():
+  cfg, _, params = make(GPT2, remat='full', compute_dtype='bfloat16')
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+
+  def saved(residual_dtype):
+    model = Transformer(dataclasses.replace(cfg, residual_dtype=residual_dtype))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      ad_checkpoint.print_saved_residuals(lambda p: model.apply({'params': p}, tokens)[0].mean(),
+                                          params)
+    # The blocks' inputs (the residual stream), not the final norm's float32 internals.
+    return set(re.findall(rf'(\w+)\[2,16,{cfg.emb_dim}\] output of add .*'
+                          r'\((?:Block|Transformer)\.__call__\)', out.getvalue()))
+
+  assert saved('float32') == {'f32'} and saved('bfloat16') == {'bf16'}
+  bf16 = Transformer(dataclasses.replace(cfg, residual_dtype='bfloat16'))
+  f32 = Transformer(cfg)
+  np.testing.assert_allclose(bf16.apply({'params': params}, tokens)[0],
+                             f32.apply({'params': params}, tokens)[0], atol=0.05)
