@@ -18,6 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
+  c.model.head_dim = 0    # 0: emb_dim // num_heads
 
   c.data = ml_collections.ConfigDict()
   c.data.tfds_name = 'pydoc_topics'  # any registered TFDS dataset; ours: pydoc_topics, text_files
@@ -165,14 +166,14 @@ def validate(config) -> None:
   if config.data.eval_batch_size < 0:
     raise ConfigError(f'config.data.eval_batch_size must be 0 (data.batch_size) or positive, '
                       f'got {config.data.eval_batch_size}')
-  if model.emb_dim % model.num_heads:
+  if not config.model.get('head_dim') and model.emb_dim % model.num_heads:
     raise ConfigError(f'config.model.emb_dim ({model.emb_dim}) must be divisible by '
                      f'model.num_heads ({model.num_heads})')
   if model.num_heads % model.kv_heads:
     raise ConfigError(f'config.model.num_heads ({model.num_heads}) must be divisible by '
                      f'model.num_kv_heads ({model.kv_heads})')
   if model.position == 'rope' and model.head_dim % 2:
-    raise ConfigError(f'rope needs an even head dim, got emb_dim/num_heads = {model.head_dim}')
+    raise ConfigError(f'rope needs an even head dim, got {model.head_dim}')
   if config.optim.muon_ns_coeffs == 'polar_express':
     from gpt_jax.optim import POLAR_EXPRESS_COEFFS  # pylint: disable=import-outside-toplevel
     if not 1 <= config.optim.muon_ns_steps <= len(POLAR_EXPRESS_COEFFS):

@@ -44,6 +44,8 @@ class ModelConfig:
   num_heads: int = 4
   num_kv_heads: int = 0          # grouped-query attention; 0 means num_heads (plain multi-head)
   emb_dim: int = 128
+  head_dim: int = 0              # features per attention head; 0 means emb_dim // num_heads
+                                 # (set when heads * head_dim != emb_dim, e.g. after pruning)
   mlp_dim: int = 512
   position: str = 'learned'      # 'learned' (GPT-2) | 'rope'
   rope_theta: float = 10_000.0
@@ -87,9 +89,9 @@ class ModelConfig:
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
 
-  @property
-  def head_dim(self) -> int:
-    return self.emb_dim // self.num_heads
+  def __post_init__(self):
+    if not self.head_dim and self.num_heads > 0:  # resolved here, so cfg.head_dim is the width
+      object.__setattr__(self, 'head_dim', self.emb_dim // self.num_heads)
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':
@@ -104,8 +106,8 @@ class ModelConfig:
 # ModelConfig fields that decide the parameters' shapes and layout (checkpoint compatibility,
 # parameter counts).
 PARAMETER_FIELDS = ('vocab_size', 'max_len', 'num_layers', 'num_heads', 'num_kv_heads',
-                    'emb_dim', 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias', 'qkv_bias',
-                    'tie_embeddings', 'qk_norm', 'param_dtype')
+                    'emb_dim', 'head_dim', 'mlp_dim', 'position', 'norm', 'mlp', 'use_bias',
+                    'qkv_bias', 'tie_embeddings', 'qk_norm', 'param_dtype')
 
 
 @dataclasses.dataclass(frozen=True)

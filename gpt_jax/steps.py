@@ -5,6 +5,10 @@ once here so that gpt_jax.aot compiles exactly the same programs for any topolog
 (each leaf with the sharding its logical names give) and the two jitted steps with their
 shardings. Call the steps, and lower them, under `jax.set_mesh(mesh)` and
 `nn.logical_axis_rules(rules)`.
+
+What the train step minimises is an `Objective`: next-token cross-entropy by default; another
+(gpt_jax/distillation.py) may read frozen inputs, such as a teacher's parameters, that ride
+beside the state as the step's last argument, sharded by the same rules and never saved.
 """
 
 import dataclasses
@@ -34,6 +38,15 @@ class TrainState(train_state.TrainState):
                         opt_state=opt_state)
 
 
+def batch_logits(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
+  """The logits of every token of the batch (all of them at once, whatever model.loss_chunk).
+  Packed batches pass segment_ids and positions, so no token attends across conversations."""
+  logits, _ = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
+                          segment_ids=batch.get('segment_ids'), deterministic=deterministic,
+                          rngs={'dropout': dropout_rng} if dropout_rng is not None else {})
+  return logits
+
+
 def token_losses(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
   """(per-token cross-entropy, weights): weights are batch['weights'] or all ones. Packed
   batches pass segment_ids and positions, so no token attends across conversations."""
@@ -56,6 +69,30 @@ def loss_fn(model: Transformer, params, batch, dropout_rng):
   deterministic = model.cfg.dropout == 0 and model.lora.dropout == 0
   losses, weights = token_losses(model, params, batch, deterministic, dropout_rng)
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
+
+
+class Objective:
+  """The loss the train step minimises; this one is next-token cross-entropy. Subclasses may
+  read frozen `inputs` (arrays beside the state, never saved) and report extra metrics."""
+
+  def abstract_inputs(self, seq_len: int, mesh, rules):
+    """The frozen inputs as abstract arrays, each with the sharding its logical names give."""
+    del seq_len, mesh, rules
+    return {}
+
+  def load_inputs(self, abstract_inputs):
+    """The frozen inputs, placed as `abstract_inputs` says (read before training, and again on
+    every resume)."""
+    del abstract_inputs
+    return {}
+
+  def loss(self, model: Transformer, params, batch, dropout_rng, inputs):
+    """(the loss to minimise, {name: metric}) for one (micro-)batch."""
+    del inputs
+    return loss_fn(model, params, batch, dropout_rng), {}
+
+
+CROSS_ENTROPY = Objective()
 
 
 def compile_once_run(jitted, *args):
@@ -101,29 +138,32 @@ def sharded_state(model: Transformer, tx, seq_len: int, mesh, rules,
 
 
 def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: int,
-                    trainable: lora_lib.Trainable):
-  """train_step(state, batch, frozen) -> (state, metrics); gradients for state.params only."""
+                    trainable: lora_lib.Trainable, objective: Objective = CROSS_ENTROPY):
+  """train_step(state, batch, frozen, inputs) -> (state, metrics); gradients for state.params
+  only. `inputs`: the objective's frozen inputs ({} for cross-entropy, which may omit them)."""
 
-  def train_step(state: TrainState, batch, frozen):
+  def train_step(state: TrainState, batch, frozen, inputs=None):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)  # randomness from (seed, step)
     grad_fn = jax.value_and_grad(
-        lambda p, b, r: loss_fn(model, trainable.assemble(p, frozen), b, r))
+        lambda p, b, r: objective.loss(model, trainable.assemble(p, frozen), b, r, inputs),
+        has_aux=True)
     if grad_accum_steps == 1:
-      loss, grads = grad_fn(state.params, batch, rng)
+      (loss, extra), grads = grad_fn(state.params, batch, rng)
     else:
       # Micro-batch i takes rows i, i+k, i+2k, ... so that each one spans every data shard.
       micro = jax.tree.map(
           lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
-      def accumulate(grad_sum, inputs):
-        i, micro_batch = inputs
-        loss, grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, grad_sum, grads), loss
+      def accumulate(grad_sum, scanned):
+        i, micro_batch = scanned
+        (loss, extra), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss, extra)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      grads, losses = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+      grads, (losses, extras) = jax.lax.scan(accumulate, zeros,
+                                             (jnp.arange(grad_accum_steps), micro))
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
-      loss = losses.mean()
+      loss, extra = losses.mean(), jax.tree.map(jnp.mean, extras)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite loss or gradient leaves parameters and optimizer state as they were, so no
@@ -133,7 +173,7 @@ def make_train_step(model: Transformer, schedule, grad_accum_steps: int, seed: i
                              lambda s: s.apply_gradients(grads=grads, global_norm=grad_norm),
                              lambda s: s.replace(step=s.step + 1), state)
     metrics = {'train_loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
-               'nonfinite': jnp.logical_not(finite).astype(jnp.int32)}
+               'nonfinite': jnp.logical_not(finite).astype(jnp.int32), **extra}
     return new_state, metrics
 
   return train_step
@@ -167,10 +207,11 @@ class Steps:
   init_state: Callable          # rng -> (TrainState, frozen params); jit with out_shardings
   abstract_state: TrainState    # ShapeDtypeStructs with their shardings
   abstract_frozen: Any
+  abstract_inputs: Any          # the objective's frozen inputs ({} for cross-entropy)
   batch_sharding: jax.sharding.NamedSharding
-  # (state as its list of leaves, batch, frozen) -> (new state's leaves, metrics). Leaves, not the
-  # TrainState: gpt_jax/traced_steps.py saves the traced step with its argument trees, which
-  # must be plain containers.
+  # (state as its list of leaves, batch, frozen, inputs) -> (new state's leaves, metrics).
+  # Leaves, not the TrainState: gpt_jax/traced_steps.py saves the traced step with its argument
+  # trees, which must be plain containers.
   train_step: Any
   train_step_options: dict      # the jit options of train_step
   eval_step: Any                # (params, batch, frozen) -> (loss sum, weight sum)
@@ -197,9 +238,9 @@ class Steps:
 
 
 def build(config, model: Transformer, tx, schedule, mesh, rules,
-          trainable: lora_lib.Trainable) -> Steps:
+          trainable: lora_lib.Trainable, objective: Objective = CROSS_ENTROPY) -> Steps:
   """The state (abstract, and its initialiser) and the jitted train and eval steps of `config`
-  on `mesh`."""
+  on `mesh`; the train step minimises `objective` (the eval step: cross-entropy)."""
   kernels.check_attention(model.cfg.attention, mesh.devices.flat[0].platform)
   init_state, (abstract_state, abstract_frozen) = sharded_state(
       model, tx, config.data.seq_len, mesh, rules, trainable)
@@ -207,20 +248,25 @@ def build(config, model: Transformer, tx, schedule, mesh, rules,
   state_def = jax.tree.structure(abstract_state)
   state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, abstract_frozen)
-  step_fn = make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed, trainable)
+  abstract_inputs = objective.abstract_inputs(config.data.seq_len, mesh, rules)
+  step_fn = make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed, trainable,
+                            objective)
 
-  def train_step(state_leaves, batch, frozen):
-    new_state, metrics = step_fn(jax.tree.unflatten(state_def, state_leaves), batch, frozen)
+  def train_step(state_leaves, batch, frozen, inputs):
+    new_state, metrics = step_fn(jax.tree.unflatten(state_def, state_leaves), batch, frozen,
+                                 inputs)
     return jax.tree.leaves(new_state), metrics
 
   leaf_shardings = jax.tree.leaves(state_shardings)
-  train_step_options = dict(in_shardings=(leaf_shardings, batch_sharding, frozen_shardings),
+  train_step_options = dict(in_shardings=(leaf_shardings, batch_sharding, frozen_shardings,
+                                          jax.tree.map(lambda x: x.sharding, abstract_inputs)),
                             out_shardings=(leaf_shardings, None),
                             donate_argnums=0)  # the old state's buffers are reused for the new one
   eval_step = jax.jit(make_eval_step(model, trainable),
                       in_shardings=(state_shardings.params, batch_sharding, frozen_shardings))
   return Steps(init_state=init_state, abstract_state=abstract_state,
-               abstract_frozen=abstract_frozen, batch_sharding=batch_sharding,
+               abstract_frozen=abstract_frozen, abstract_inputs=abstract_inputs,
+               batch_sharding=batch_sharding,
                train_step=jax.jit(train_step, **train_step_options),
                train_step_options=train_step_options, eval_step=eval_step,
                batch_keys=('inputs', 'targets') + (

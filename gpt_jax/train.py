@@ -10,6 +10,9 @@ Fine-tuning (`init_from` set) starts from another workdir's parameters at `init_
 `data.chat_files`, batches are packed conversations (gpt_jax/sft_data.py) carrying 'weights',
 'segment_ids' and 'positions'. With `lora.rank > 0` the state trains the adapters alone
 (`lora.Trainable`); the frozen base rides beside the state and is never saved.
+
+The step minimises a `steps.Objective` (next-token cross-entropy unless the caller passes
+another: gpt_jax/distill.py passes a teacher's, whose parameters are its frozen inputs).
 """
 
 import math
@@ -140,8 +143,11 @@ class StopRequest:
       signal.signal(signum, handler)
 
 
-def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[str, float]:
-  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+def train_and_evaluate(config, workdir: str, start_over: bool = False,
+                       objective: steps_lib.Objective = steps_lib.CROSS_ENTROPY
+                       ) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir` to minimise `objective`; returns the last logged
+  metrics."""
   # ------------------------------------------------------------------ config
   config_lib.validate(config)
   is_main = jax.process_index() == 0
@@ -205,7 +211,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
 
-  steps = steps_lib.build(config, model, tx, schedule, mesh, rules, trainable)
+  steps = steps_lib.build(config, model, tx, schedule, mesh, rules, trainable, objective)
   abstract_state, abstract_frozen = steps.abstract_state, steps.abstract_frozen
   state_shardings, frozen_shardings = steps.state_shardings, steps.frozen_shardings
 
@@ -237,6 +243,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
         state = state.replace(params=trained)
         logging.warning('Initialised parameters from %s (step %d)', config.init_from,
                         config.init_step)
+    objective_inputs = objective.load_inputs(steps.abstract_inputs)  # never in a checkpoint
 
   writer = MetricWriter(workdir, resume_step=start_step, tensorboard=config.train.tensorboard)
   if eval_batches:
@@ -283,7 +290,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False) -> dict[s
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for step in range(start_step + 1, num_steps + 1):
-        args = (jax.tree.leaves(state), to_global(next(train_iter)), frozen)
+        args = (jax.tree.leaves(state), to_global(next(train_iter)), frozen, objective_inputs)
         if run_train_step is None:  # traced for the first batch, or read as saved
           run_train_step = train_step if not config.train.compilation_cache else (
               traced_steps.traced_once(
@@ -382,8 +389,9 @@ def _close_all(*closers) -> None:
     raise first_error
 
 
-def main(argv, configure=None):
-  """The binary; gpt_jax.finetune passes `configure(config)`, which fills in the config first."""
+def main(argv, configure=None, make_objective=None):
+  """The binary; gpt_jax.finetune passes `configure(config)`, which fills in the config first,
+  gpt_jax.distill also `make_objective(config) -> steps.Objective`, what the step minimises."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or _WORKDIR.value is None:
@@ -403,7 +411,10 @@ def main(argv, configure=None):
     with cli.one_line_errors(FloatingPointError):
       if configure is not None:
         configure(_CONFIG.value)
-      train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
+      objective = (steps_lib.CROSS_ENTROPY if make_objective is None
+                   else make_objective(_CONFIG.value))
+      train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value,
+                         objective=objective)
   except jax.errors.JaxRuntimeError:
     liveness.wait_for_lost_process()  # a collective failing because a process died: name it
     raise

@@ -115,7 +115,7 @@ def test_tpu_program_holds_no_xla_cpu_constructs():
       assert target.platform() == name
       texts[name] = steps.train_step.lower(
           jax.tree.leaves(steps.abstract_state), steps.abstract_batch(8, 128),
-          steps.abstract_frozen).as_text()
+          steps.abstract_frozen, steps.abstract_inputs).as_text()
   assert 'LayoutConstraint' in texts['cpu']  # the construct exists, on CPU
   assert 'LayoutConstraint' not in texts['tpu']
   assert 'optimization_barrier' not in texts['tpu']

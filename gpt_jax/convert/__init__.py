@@ -169,6 +169,10 @@ def check_gpt2_layout(model) -> None:
   if model['num_kv_heads'] not in (0, model['num_heads']):
     raise ConfigError(f'config.model.num_kv_heads={model["num_kv_heads"]}: GPT-2 has no '
                       'grouped-query attention; this model is not in the GPT-2 layout')
+  if model.get('head_dim', 0) not in (0, model['emb_dim'] // model['num_heads']):
+    raise ConfigError(f'config.model.head_dim={model["head_dim"]}: GPT-2 needs num_heads x '
+                      f'head_dim = emb_dim ({model["emb_dim"]}); this model is not in the GPT-2 '
+                      'layout')
 
 
 def hf_config_from_model(model: dict, eos_id: int | None) -> dict:

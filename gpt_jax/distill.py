@@ -1,0 +1,34 @@
+r"""Distil a trained model (the teacher) into a student trained from scratch.
+
+  python -m gpt_jax.distill --config=configs/distill.py --teacher=runs/default \
+      --workdir=runs/student [--config.model.num_layers=2 --config.distill.temperature=2 ...]
+
+The student has its own model fields (the config's) and the teacher's tokenizer and
+vocabulary; it reads the teacher's corpus unless the config names one. It minimises
+alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (gpt_jax/distillation.py;
+T and alpha in config.distill). The training loop is gpt_jax/train.py's, with its flags: the
+same sharded step, checkpoints, exact resume, SIGTERM handling and metrics.jsonl (distill_kl and
+train_ce beside train_loss; val_loss is the student's cross-entropy). The teacher's parameters
+ride beside the state, sharded by the same rules, and are never saved in the student's
+checkpoints.
+"""
+
+from absl import app, flags
+
+from gpt_jax import distillation, train
+
+_TEACHER = flags.DEFINE_string('teacher', None, 'Workdir of the trained teacher.')
+
+
+def configure(config) -> None:
+  workdir = flags.FLAGS.workdir
+  distillation.configure(config, _TEACHER.value, workdir)
+  distillation.copy_tokenizer(config.distill.teacher, workdir)
+
+
+def main(argv):
+  train.main(argv, configure=configure, make_objective=distillation.Distillation.from_config)
+
+
+if __name__ == '__main__':
+  app.run(main)
