@@ -1,6 +1,6 @@
-"""The README's Llama-family workflow on a random-weight model built locally: convert, LoRA
-fine-tuning on chat data with the model's own template, serving (chat and text completions),
-and the fine-tuned model converted back to transformers. (`eval --chat_files` renders
+"""The README's Llama-family workflow on a random-weight model built locally: convert, sample,
+evaluate, LoRA fine-tuning on chat data with the model's own template, serving (chat and text
+completions), and the fine-tuned model converted back to transformers. (`eval --chat_files` renders
 conversations as fine-tuning data does: tests/test_hf_chat_template.py.)"""
 
 import json
@@ -41,6 +41,21 @@ def test_convert_finetune_eval_serve_and_convert_back(tmp_path):
   base, sft = str(tmp_path / 'base'), str(tmp_path / 'sft')
   from_hf.convert_checkpoint(hf_dir, base)
 
+  # The converted model samples transformers' greedy continuation and evaluates.
+  theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  prompt = theirs('The sum')['input_ids']
+  with torch.no_grad():
+    greedy = hf_model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+  printed = run_module('gpt_jax.sample', f'--workdir={base}', '--prompt=The sum',
+                       '--max_new_tokens=6', '--temperature=0').stdout
+  assert printed == 'The sum' + theirs.decode(greedy[0, len(prompt):]) + '\n'
+  text_file = tmp_path / 'text.txt'
+  text_file.write_text('What is 1 plus 2? It is 3. ' * 40)
+  evaluated = run_module('gpt_jax.eval', f'--workdir={base}', f'--text_files={text_file}',
+                         '--split=validation', '--progress_bar=false').stdout
+  loss = float(evaluated.split(' loss ')[1].split(',')[0])
+  assert abs(loss - np.log(320)) < 0.5  # a random model: about uniform over its vocabulary
+
   run_module('gpt_jax.finetune', '--config=configs/sft.py', f'--init_from={base}',
              f'--workdir={sft}', f'--config.data.chat_files={chat_file}',
              '--config.lora.rank=4', '--config.data.batch_size=4', '--config.train.num_steps=2',
@@ -52,7 +67,6 @@ def test_convert_finetune_eval_serve_and_convert_back(tmp_path):
           == hf_tokenizers.LLAMA3_TEMPLATE)
   # Serving: the chat prompt is what transformers' apply_chat_template makes of the messages,
   # a text prompt what AutoTokenizer makes of it (BOS first).
-  theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
   messages = CONVERSATIONS[5][:2]
   expected = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
   server = serve.load(sft, slots=1)  # in-process: the binary's function, without its start-up
