@@ -38,24 +38,26 @@ class TrainState(train_state.TrainState):
                         opt_state=opt_state)
 
 
-def batch_logits(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
-  """The logits of every token of the batch (all of them at once, whatever model.loss_chunk).
-  Packed batches pass segment_ids and positions, so no token attends across conversations."""
-  logits, _ = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
-                          segment_ids=batch.get('segment_ids'), deterministic=deterministic,
-                          rngs={'dropout': dropout_rng} if dropout_rng is not None else {})
-  return logits
-
-
-def token_losses(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
-  """(per-token cross-entropy, weights): weights are batch['weights'] or all ones. Packed
+def _forward(model: Transformer, params, batch, deterministic, dropout_rng, hidden_only=False):
+  """The model over the batch: logits, or the final norm's output with hidden_only. Packed
   batches pass segment_ids and positions, so no token attends across conversations."""
-  chunk = model.cfg.loss_chunk
-  chunked = 0 < chunk < batch['inputs'].shape[1]
   out, _ = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
                        segment_ids=batch.get('segment_ids'), deterministic=deterministic,
                        rngs={'dropout': dropout_rng} if dropout_rng is not None else {},
-                       hidden_only=chunked)
+                       hidden_only=hidden_only)
+  return out
+
+
+def batch_logits(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
+  """The logits of every token of the batch (all of them at once, whatever model.loss_chunk)."""
+  return _forward(model, params, batch, deterministic, dropout_rng)
+
+
+def token_losses(model: Transformer, params, batch, deterministic=True, dropout_rng=None):
+  """(per-token cross-entropy, weights): weights are batch['weights'] or all ones."""
+  chunk = model.cfg.loss_chunk
+  chunked = 0 < chunk < batch['inputs'].shape[1]
+  out = _forward(model, params, batch, deterministic, dropout_rng, hidden_only=chunked)
   if chunked:
     losses = chunked_token_losses(model.cfg, params, out, batch['targets'], chunk)
   else:
