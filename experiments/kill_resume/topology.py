@@ -11,7 +11,6 @@ same steps, the largest relative difference of its per-step losses from the refe
 the largest absolute difference of its final parameters.
 """
 
-import json
 import os
 import shutil
 import socket
@@ -20,6 +19,8 @@ import sys
 import tempfile
 
 import numpy as np
+
+from multihost import finish, losses, params  # this folder's helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXT = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'tinyshakespeare.txt')
@@ -45,40 +46,21 @@ def run(args, devices, extra=()):
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def check(*procs):
-  for proc in procs:
-    _, err = proc.communicate(timeout=900)
-    if proc.returncode:
-      raise RuntimeError(err[-3000:])
-
-
-def losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['train_loss'] for r in map(json.loads, f) if 'train_loss' in r}
-
-
-def params(workdir):
-  sys.path.insert(0, REPO)
-  import jax  # pylint: disable=import-outside-toplevel
-  from gpt_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  return [np.asarray(p) for p in jax.tree.leaves(checkpoint.load_model(workdir)[1])]
-
-
 def main():
   root = tempfile.mkdtemp(prefix='topology_')
   written, reference = os.path.join(root, 'written'), os.path.join(root, 'reference')
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  check(*[run(command(written, 10, {'mesh.data': 8}), 4,
+  finish([run(command(written, 10, {'mesh.data': 8}), 4,
               [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                f'--process_id={i}']) for i in range(2)])
-  check(run(command(reference, 20, {'mesh.data': 8}), 8))
+  finish([run(command(reference, 20, {'mesh.data': 8}), 8)])
   print(f'written by 2 processes x 4 devices: steps 1-{max(losses(written))}')
   for devices, mesh in ((8, {'mesh.data': 8}), (4, {'mesh.data': 2, 'mesh.fsdp': 2})):
     resumed = os.path.join(root, f'resumed_{devices}')
     shutil.copytree(written, resumed)
-    check(run(command(resumed, 20, mesh), devices))
+    finish([run(command(resumed, 20, mesh), devices)])
     got, want = losses(resumed), losses(reference)
     loss_diff = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
     param_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(params(resumed),
