@@ -1,4 +1,4 @@
-"""A small student distilled from a trained teacher (gpt_jax/distillation.py).
+"""A small student distilled from a trained teacher (gpt_jax/compress/distillation.py).
 
   python -m gpt_jax.train --config=configs/default.py --workdir=runs/default
   python -m gpt_jax.distill --config=configs/distill.py --teacher=runs/default \

@@ -13,7 +13,7 @@ stderr, so a script that pipes lines in reads only the replies (one per turn, ea
 newline); in a terminal the prompt is `> `, with line editing.
 
 Each turn renders the system prompt, the history and the new message with the chat template
-(gpt_jax.chat_template) and generates until the end-of-turn token (or another of the template's
+(gpt_jax.sft.chat_template) and generates until the end-of-turn token (or another of the template's
 markers, or --max_new_tokens). The history must fit the model's context with room left for the
 reply, min(--max_new_tokens, half the context): the oldest turns are dropped, with a notice,
 until it does. The reply may then use all the context that is left, up to --max_new_tokens.
@@ -25,7 +25,9 @@ from collections.abc import Iterator
 
 from absl import app, flags, logging
 
-from gpt_jax import chat_template, checkpoint, cli, decode, quantize, sample, sharding
+from gpt_jax import checkpoint, cli, decode, sample, sharding
+from gpt_jax.sft import chat_template
+from gpt_jax.inference import quantize
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
@@ -143,7 +145,7 @@ class Chat:
 def load_chat(workdir: str, step: int | None = None, quantize_mode: str = 'none',
               mesh: str = '', **kwargs) -> tuple[Chat, int]:
   """(a Chat with the workdir's model, its checkpoint step); kwargs as Chat. quantize_mode:
-  'none' or 'int8' (gpt_jax.quantize); mesh: as --mesh (sharding.inference_placement)."""
+  'none' or 'int8' (gpt_jax.inference.quantize); mesh: as --mesh (sharding.inference_placement)."""
   config = checkpoint.load_config(workdir)  # a clear error before the tokenizer's
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
   chat_template.end_of_turn_id(tokenizer)  # no chat tokens: say so before loading the model

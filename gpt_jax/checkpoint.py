@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gpt_jax import chat_template, files, lora as lora_lib
+from gpt_jax import files, lora as lora_lib
+from gpt_jax.sft import chat_template
 from gpt_jax import config as config_lib
 from gpt_jax import sharding
 from gpt_jax import tokenizer as tokenizer_lib

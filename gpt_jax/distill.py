@@ -5,7 +5,7 @@ r"""Distil a trained model (the teacher) into a student trained from scratch.
 
 The student has its own model fields (the config's) and the teacher's tokenizer and
 vocabulary; it reads the teacher's corpus unless the config names one. It minimises
-alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (gpt_jax/distillation.py;
+alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (gpt_jax/compress/distillation.py;
 T and alpha in config.distill). The training loop is gpt_jax/train.py's, with its flags: the
 same sharded step, checkpoints, exact resume, SIGTERM handling and metrics.jsonl (distill_kl and
 train_ce beside train_loss; val_loss is the student's cross-entropy). The teacher's parameters
@@ -15,7 +15,8 @@ checkpoints.
 
 from absl import app, flags
 
-from gpt_jax import distillation, train
+from gpt_jax import train
+from gpt_jax.compress import distillation
 
 _TEACHER = flags.DEFINE_string('teacher', None, 'Workdir of the trained teacher.')
 

@@ -20,7 +20,7 @@ every token but the first is predicted exactly once, from the tokens before it i
 Batches are sharded over all local devices (data parallel, parameters replicated). The result
 is printed and written to <workdir>/eval/<dataset>-<split>-step<step>.json.
 
-With --chat_files (JSONL conversations, gpt_jax.chat_template's format), each conversation is
+With --chat_files (JSONL conversations, gpt_jax.sft.chat_template's format), each conversation is
 cut before its last assistant message: the model answers the rest (rendered with the generation
 prompt) greedily, until its end-of-turn or --max_new_tokens, in batches of --batch_size prompts,
 and the answers are scored against that last message's content:
@@ -53,7 +53,8 @@ import numpy as np
 import optax
 import tqdm
 
-from gpt_jax import chat_template, checkpoint, cli, data, decode, sharding
+from gpt_jax import checkpoint, cli, data, decode, sharding
+from gpt_jax.sft import chat_template
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.chat import stop_ids
 from gpt_jax.errors import ConfigError

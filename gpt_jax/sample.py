@@ -18,7 +18,8 @@ import sys
 
 from absl import app, flags, logging
 
-from gpt_jax import checkpoint, cli, decode, quantize, sharding, tokenizer as tokenizer_lib
+from gpt_jax import checkpoint, cli, decode, sharding, tokenizer as tokenizer_lib
+from gpt_jax.inference import quantize
 from gpt_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS

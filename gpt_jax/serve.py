@@ -8,12 +8,12 @@ r"""An OpenAI-compatible HTTP server for a workdir: batched, streaming, robust t
   client.chat.completions.create(model='default', messages=[{'role': 'user', 'content': 'Hi'}])
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the chat template of
-gpt_jax/chat_template.py; a model without its tokens answers 400), GET /v1/models, GET /health.
+gpt_jax/sft/chat_template.py; a model without its tokens answers 400), GET /v1/models, GET /health.
 Request fields: prompt / messages, max_tokens (max_completion_tokens), temperature, top_p, n,
 stop, seed, stream (Server-Sent Events ending with `data: [DONE]`), stream_options.include_usage.
 Responses carry `usage` token counts.
 
-Requests arriving together share the jitted decode: gpt_jax/serving.py's engine batches every
+Requests arriving together share the jitted decode: gpt_jax/inference/engine.py's engine batches every
 choice of every request over --slots cache rows (continuous batching), and a choice's tokens do
 not depend on what else is in the batch. Bad requests (malformed JSON, missing fields, wrong
 types, values out of range, prompt + max_tokens beyond the context, an unknown model) get a 4xx
@@ -45,7 +45,10 @@ import pydantic
 from starlette import exceptions as starlette_exceptions
 import uvicorn
 
-from gpt_jax import chat as chat_lib, checkpoint, chat_template, cli, decode, quantize, serving
+from gpt_jax import chat as chat_lib, checkpoint, cli, decode
+from gpt_jax.sft import chat_template
+from gpt_jax.inference import quantize
+from gpt_jax.inference import engine
 from gpt_jax import sharding
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
@@ -183,7 +186,7 @@ class ChatRequest(_Request):
 class Server:
   """The model, its tokenizer and the engine; builds one response per request."""
 
-  def __init__(self, engine: serving.Engine, tokenizer, model_name: str,
+  def __init__(self, engine: engine.Engine, tokenizer, model_name: str,
                max_queue: int = 1024, request_timeout: float = 600):
     self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
     self.context = engine.context
@@ -268,7 +271,7 @@ class Server:
   # ------------------------------------------------ generation
 
   def start(self, prompts: list[list[int]], max_tokens: list[int], req: _Request,
-            end_ids: frozenset) -> tuple[asyncio.Queue, list[serving.Sequence]]:
+            end_ids: frozenset) -> tuple[asyncio.Queue, list[engine.Sequence]]:
     """Submits n choices per prompt; events (choice, kind, value) arrive on the queue:
     ('text', piece), then ('finish', (finish_reason, completion tokens)) or ('error', message)."""
     loop = asyncio.get_running_loop()
@@ -286,7 +289,7 @@ class Server:
       for j in range(req.n):
         choice = i * req.n + j
         text = decode._RowText(self.tokenizer, req.stops())  # pylint: disable=protected-access
-        seqs.append(serving.Sequence(
+        seqs.append(engine.Sequence(
             prompt, max_tokens[i], self._on_token(choice, text, end_ids, put),
             self._on_finish(choice, text, put), end_ids=end_ids, temperature=req.temperature,
             top_p=req.top_p, seed=seed, row=j))
@@ -563,7 +566,7 @@ def load(workdir: str, quantize_mode: str = 'none', slots: int = 16, step: int |
   placement = sharding.inference_placement(mesh, config.mesh)
   cfg, params, _ = checkpoint.load_model(workdir, step, placement)
   params = quantize.apply(params, quantize_mode)
-  engine = serving.Engine(cfg, params, slots=slots, num_tokens=tokenizer.vocab_size,
+  engine = engine.Engine(cfg, params, slots=slots, num_tokens=tokenizer.vocab_size,
                           placement=placement)
   engine.compile()
   name = model_name or os.path.basename(os.path.normpath(workdir))

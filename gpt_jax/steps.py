@@ -7,7 +7,7 @@ shardings. Call the steps, and lower them, under `jax.set_mesh(mesh)` and
 `nn.logical_axis_rules(rules)`.
 
 What the train step minimises is an `Objective`: next-token cross-entropy by default; another
-(gpt_jax/distillation.py) may read frozen inputs, such as a teacher's parameters, that ride
+(gpt_jax/compress/distillation.py) may read frozen inputs, such as a teacher's parameters, that ride
 beside the state as the step's last argument, sharded by the same rules and never saved.
 """
 

@@ -7,7 +7,7 @@ Reads top to bottom: config, mesh, data, state, step, checkpoint, loop. A run is
 config and workdir; running the same command again resumes from the latest checkpoint.
 
 Fine-tuning (`init_from` set) starts from another workdir's parameters at `init_step`. With
-`data.chat_files`, batches are packed conversations (gpt_jax/sft_data.py) carrying 'weights',
+`data.chat_files`, batches are packed conversations (gpt_jax/sft/chat_data.py) carrying 'weights',
 'segment_ids' and 'positions'. With `lora.rank > 0` the state trains the adapters alone
 (`lora.Trainable`); the frozen base rides beside the state and is never saved.
 
@@ -31,8 +31,9 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from gpt_jax import (chat_template, checkpoint, cli, data, decode, flops, liveness, optim,
-                     sft_data, sharding, streaming, traced_steps)
+from gpt_jax import (checkpoint, cli, data, decode, flops, liveness, optim, sharding, streaming, traced_steps)
+from gpt_jax.sft import chat_template
+from gpt_jax.sft import chat_data
 from gpt_jax import steps as steps_lib
 from gpt_jax import config as config_lib
 from gpt_jax import lora as lora_lib
@@ -182,8 +183,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
   model_cfg = ModelConfig.from_config(config.model)
   checkpoint.prepare_workdir(workdir, config, model_cfg, start_over)
   if chat:
-    train_iter = sft_data.make_train_iterator(config, tokenizer)
-    eval_batches = (sft_data.make_eval_batches(config, tokenizer, config.train.eval_batches)
+    train_iter = chat_data.make_train_iterator(config, tokenizer)
+    eval_batches = (chat_data.make_eval_batches(config, tokenizer, config.train.eval_batches)
                     if config.train.eval_every and config.data.val_chat_files else [])
   elif data.use_streaming(config.data):
     # Every process reads, tokenizes and packs its own documents (gpt_jax/streaming.py).

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, module_env, run_module, train
-from gpt_jax import chat_template, checkpoint, decode
+from gpt_jax import checkpoint, decode
+from gpt_jax.sft import chat_template
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.chat import stop_ids
 from gpt_jax.config import base_config

@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from conftest import run_module, train
-from gpt_jax import chat_template, checkpoint, data, decode, eval as eval_lib
+from gpt_jax import checkpoint, data, decode, eval as eval_lib
+from gpt_jax.sft import chat_template
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.chat import stop_ids
 from gpt_jax.model import Transformer

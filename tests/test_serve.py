@@ -20,7 +20,9 @@ import pytest
 from fastapi import testclient
 
 from conftest import REPO, module_env, train
-from gpt_jax import chat_template, serve, serving, tokenizer as tokenizer_lib
+from gpt_jax import serve, tokenizer as tokenizer_lib
+from gpt_jax.sft import chat_template
+from gpt_jax.inference import engine
 
 SLOTS = 8
 # A byte-level tiny model; vocab_size leaves room for the chat tokens. Greedy decoding of a model
@@ -357,7 +359,7 @@ def test_model_without_chat_tokens_and_int8_weights(local, workdirs):
 def _hold_slots(server, count, seconds_per_token=0.02):
   """`count` sequences submitted straight to the engine, each slowing every step it is in and
   running until cancelled (or to the end of the context: 2.5 s)."""
-  seqs = [serving.Sequence([1, 2], server.context - 2,
+  seqs = [engine.Sequence([1, 2], server.context - 2,
                            lambda _: time.sleep(seconds_per_token) or False,
                            lambda reason, error: None, temperature=0) for _ in range(count)]
   for seq in seqs:

@@ -10,7 +10,7 @@ A generation prompt ends with `<|assistant|>`; the model's turn ends when it emi
 Training weights select the assistant's content and its `<|end|>`: the loss is on those only.
 
 A model whose Hugging Face tokenizer ships its own Jinja chat template uses that one instead
-(gpt_jax/hf_chat_template.py): the functions here serve both.
+(gpt_jax/sft/hf_chat_template.py): the functions here serve both.
 """
 
 import dataclasses
@@ -18,7 +18,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 
-from gpt_jax import hf_chat_template
+from gpt_jax.sft import hf_chat_template
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 

@@ -1,7 +1,7 @@
 """Chat data for supervised fine-tuning: JSONL conversations -> packed, weighted batches.
 
 1. Conversations are read from the JSONL files matching `data.chat_files` (format and template in
-   gpt_jax/chat_template.py). A malformed line is reported as `file:line: problem` and skipped
+   gpt_jax/sft/chat_template.py). A malformed line is reported as `file:line: problem` and skipped
    or fatal, by `data.on_bad_lines` ('skip' | 'raise').
 2. Each conversation is rendered to tokens; its example is inputs = tokens[:-1],
    targets = tokens[1:] and weights = 1 on the assistant's tokens and their end-of-turn marker
@@ -30,7 +30,7 @@ import grain
 import jax
 import numpy as np
 
-from gpt_jax import chat_template
+from gpt_jax.sft import chat_template
 from gpt_jax import data as text_data
 from gpt_jax.errors import ConfigError
 

@@ -22,7 +22,9 @@ import time
 import flax.linen as nn
 import jax
 
-from gpt_jax import checkpoint, decode, flops, hlo, kernels, optim, sharding, tpu
+from gpt_jax import checkpoint, decode, flops, kernels, optim, sharding
+from gpt_jax.tpu import hlo
+from gpt_jax.tpu import topology as tpu
 from gpt_jax import config as config_lib
 from gpt_jax import steps as steps_lib
 from gpt_jax.errors import ConfigError

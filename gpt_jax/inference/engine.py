@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax import backends, decode, quantize, sharding
+from gpt_jax import backends, decode, sharding
+from gpt_jax.inference import quantize
 from gpt_jax.model import CACHE_AXES, ModelConfig, Transformer, init_cache
 
 
