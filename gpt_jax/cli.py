@@ -5,6 +5,7 @@ whole models on the CPU, freed host memory kept."""
 import contextlib
 import difflib
 import functools
+import os
 import re
 import sys
 
@@ -148,3 +149,19 @@ def _load_config(path: str) -> ml_collections.ConfigDict | None:
   """The config that `--config=path` loads, before any override."""
   config = flags.FLAGS['config'].parser.parse(path)
   return config if isinstance(config, ml_collections.ConfigDict) else None
+
+
+def check_generation_flags(f) -> None:
+  """The flags sample and chat share: workdir, max_new_tokens and the sampling settings."""
+  if not f.workdir:
+    raise ConfigError('--workdir is required')
+  if f.max_new_tokens <= 0:
+    raise ConfigError(f'--max_new_tokens must be positive, got {f.max_new_tokens}')
+  # Imported here: sweep and report, which import cli, need no jax.
+  from gpt_jax import decode  # pylint: disable=import-outside-toplevel
+  try:
+    decode.check_sampling(f.temperature, f.top_k, f.top_p, f.repetition_penalty)
+  except ConfigError as e:
+    raise ConfigError(f'--{e}') from None
+  if not os.path.isdir(f.workdir):
+    raise FileNotFoundError(f'Workdir {f.workdir} does not exist')

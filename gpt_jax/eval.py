@@ -56,7 +56,6 @@ import tqdm
 from gpt_jax import checkpoint, cli, data, decode, sharding
 from gpt_jax.sft import chat_template
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.chat import stop_ids
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import Transformer
 
@@ -243,7 +242,7 @@ def generate_answers(generator: decode.Generator, tokenizer, prompts: list[list[
   context = generator.cfg.max_len
   least = min(max_new_tokens, context // 4)
   room = [max(min(max_new_tokens, context - len(p)), least) for p in prompts]
-  stops = stop_ids(tokenizer)
+  stops = chat_template.stop_ids(tokenizer)
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
   answers = [''] * len(prompts)
   for rows, used in tqdm.tqdm(list(_batches(order, batch_size)), unit='batch',

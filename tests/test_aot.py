@@ -115,7 +115,7 @@ def test_tpu_program_holds_no_xla_cpu_constructs():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       assert target.platform() == name
       texts[name] = steps.train_step.lower(
-          jax.tree.leaves(steps.abstract_state), steps.abstract_batch(8, 128),
+          steps.abstract_state, steps.abstract_batch(8, 128),
           steps.abstract_frozen, steps.abstract_inputs).as_text()
   assert 'LayoutConstraint' in texts['cpu']  # the construct exists, on CPU
   assert 'LayoutConstraint' not in texts['tpu']
@@ -176,7 +176,7 @@ def test_max_batch_is_the_largest_multiple_that_fits(monkeypatch):
     return {'global_batch': batch, 'fits': hbm <= capacity, 'hbm_bytes_per_chip': hbm,
             'hbm_capacity_bytes': capacity}
 
-  monkeypatch.setattr(tpu_report, 'compile_train', fake_compile)
+  monkeypatch.setattr(tpu_plan, 'compile_train', fake_compile)
   batch, report = tpu_plan.max_batch(small_config(), tpu.Slice.parse('v5e-4'))
   fits = [b for b in range(4, 4000, 4) if 3e8 + 4.1e7 * b + 2e4 * b ** 2 <= capacity]
   assert batch == max(fits) and report['global_batch'] == batch

@@ -22,10 +22,10 @@ from gpt_jax.sft import hf_chat_template
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
-ROLES = ('system', 'user', 'assistant')
-ROLE_TOKENS = {role: f'<|{role}|>' for role in ROLES}
-END_OF_TURN = '<|end|>'
-SPECIAL_TOKENS = tuple(ROLE_TOKENS.values()) + (END_OF_TURN,)
+ROLES = tokenizer_lib.CHAT_ROLES
+SPECIAL_TOKENS = tokenizer_lib.CHAT_TOKENS
+ROLE_TOKENS = dict(zip(ROLES, SPECIAL_TOKENS))
+END_OF_TURN = SPECIAL_TOKENS[-1]
 
 Message = dict[str, str]
 
@@ -51,8 +51,7 @@ def has_chat_tokens(tokenizer: tokenizer_lib.Tokenizer) -> bool:
 
 def added_token_ids(tokenizer: tokenizer_lib.Tokenizer) -> tuple[int, ...]:
   """The ids of this template's special tokens, when the tokenizer has them all; else ()."""
-  ids = tuple(tokenizer_lib.special_token_id(tokenizer, t) for t in SPECIAL_TOKENS)
-  return () if None in ids else ids
+  return tokenizer_lib.chat_token_ids(tokenizer)
 
 
 def stop_ids(tokenizer) -> set[int]:

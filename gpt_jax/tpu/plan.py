@@ -121,7 +121,7 @@ def compile_train(config, topology: tpu.Slice, with_eval: bool = True) -> dict:
   }
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    traced = steps.train_step.trace(jax.tree.leaves(steps.abstract_state),
+    traced = steps.train_step.trace(steps.abstract_state,
                                     steps.abstract_batch(batch, seq_len), steps.abstract_frozen,
                                     steps.abstract_inputs)
     report['flops_per_chip'] = flops.program_flops(traced.jaxpr) / chips
