@@ -56,13 +56,15 @@ def main(argv):
       print(f'warning: serving on {FLAGS.host} without an API key: anyone who can reach port '
             f'{FLAGS.port} can use the model (set {API_KEY_ENV} or --api_key).', file=sys.stderr,
             flush=True)
-    server = server_lib.load(FLAGS.workdir, FLAGS.quantize, FLAGS.slots, FLAGS.step, FLAGS.model_name,
-                  FLAGS.max_queue, FLAGS.request_timeout, FLAGS.mesh)
+    server = server_lib.load(FLAGS.workdir, FLAGS.quantize, FLAGS.slots, FLAGS.step,
+                             FLAGS.model_name, FLAGS.max_queue, FLAGS.request_timeout,
+                             FLAGS.mesh)
   print(f"Serving '{server.model_name}' ({server.engine.slots} slots, context {server.context}, "
         f"quantize={FLAGS.quantize}, chat={'yes' if server.chat else 'no'}, "
         f"API key {'required' if api_key else 'not required'}) on "
         f'http://{FLAGS.host}:{FLAGS.port}/v1', flush=True)
-  uvicorn.run(server_lib.create_app(server, api_key), host=FLAGS.host, port=FLAGS.port, log_level='warning')
+  uvicorn.run(server_lib.create_app(server, api_key), host=FLAGS.host, port=FLAGS.port,
+              log_level='warning')
   server.engine.stop()
 
 

@@ -127,7 +127,7 @@ class Engine:
     greedy = decode.greedy_tokens(logits)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     filtered = jnp.where((top_p < 1.0)[:, None],
-                         decode._filter(scaled, 0, top_p[:, None]), scaled)  # pylint: disable=protected-access
+                         decode.filter_logits(scaled, 0, top_p[:, None]), scaled)
     keys = jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r),
                                                        t))(seeds, rows, steps)
     sampled = jax.vmap(jax.random.categorical)(keys, filtered)
@@ -138,7 +138,7 @@ class Engine:
     with self._lock:
       width = 16
       while True:
-        width = decode._bucket(width, self.context)  # pylint: disable=protected-access
+        width = decode.length_bucket(width, self.context)
         with self._on_devices(one_row=True):
           self._cache = self._prefill_fn(self.params, self._cache, np.int32(0),
                                          np.zeros((1, width), np.int32))
@@ -185,7 +185,7 @@ class Engine:
   def _admit(self, slot: int, seq: Sequence) -> None:
     prompt = seq.prompt
     if len(prompt) > 1:
-      width = decode._bucket(len(prompt) - 1, self.context)  # pylint: disable=protected-access
+      width = decode.length_bucket(len(prompt) - 1, self.context)
       tokens = np.zeros((1, width), np.int32)
       tokens[0, :len(prompt) - 1] = prompt[:-1]
       with self._on_devices(one_row=True):

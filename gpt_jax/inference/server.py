@@ -12,9 +12,9 @@ Request fields: prompt / messages, max_tokens (max_completion_tokens), temperatu
 stop, seed, stream (Server-Sent Events ending with `data: [DONE]`), stream_options.include_usage.
 Responses carry `usage` token counts.
 
-Requests arriving together share the jitted decode: gpt_jax/inference/engine.py's engine batches every
-choice of every request over --slots cache rows (continuous batching), and a choice's tokens do
-not depend on what else is in the batch. Bad requests (malformed JSON, missing fields, wrong
+Requests arriving together share the jitted decode: the engine (gpt_jax/inference/engine.py)
+batches every choice of every request over --slots cache rows (continuous batching), and a
+choice's tokens do not depend on what else is in the batch. Bad requests (malformed JSON, missing fields, wrong
 types, values out of range, prompt + max_tokens beyond the context, an unknown model) get a 4xx
 with an OpenAI-style body {"error": {"message", "type", "param", "code"}}; a client that
 disconnects mid-stream frees its slots.
@@ -258,7 +258,7 @@ class Server:
     for i, prompt in enumerate(prompts):
       for j in range(req.n):
         choice = i * req.n + j
-        text = decode._RowText(self.tokenizer, req.stops())  # pylint: disable=protected-access
+        text = decode.RowText(self.tokenizer, req.stops())
         seqs.append(engine.Sequence(
             prompt, max_tokens[i], self._on_token(choice, text, end_ids, put),
             self._on_finish(choice, text, put), end_ids=end_ids, temperature=req.temperature,
