@@ -72,7 +72,7 @@ def greedy_tokens(logits, chunk: int = 128):
   """argmax of logits [batch, vocab] over the vocabulary (the first of equal maxima), in two
   levels: the best chunk of `chunk` ids, then the best id in it. XLA:CPU runs a one-level argmax
   over GPT-2's vocabulary on one thread in about 0.95 ms at 8 rows; in two levels 0.09 ms for
-  50,304 ids and 0.2 ms for 50,257 (experiments/bench_decode/bench_greedy_tokens.py).
+  50,304 ids and 0.2 ms for 50,257 (experiments/bench_decode/README.md).
 
   When `chunk` does not divide the vocabulary, the ids past the last whole chunk form a shorter
   chunk of their own, and the second level reads `chunk` ids from the best chunk's start, moved

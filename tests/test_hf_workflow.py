@@ -1,4 +1,4 @@
-"""The README's Llama-family workflow on a random-weight model built locally: convert, sample,
+"""docs/interop.md's Llama-family workflow on a random-weight model built locally: convert, sample,
 evaluate, LoRA fine-tuning on chat data with the model's own template, serving (chat and text
 completions), and the fine-tuned model converted back to transformers. (`eval --chat_files` renders
 conversations as fine-tuning data does: tests/test_hf_chat_template.py.)"""
