@@ -52,14 +52,29 @@ def quiet_logs(level=logging.WARNING) -> None:
 
 @contextlib.contextmanager
 def one_line_errors(*more: type[Exception]):
-  """A ConfigError or FileNotFoundError (or one of `more`) ends the program with one line,
-  `error: <message>`, and exit code 1; --verbose shows the traceback instead."""
+  """A ConfigError or FileNotFoundError (or one of `more`), or a library of an extra that is not
+  installed, ends the program with one line, `error: <message>`, and exit code 1; --verbose
+  shows the traceback instead."""
   try:
     yield
   except (ConfigError, FileNotFoundError, *more) as e:
     if _VERBOSE.value:
       raise
     sys.exit(f'error: {e}')
+  except ModuleNotFoundError as e:
+    extra = EXTRAS.get((e.name or '').split('.')[0])
+    if extra is None or _VERBOSE.value:
+      raise
+    sys.exit(f"error: {e.name} is not installed; it comes with gpt_jax's [{extra}] extra: "
+             f"pip install -e '.[{extra}]'")
+
+
+# What the optional libraries come with (setup.cfg's extras_require).
+EXTRAS = {'fastapi': 'serve', 'uvicorn': 'serve', 'pydantic': 'serve', 'starlette': 'serve',
+          'sacrebleu': 'eval', 'rouge_score': 'eval', 'nltk': 'eval',
+          'matplotlib': 'report', 'scipy': 'report', 'libtpu': 'tpu',
+          'onnx': 'export', 'onnxruntime': 'export', 'onnxscript': 'export', 'torch': 'export',
+          'transformers': 'export', 'flatbuffers': 'export', 'datatrove': 'clean'}
 
 
 # -------------------------------------------------------------------- flags and config fields

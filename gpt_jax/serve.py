@@ -8,14 +8,13 @@ import os
 import sys
 
 from absl import app, flags, logging
-import uvicorn
 
 from gpt_jax import cli
 from gpt_jax.errors import ConfigError
-from gpt_jax.inference import quantize, server as server_lib
+from gpt_jax.inference import quantize
 
 FLAGS = flags.FLAGS
-API_KEY_ENV = server_lib.API_KEY_ENV
+API_KEY_ENV = 'GPT_JAX_API_KEY'
 LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
 
 
@@ -49,6 +48,9 @@ def main(argv):
   cli.skip_absent_tpu()
   cli.quiet_logs(logging.ERROR)
   with cli.one_line_errors():
+    # The [serve] extra's libraries: a missing one is a one-line error here.
+    import uvicorn  # pylint: disable=import-outside-toplevel
+    from gpt_jax.inference import server as server_lib  # pylint: disable=import-outside-toplevel
     if not FLAGS.workdir:
       raise ConfigError('--workdir is required')
     api_key = FLAGS.api_key or os.environ.get(API_KEY_ENV) or None

@@ -407,7 +407,7 @@ def test_api_key_guards_every_endpoint_but_health(local, workdirs):
 
   # The binary: a key from the environment; a warning when listening beyond loopback without one.
   def start(host, key):
-    env = {**module_env(), server_lib.API_KEY_ENV: key}
+    env = {**module_env(), 'GPT_JAX_API_KEY': key}
     return subprocess.Popen([sys.executable, '-m', 'gpt_jax.serve', f'--host={host}',
                              f'--workdir={workdirs[1]}-missing'], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

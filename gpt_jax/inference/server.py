@@ -52,7 +52,6 @@ from gpt_jax.errors import ConfigError
 MAX_N = 16     # choices per request
 MAX_STOP = 4   # stop strings per request (as OpenAI)
 MAX_BODY_BYTES = 4 << 20  # a request body beyond this is refused before it is read whole
-API_KEY_ENV = 'GPT_JAX_API_KEY'
 
 
 class APIError(Exception):
