@@ -42,6 +42,15 @@ def einsum(spec: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
                     preferred_element_type=jnp.float32).astype(out_dtype or dtype)
 
 
+def int8_matmul(x: Array, w: Array, w_transposed: bool = False) -> Array:
+  """int8 x [n, k] @ int8 w [k, m] (or @ w.T for w [m, k] when `w_transposed`) -> int32 [n, m],
+  summed in int32 (the integer units of TPUs, GPUs, and CPUs with AVX-512 VNNI)."""
+  if target.is_cpu():
+    return cpu_products.int8_matmul(x, w, w_transposed)
+  return jax.lax.dot_general(x, w, (((1,), (1 if w_transposed else 0,)), ((), ())),
+                             preferred_element_type=jnp.int32)
+
+
 def add_bias(y: Array, bias: Array) -> Array:
   """y [n, m] + bias [m] in y's dtype."""
   if target.is_cpu():
