@@ -13,11 +13,12 @@ float32. Parameter memory is about 4x smaller than float32.
 and XLA decides how the int8 -> float conversion meets the matmul (on XLA:CPU a float product
 after a conversion, slower than float32: experiments/quantize/README.md).
 
-`int8_dynamic` (AQT's dynamic quantization): projection kernels become `DynamicInt8` leaves, and
-each projection quantizes its input per token (scale = max |x| / 127 over the token's features),
-multiplies int8 by int8 with int32 sums (`backends.int8_matmul`) and scales the sums back by
-the token's and the channel's scales. The token embedding (its lookup, and the tied output head)
-stays weight-only int8. Parameter memory is the same as `int8`'s.
+`int8_dynamic` (AQT's dynamic quantization): projection kernels and the token embedding become
+`DynamicInt8` leaves, and each product with one (the projections, and the tied output head)
+quantizes its input per token (scale = max |x| / 127 over the token's features), multiplies
+int8 by int8 with int32 sums (`backends.int8_matmul`) and scales the sums back by the token's
+and the channel's scales; the embedding lookup scales the rows it reads. Parameter memory is
+the same as `int8`'s.
 
   cfg, params, _ = checkpoint.load_model(workdir)
   params = quantize.apply(params, 'int8_dynamic')       # what --quantize=int8_dynamic does
@@ -61,10 +62,15 @@ class Int8:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DynamicInt8(Int8):
-  """A projection kernel multiplied as int8 by activations quantized per token (int8_dynamic).
+  """A kernel multiplied as int8 by activations quantized per token (int8_dynamic).
 
   Held in the trained layout (scale [1..., out...]) or output-major (values [out, in], scale
-  [out, 1]: backends.to_output_major)."""
+  [out, 1]: backends.to_output_major, and the token embedding [vocab, embed], whose output
+  channels are its rows)."""
+
+  def matmul(self, x: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+    """x [n, fan_in] @ this kernel (`dynamic_matmul`); what backends.matmul calls for it."""
+    return dynamic_matmul(x, self).astype(out_dtype)
 
 
 def quantize_tensor(w, input_axes: tuple[int, ...], kind: type = Int8) -> Int8:
@@ -90,7 +96,7 @@ def quantize_params(params, dynamic: bool = False) -> dict:
         out[key] = quantize_tensor(value, tuple(range(PROJECTION_INPUT_AXES[path[-1]])),
                                    kernel_kind)
       elif key == 'embedding' and path and path[-1] == 'wte':
-        out[key] = quantize_tensor(value, (1,))  # one scale per vocabulary row
+        out[key] = quantize_tensor(value, (1,), kernel_kind)  # one scale per vocabulary row
       else:
         out[key] = value
     return out
@@ -152,10 +158,20 @@ def dynamic_matmul(x: jax.Array, kernel: DynamicInt8) -> jax.Array:
   return sums.astype(jnp.float32) * x_scale * kernel.scale.reshape(1, fan_out)
 
 
-def _dynamic_projection(next_fun, args, kwargs, context):
-  """Projection.__call__ for a `DynamicInt8` kernel; anything else runs unchanged."""
+def _dynamic_products(next_fun, args, kwargs, context):
+  """Projection.__call__ for a `DynamicInt8` kernel, and the embedding lookup for a `DynamicInt8`
+  table (the tied head's product goes through backends.matmul); anything else runs unchanged."""
   module = context.module
-  if not isinstance(module, Projection) or context.method_name != '__call__':
+  if context.method_name != '__call__':
+    return next_fun(*args, **kwargs)
+  if isinstance(module, nn.Embed):
+    table = module.get_variable('params', 'embedding')
+    if not isinstance(table, DynamicInt8):
+      return next_fun(*args, **kwargs)
+    tokens = args[0]
+    rows = jnp.take(table.values, tokens, axis=0).astype(jnp.float32)
+    return (rows * jnp.take(table.scale, tokens, axis=0)).astype(module.dtype)
+  if not isinstance(module, Projection):
     return next_fun(*args, **kwargs)
   kernel = module.get_variable('params', 'kernel')
   if not isinstance(kernel, DynamicInt8):
@@ -174,7 +190,7 @@ def apply_model(model, params, *args, **kwargs):
   it inside the jitted program (the int8 values are what the program reads)."""
   dynamic = any(isinstance(x, DynamicInt8) for x in
                 jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8)))
-  context = nn.intercept_methods(_dynamic_projection) if dynamic else contextlib.nullcontext()
+  context = nn.intercept_methods(_dynamic_products) if dynamic else contextlib.nullcontext()
   with context:
     return model.apply({'params': dequantize(params, keep_dynamic=True)}, *args, **kwargs)
 

@@ -24,7 +24,10 @@ Array = jax.Array
 def matmul(x: Array, w: Array, dtype, w_transposed: bool = False, out_dtype=None) -> Array:
   """x [n, k] @ w [k, m] (or @ w.T for w [m, k] when `w_transposed`) -> [n, m]: operands cast
   to `dtype`, summed in float32, returned in `out_dtype` (by default `dtype`); the gradient of
-  `w` comes back in w's dtype."""
+  `w` comes back in w's dtype. A quantized `w` (gpt_jax/quantize.py's DynamicInt8, which knows
+  its own layout) computes the product itself."""
+  if not isinstance(w, jax.Array):
+    return w.matmul(x, out_dtype or dtype)
   if target.is_cpu():
     return cpu_products.matmul(x, w, dtype, w_transposed, out_dtype)
   dtype = jnp.dtype(dtype)
