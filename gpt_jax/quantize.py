@@ -40,8 +40,8 @@ from gpt_jax.model import PROJECTION_INPUT_AXES, ModelConfig, Projection
 
 MODES = ('none', 'int8', 'int8_dynamic')
 MODES_HELP = ('Weights: float as trained; int8 (weight-only, per-channel scales; about 4x less '
-              'parameter memory); or int8_dynamic (int8 weights as int8, and int8 x int8 '
-              'products over activations quantized per token).')
+              'parameter memory); or int8_dynamic (the same int8 weights, multiplied as int8 by '
+              'activations quantized per token, with int32 sums).')
 
 
 @jax.tree_util.register_dataclass

@@ -26,7 +26,7 @@ def matmul(x: Array, w: Array, dtype, w_transposed: bool = False, out_dtype=None
   to `dtype`, summed in float32, returned in `out_dtype` (by default `dtype`); the gradient of
   `w` comes back in w's dtype. A quantized `w` (gpt_jax/quantize.py's DynamicInt8, which knows
   its own layout) computes the product itself."""
-  if not isinstance(w, jax.Array):
+  if not hasattr(w, 'dtype'):  # not an array
     return w.matmul(x, out_dtype or dtype)
   if target.is_cpu():
     return cpu_products.matmul(x, w, dtype, w_transposed, out_dtype)
