@@ -22,11 +22,11 @@ padding changes no earlier token's logits).
 module as text, for other XLA runtimes). `onnx`: `<name>.onnx`, through the Hugging Face GPT-2
 form of the model (gpt_jax.convert; prefill and decode_step: gpt_jax.onnx_decode over its
 layers) and torch.onnx, checked with onnx.checker; token ids, lengths and positions are int64;
-only float32 models in the GPT-2 layout (with biases or without: zero ones) export. Either way `manifest.json` lists
-each function's inputs and outputs (names, shapes, dtypes, in the flat order of the arguments)
-and the tokenizer's files are copied to `tokenizer/` (ONNX names the updated cache
-`new_cache_<layer>_<k|v>`). The vocabulary may have padding rows:
-only logits below manifest['num_tokens'] are tokens.
+only float32 models in the GPT-2 layout (with biases or without: zero ones) export. Either way
+`manifest.json` lists each function's inputs and outputs (names, shapes, dtypes, in the flat
+order of the arguments; ONNX names the updated cache `new_cache_<layer>_<k|v>`) and the
+tokenizer's files are copied to `tokenizer/`. The vocabulary may have padding rows: only logits
+below manifest['num_tokens'] are tokens.
 """
 
 import dataclasses
