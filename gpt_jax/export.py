@@ -9,7 +9,7 @@ shapes are fixed (--batch rows of --max_len tokens, padded at the end: attention
 padding changes no earlier token's logits).
 
   forward(tokens int32[B, L]) -> logits float32[B, L, V]
-  with --decode (stablehlo), decoding with the KV cache as an input and an output:
+  with --decode, decoding with the KV cache as an input and an output:
   prefill(tokens int32[B, L], lengths int32[B]) -> (logits float32[B, V] of each row's last
       token, cache)
   decode_step(tokens int32[B], positions int32[B], cache) -> (logits float32[B, V], cache)
@@ -19,12 +19,14 @@ padding changes no earlier token's logits).
 
 `stablehlo`: each function as `<name>.jax_exported` (jax.export's serialization: reload it with
 `jax.export.deserialize(bytes).call(...)`, no gpt_jax needed) and `<name>.mlir` (the StableHLO
-module as text, for other XLA runtimes). `onnx`: `forward.onnx`, through the Hugging Face GPT-2
-form of the model (gpt_jax.convert) and torch.onnx, checked with onnx.checker; only models in
-the GPT-2 layout (with biases or without: zero ones) export. Either way `manifest.json` lists
-each function's inputs and outputs (names, shapes, dtypes, in the flat order of the arguments)
-and the tokenizer's files are copied to `tokenizer/`. The vocabulary may have padding rows:
-only logits below manifest['num_tokens'] are tokens.
+module as text, for other XLA runtimes). `onnx`: `<name>.onnx`, through the Hugging Face GPT-2
+form of the model (gpt_jax.convert; prefill and decode_step: gpt_jax.onnx_decode over its
+layers) and torch.onnx, checked with onnx.checker; token ids, lengths and positions are int64;
+only float32 models in the GPT-2 layout (with biases or without: zero ones) export. Either way
+`manifest.json` lists each function's inputs and outputs (names, shapes, dtypes, in the flat
+order of the arguments; ONNX names the updated cache `new_cache_<layer>_<k|v>`) and the
+tokenizer's files are copied to `tokenizer/`. The vocabulary may have padding rows: only logits
+below manifest['num_tokens'] are tokens.
 """
 
 import dataclasses
@@ -55,7 +57,7 @@ def define_flags() -> None:
   flags.DEFINE_string('out', None, 'The directory to write.')
   flags.DEFINE_integer('batch', 1, 'Rows of every exported function.')
   flags.DEFINE_integer('max_len', 0, 'Tokens per row (0: the model\'s max_len).')
-  flags.DEFINE_bool('decode', False, 'Also export prefill and decode_step (stablehlo).')
+  flags.DEFINE_bool('decode', False, 'Also export prefill and decode_step.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 
 
@@ -128,22 +130,17 @@ def with_zero_biases(cfg: ModelConfig, params) -> dict:
       for path, leaf in traverse_util.flatten_dict(with_biases).items()})
 
 
-def check_onnx_exportable(cfg: ModelConfig, model_fields: dict, decode: bool) -> None:
+def check_onnx_exportable(cfg: ModelConfig, model_fields: dict) -> None:
   """A ConfigError naming what the ONNX export cannot express."""
-  if decode:
-    raise ConfigError('--decode: the ONNX export has the forward function only; export '
-                      '--format=stablehlo for prefill and decode_step')
   convert.check_gpt2_layout(dict(model_fields, use_bias=True))  # no biases: zero ones
   for field in ('compute_dtype', 'param_dtype', 'residual_dtype'):
     if getattr(cfg, field) != 'float32':
       raise ConfigError(f'model.{field}={getattr(cfg, field)!r}: the ONNX export is float32')
 
 
-def export_onnx(cfg: ModelConfig, params, model_fields: dict, out: str, batch: int,
-                max_len: int) -> dict:
-  """Writes forward.onnx (the Hugging Face GPT-2 form through torch.onnx); returns its entry."""
+def hf_gpt2(cfg: ModelConfig, params, model_fields: dict):
+  """The model as a transformers GPT2LMHeadModel (eval mode, float32, no cache of its own)."""
   # Imported here: torch and transformers are the `export` extra, needed for ONNX only.
-  import onnx  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
 
@@ -162,6 +159,33 @@ def export_onnx(cfg: ModelConfig, params, model_fields: dict, out: str, batch: i
                                         if not k.startswith('lm_head')}, strict=False)
   if not cfg.tie_embeddings:
     hf_model.lm_head.weight.data.copy_(tensors['lm_head.weight'])
+  return hf_model
+
+
+def _onnx_function(module, example: tuple, out: str, name: str, inputs: list[dict],
+                   outputs: list[dict]) -> dict:
+  """Writes <name>.onnx (torch.onnx, checked with onnx.checker); returns its manifest entry."""
+  import onnx  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+
+  path = os.path.join(out, f'{name}.onnx')
+  with torch.no_grad():
+    torch.onnx.export(module.eval(), example, path, input_names=[i['name'] for i in inputs],
+                      output_names=[o['name'] for o in outputs], dynamo=True, verbose=False)
+  onnx.checker.check_model(path, full_check=True)
+  files = [f for f in (f'{name}.onnx', f'{name}.onnx.data')
+           if os.path.exists(os.path.join(out, f))]
+  return {'files': files, 'inputs': inputs, 'outputs': outputs}
+
+
+def export_onnx(cfg: ModelConfig, params, model_fields: dict, out: str, batch: int,
+                max_len: int, decode: bool) -> dict:
+  """Writes forward.onnx (the Hugging Face GPT-2 form through torch.onnx) and, with `decode`,
+  prefill.onnx and decode_step.onnx (gpt_jax.onnx_decode); returns their manifest entries."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from gpt_jax import onnx_decode  # pylint: disable=import-outside-toplevel
+
+  hf_model = hf_gpt2(cfg, params, model_fields)
 
   class Logits(torch.nn.Module):
     def __init__(self, model):
@@ -171,17 +195,32 @@ def export_onnx(cfg: ModelConfig, params, model_fields: dict, out: str, batch: i
     def forward(self, tokens):
       return self.model(input_ids=tokens).logits
 
-  path = os.path.join(out, 'forward.onnx')
-  example = torch.zeros((batch, max_len), dtype=torch.int64)
-  with torch.no_grad():
-    torch.onnx.export(Logits(hf_model).eval(), (example,), path, input_names=['tokens'],
-                      output_names=['logits'], dynamo=True, verbose=False)
-  onnx.checker.check_model(path, full_check=True)
-  files = [f for f in ('forward.onnx', 'forward.onnx.data') if os.path.exists(os.path.join(out, f))]
-  return {'forward': {'files': files,
-                      'inputs': [{'name': 'tokens', 'shape': [batch, max_len], 'dtype': 'int64'}],
-                      'outputs': [{'name': 'logits', 'shape': [batch, max_len, cfg.vocab_size],
-                                   'dtype': 'float32'}]}}
+  def spec(name, shape, dtype):
+    return {'name': name, 'shape': list(shape), 'dtype': dtype}
+
+  tokens = torch.zeros((batch, max_len), dtype=torch.int64)
+  entries = {'forward': _onnx_function(
+      Logits(hf_model), (tokens,), out, 'forward', [spec('tokens', tokens.shape, 'int64')],
+      [spec('logits', [batch, max_len, cfg.vocab_size], 'float32')])}
+  if decode:
+    rows = torch.ones((batch,), dtype=torch.int64)
+    cache_shape = (batch, cfg.num_heads, cfg.max_len, cfg.head_dim)
+    cache = [spec(f'cache_{i}_{kv}', cache_shape, 'float32')
+             for i in range(cfg.num_layers) for kv in ('k', 'v')]
+    # ONNX names each value once: the updated cache is new_cache_<layer>_<k|v>.
+    new_cache = [dict(c, name=f"new_{c['name']}") for c in cache]
+    logits = spec('logits', [batch, cfg.vocab_size], 'float32')
+    entries['prefill'] = _onnx_function(
+        onnx_decode.Prefill(hf_model, cfg.max_len), (tokens, rows), out, 'prefill',
+        [spec('tokens', tokens.shape, 'int64'), spec('lengths', rows.shape, 'int64')],
+        [logits] + new_cache)
+    # Distinct example tensors: torch.export made one tensor passed twice a single input.
+    zeros = tuple(torch.zeros(cache_shape) for _ in cache)
+    entries['decode_step'] = _onnx_function(
+        onnx_decode.DecodeStep(hf_model, cfg.max_len), (rows, rows.clone()) + zeros, out,
+        'decode_step', [spec('tokens', rows.shape, 'int64'),
+                        spec('positions', rows.shape, 'int64')] + cache, [logits] + new_cache)
+  return entries
 
 
 def export(workdir: str, fmt: str, out: str, batch: int = 1, max_len: int = 0,
@@ -200,14 +239,14 @@ def export(workdir: str, fmt: str, out: str, batch: int = 1, max_len: int = 0,
   if batch <= 0:
     raise ConfigError(f'--batch must be positive, got {batch}')
   if fmt == 'onnx':
-    check_onnx_exportable(cfg, model_fields, decode)
+    check_onnx_exportable(cfg, model_fields)
   cfg, params, step = checkpoint.load_model(workdir, step)  # per layer; LoRA merged
   cfg = export_config(cfg)
   os.makedirs(out, exist_ok=True)
   if fmt == 'stablehlo':
     entries = export_stablehlo(cfg, params, out, batch, max_len, decode)
   else:
-    entries = export_onnx(cfg, params, model_fields, out, batch, max_len)
+    entries = export_onnx(cfg, params, model_fields, out, batch, max_len, decode)
   tokenizer_dir = os.path.join(workdir, 'tokenizer')
   manifest = {'format': fmt, 'workdir': os.path.abspath(workdir), 'step': int(step),
               'batch': batch, 'max_len': max_len, 'vocab_size': cfg.vocab_size,
