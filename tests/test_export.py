@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import module_env
-from gpt_jax import checkpoint, decode, export
+from gpt_jax import checkpoint, decode
+from gpt_jax.convert import export as exporting
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import Transformer
 from tiny_workdir import make_workdir, write_corpus
@@ -71,7 +72,7 @@ def expected(workdir, tokens):
 def test_stablehlo_reloads_without_gpt_jax_and_matches(workdir, tokens, expected, tmp_path):
   path, cfg, _ = workdir
   out = str(tmp_path / 'hlo')
-  manifest = export.export(path, 'stablehlo', out, batch=BATCH, max_len=LENGTH, decode=True)
+  manifest = exporting.export(path, 'stablehlo', out, batch=BATCH, max_len=LENGTH, decode=True)
   assert sorted(manifest['functions']) == ['decode_step', 'forward', 'prefill']
   step = manifest['functions']['decode_step']
   assert [i['name'] for i in step['inputs']][:4] == ['tokens', 'positions', 'cache_0_k',
@@ -95,7 +96,7 @@ def test_onnx_runs_in_onnxruntime_like_the_model(workdir, tokens, expected, tmp_
   import onnxruntime  # pylint: disable=import-outside-toplevel
   path, cfg, params = workdir
   out = str(tmp_path / 'onnx')
-  manifest = export.export(path, 'onnx', out, batch=BATCH, max_len=LENGTH, decode=True)
+  manifest = exporting.export(path, 'onnx', out, batch=BATCH, max_len=LENGTH, decode=True)
   assert sorted(manifest['functions']) == ['decode_step', 'forward', 'prefill']
   session = {name: onnxruntime.InferenceSession(os.path.join(out, f'{name}.onnx'))
              for name in manifest['functions']}
@@ -127,10 +128,10 @@ def test_onnx_runs_in_onnxruntime_like_the_model(workdir, tokens, expected, tmp_
 def test_what_cannot_export_is_named(workdir, tmp_path):
   path, _, _ = workdir
   with pytest.raises(ConfigError, match='--max_len must be in'):
-    export.export(path, 'stablehlo', str(tmp_path / 'b'), max_len=1000)
+    exporting.export(path, 'stablehlo', str(tmp_path / 'b'), max_len=1000)
   llama = tmp_path / 'llama'  # refused before its parameters are read: a config is enough
   config = checkpoint.load_config(path)
   config.model.position = 'rope'
   checkpoint.save_config(str(llama), config)
   with pytest.raises(ConfigError, match="model.position='rope'"):
-    export.export(str(llama), 'onnx', str(tmp_path / 'c'))
+    exporting.export(str(llama), 'onnx', str(tmp_path / 'c'))

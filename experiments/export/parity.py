@@ -17,7 +17,8 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from gpt_jax import checkpoint, data, decode, export
+from gpt_jax import checkpoint, data, decode
+from gpt_jax.convert import export as exporting
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.model import Transformer
 
@@ -43,7 +44,7 @@ def main(argv):
   result = {'workdir': workdir, 'batch': BATCH, 'max_len': cfg.max_len, 'new_tokens': NEW}
 
   hlo = os.path.join(_OUT.value, 'stablehlo')
-  export.export(workdir, 'stablehlo', hlo, batch=BATCH, decode=True)
+  exporting.export(workdir, 'stablehlo', hlo, batch=BATCH, decode=True)
   load = lambda name: jax.export.deserialize(bytearray(open(
       os.path.join(hlo, f'{name}.jax_exported'), 'rb').read()))
   logits = np.asarray(load('forward').call(windows))
@@ -62,7 +63,7 @@ def main(argv):
 
   import onnxruntime  # pylint: disable=import-outside-toplevel
   onnx_dir = os.path.join(_OUT.value, 'onnx')
-  manifest = export.export(workdir, 'onnx', onnx_dir, batch=BATCH, decode=True)
+  manifest = exporting.export(workdir, 'onnx', onnx_dir, batch=BATCH, decode=True)
   session = {name: onnxruntime.InferenceSession(os.path.join(onnx_dir, f'{name}.onnx'))
              for name in manifest['functions']}
   logits = session['forward'].run(['logits'], {'tokens': windows.astype(np.int64)})[0]
