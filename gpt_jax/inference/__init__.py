@@ -1,0 +1,2 @@
+"""Running a trained model: the continuous-batching engine, the OpenAI-compatible server, chat
+conversations and int8 weights (the commands: sample, chat, serve)."""
