@@ -399,13 +399,12 @@ def main(argv, configure=None, make_objective=None):
   cli.keep_freed_host_memory()
   cli.skip_absent_tpu()
   cli.quiet_logs()
-  heartbeat = liveness.jax_heartbeat_timeout(_HEARTBEAT_TIMEOUT.value)
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                               heartbeat_timeout_seconds=heartbeat)
-  elif _DISTRIBUTED.value == 'on' or (_DISTRIBUTED.value == 'auto' and _multiprocess_job()):
-    # jax detects the coordinator, process count and id
-    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+  with cli.one_line_errors():  # the coordinator's port in use
+    if _COORDINATOR.value:
+      liveness.initialize(_HEARTBEAT_TIMEOUT.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                          _PROCESS_ID.value)
+    elif _DISTRIBUTED.value == 'on' or (_DISTRIBUTED.value == 'auto' and _multiprocess_job()):
+      liveness.initialize(_HEARTBEAT_TIMEOUT.value)  # detects the coordinator, count and id
   liveness.watch(_HEARTBEAT_TIMEOUT.value)  # multi-process: a lost process stops the others
   try:
     with cli.one_line_errors(FloatingPointError):

@@ -1,5 +1,7 @@
 """The real train and sample binaries, run as a user runs them (in subprocesses)."""
 
+import collections
+import json
 import os
 import shutil
 import socket
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from conftest import REPO, module_env, read_metrics, run_module, train, train_args
-from gpt_jax import checkpoint, traced_steps
+from gpt_jax import checkpoint, data, traced_steps
 
 
 def restore_params(workdir):
@@ -75,6 +77,34 @@ def test_resume_equals_uninterrupted_run(tmp_path, tfds_dir, optimizer):
   assert_trees_equal(restore_params(resumed), restore_params(straight))
 
 
+def read_windows(workdir, steps, process_count, position=None):
+  """The windows (token ids, inputs + last target) that `process_count` processes of the run in
+  `workdir` read in `steps` steps from data position `position` (the start if None), and the
+  position each process ends at."""
+  config = checkpoint.load_config(workdir)
+  tokenizer = data.prepare_tokenizer(config, workdir)
+  windows, ends = [], []
+  for process in range(process_count):
+    batches = data.make_train_iterator(config, tokenizer, workdir, process, process_count)
+    if position is not None:
+      batches.set_state(position)
+    for _ in range(steps):
+      batch = next(batches)
+      windows += [tuple(np.append(i, t[-1])) for i, t in zip(batch['inputs'], batch['targets'])]
+    ends.append(batches.get_state())
+  return windows, ends
+
+
+def saved_data_positions(workdir, step):
+  """{file name: data position} of the processes that wrote checkpoint `step`."""
+  folder = os.path.join(workdir, 'checkpoints', str(step), 'data')
+  positions = {}
+  for name in sorted(n for n in os.listdir(folder) if n.endswith('.json')):
+    with open(os.path.join(folder, name), encoding='utf-8') as f:
+      positions[name] = json.load(f)
+  return positions
+
+
 def test_two_hosts_and_eight_devices_match_one_device(tmp_path, tfds_dir):
   """The same config on 1 device, on 8 devices in one process (data x fsdp x tensor = 2x2x2),
   and on 2 processes of 4 devices each (jax.distributed over 127.0.0.1): the same losses. The
@@ -115,6 +145,17 @@ def test_two_hosts_and_eight_devices_match_one_device(tmp_path, tfds_dir):
   sample = run_module('gpt_jax.sample', f'--workdir={hosts}', '--prompt=The ',
                       '--max_new_tokens=8', '--temperature=0', devices=2)
   assert sample.stdout.startswith('The ')
+  # The windows trained on: the 2 processes' positions at step 5 and the resumed process's at
+  # step 8 are those of iterators that read steps 1-5 in 2 processes, then steps 6-8 in 1 from
+  # the saved position; together those read the uninterrupted run's windows, each once.
+  written, ends = read_windows(hosts, 5, process_count=2)
+  assert saved_data_positions(hosts, 5) == {
+      f'process_{p}-of-2.json': end for p, end in enumerate(ends)}
+  resumed, ends = read_windows(hosts, 3, process_count=1, position=ends[0])
+  assert saved_data_positions(hosts, 8) == {'process_0-of-1.json': ends[0]}
+  uninterrupted, _ = read_windows(one, 8, process_count=1)
+  assert len(uninterrupted) == 8 * 8 and len(set(uninterrupted)) == 8 * 8
+  assert collections.Counter(written + resumed) == collections.Counter(uninterrupted)
 
 
 def test_restart_reads_the_traced_step_saved_by_the_first_run(tmp_path, tfds_dir):
