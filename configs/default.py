@@ -5,6 +5,9 @@
 
 4 layers x 128 wide, context 128, sentencepiece vocabulary of 1024, 1000 steps of 16 x 128 tokens:
 a few minutes on 2 CPU cores.
+
+Expected: 0.94M parameters, validation loss 3.36 nats per token after 1000 steps (5.64 for the
+split's unigram entropy), in about 5 minutes on 2 shared CPU cores (2026-11-23).
 """
 
 from gpt_jax.config import base_config

@@ -5,6 +5,10 @@
 
 The model fields and tokenizer come from that workdir (so they match its checkpoint), the
 optimizer starts fresh at a fine-tuning learning rate.
+
+Expected (experiments/prune, 2026-12-06, AMD EPYC, 2 cores): 200 steps of it recover a tiny
+Shakespeare model pruned to half its parameters to validation loss 2.277-2.280, within 0.03 of
+the unpruned model given the same steps (2.251).
 """
 
 from gpt_jax.checkpoint import load_config

@@ -10,7 +10,8 @@ Model fields and tokenizer come from --init_from (see gpt_jax/finetune.py). Expe
 the configs/default.py base (1,000 steps): held-out loss on assistant tokens 0.13 after 600
 steps, 31 of the 120 held-out questions answered exactly (about 4 minutes on 2 CPU cores).
 `--config.lora.rank=0 --config.optim.lr=1e-3` fine-tunes every parameter instead: held-out loss
-0.09, 40 exact. README "Fine-tuning for chat" and experiments/sft/ have the tables.
+0.09, 40 exact. Held-out ROUGE-L 35.2 (LoRA) and 44.5 (full), against 6.4 before fine-tuning.
+docs/finetuning.md and experiments/sft/ have the tables.
 """
 
 from gpt_jax.config import base_config

@@ -36,7 +36,8 @@ import optax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from gpt_jax import checkpoint, data, eval as eval_lib, quantize  # noqa: E402
+from gpt_jax import checkpoint, data, eval as eval_lib  # noqa: E402
+from gpt_jax.inference import quantize
 from gpt_jax import tokenizer as tokenizer_lib  # noqa: E402
 from gpt_jax.model import ModelConfig, Transformer  # noqa: E402
 

@@ -4,7 +4,7 @@ r"""Compile a run's train step for a Cloud TPU slice on any host: memory, FLOPs,
       [--num_slices=2] [--config.data.batch_size=32 ...] [--max_batch] [--decode] [--json=FILE]
 
 Needs libtpu (`pip install -e '.[tpu]'`), not a TPU. What is compiled and reported:
-gpt_jax/tpu_report.py. Exit status 1 when the step does not fit.
+gpt_jax/tpu/plan.py. Exit status 1 when the step does not fit.
 """
 
 import json
@@ -13,7 +13,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gpt_jax import cli, tpu, tpu_report
+from gpt_jax import cli
+from gpt_jax.tpu import topology as tpu
+from gpt_jax.tpu import plan as tpu_plan
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -42,16 +44,16 @@ def main(argv):
   with cli.one_line_errors():
     topology = tpu.Slice.parse(_TOPOLOGY.value, _NUM_SLICES.value or config.mesh.num_slices)
     if _MAX_BATCH.value:
-      batch, report = tpu_report.max_batch(config, topology)
+      batch, report = tpu_plan.max_batch(config, topology)
       report['max_global_batch'] = batch
       print(f'largest global batch that fits: {batch}' if batch else
             'not even one sequence per data shard fits')
     else:
-      report = tpu_report.compile_train(config, topology, with_eval=_EVAL.value)
+      report = tpu_plan.compile_train(config, topology, with_eval=_EVAL.value)
     if _DECODE.value:
-      report['decode'] = tpu_report.compile_decode(config, topology, _DECODE_BATCH.value,
+      report['decode'] = tpu_plan.compile_decode(config, topology, _DECODE_BATCH.value,
                                                    _DECODE_PROMPT.value, _DECODE_NEW.value)
-  print(tpu_report.summary(report), flush=True)
+  print(tpu_plan.summary(report), flush=True)
   if _JSON.value:
     with open(_JSON.value, 'w', encoding='utf-8') as f:
       json.dump(report, f, indent=1)

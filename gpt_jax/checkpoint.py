@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gpt_jax import chat_template, files, lora as lora_lib
+from gpt_jax import files, lora as lora_lib
 from gpt_jax import config as config_lib
 from gpt_jax import sharding
 from gpt_jax import tokenizer as tokenizer_lib
@@ -352,8 +352,8 @@ def trainable_params(config, tokenizer) -> lora_lib.Trainable:
   lora = config_lib.lora_config(config)
   token_ids = ()
   if lora.rank and config.lora.get('train_chat_tokens'):
-    # gpt_jax's template tokens, added for fine-tuning (a tokenizer's own are pretrained)
-    token_ids = chat_template.added_token_ids(tokenizer)
+    # gpt_jax's chat tokens, added for fine-tuning (a tokenizer's own are pretrained)
+    token_ids = tokenizer_lib.chat_token_ids(tokenizer)
   return lora_lib.Trainable(lora, token_ids)
 
 

@@ -5,6 +5,7 @@ whole models on the CPU, freed host memory kept."""
 import contextlib
 import difflib
 import functools
+import os
 import re
 import sys
 
@@ -51,14 +52,29 @@ def quiet_logs(level=logging.WARNING) -> None:
 
 @contextlib.contextmanager
 def one_line_errors(*more: type[Exception]):
-  """A ConfigError or FileNotFoundError (or one of `more`) ends the program with one line,
-  `error: <message>`, and exit code 1; --verbose shows the traceback instead."""
+  """A ConfigError or FileNotFoundError (or one of `more`), or a library of an extra that is not
+  installed, ends the program with one line, `error: <message>`, and exit code 1; --verbose
+  shows the traceback instead."""
   try:
     yield
   except (ConfigError, FileNotFoundError, *more) as e:
     if _VERBOSE.value:
       raise
     sys.exit(f'error: {e}')
+  except ModuleNotFoundError as e:
+    extra = EXTRAS.get((e.name or '').split('.')[0])
+    if extra is None or _VERBOSE.value:
+      raise
+    sys.exit(f"error: {e.name} is not installed; it comes with gpt_jax's [{extra}] extra: "
+             f"pip install -e '.[{extra}]'")
+
+
+# What the optional libraries come with (setup.cfg's extras_require).
+EXTRAS = {'fastapi': 'serve', 'uvicorn': 'serve', 'pydantic': 'serve', 'starlette': 'serve',
+          'sacrebleu': 'eval', 'rouge_score': 'eval', 'nltk': 'eval',
+          'matplotlib': 'report', 'scipy': 'report', 'libtpu': 'tpu',
+          'onnx': 'export', 'onnxruntime': 'export', 'onnxscript': 'export', 'torch': 'export',
+          'transformers': 'export', 'flatbuffers': 'export', 'datatrove': 'clean'}
 
 
 # -------------------------------------------------------------------- flags and config fields
@@ -148,3 +164,19 @@ def _load_config(path: str) -> ml_collections.ConfigDict | None:
   """The config that `--config=path` loads, before any override."""
   config = flags.FLAGS['config'].parser.parse(path)
   return config if isinstance(config, ml_collections.ConfigDict) else None
+
+
+def check_generation_flags(f) -> None:
+  """The flags sample and chat share: workdir, max_new_tokens and the sampling settings."""
+  if not f.workdir:
+    raise ConfigError('--workdir is required')
+  if f.max_new_tokens <= 0:
+    raise ConfigError(f'--max_new_tokens must be positive, got {f.max_new_tokens}')
+  # Imported here: sweep and report, which import cli, need no jax.
+  from gpt_jax import decode  # pylint: disable=import-outside-toplevel
+  try:
+    decode.check_sampling(f.temperature, f.top_k, f.top_p, f.repetition_penalty)
+  except ConfigError as e:
+    raise ConfigError(f'--{e}') from None
+  if not os.path.isdir(f.workdir):
+    raise FileNotFoundError(f'Workdir {f.workdir} does not exist')

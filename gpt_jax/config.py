@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.dropout = 0.0               # on the adapters' inputs
   c.lora.targets = ('query', 'key', 'value', 'out')  # also fc_in, fc_gate, fc_out
   c.lora.train_chat_tokens = True    # with rank > 0, also train the embedding rows of the
-                                     # chat template's special tokens (see README)
+                                     # chat template's special tokens (docs/finetuning.md)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1: all devices not used by the other axes

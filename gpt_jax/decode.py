@@ -41,7 +41,7 @@ from gpt_jax.model import ModelConfig, Transformer, init_cache, unstack_layers
 PAD = -1  # what a row that has finished yields
 
 
-def _filter(logits, top_k: int, top_p):
+def filter_logits(logits, top_k: int, top_p):
   """Logits outside the top-k / nucleus set to -inf. top_p: a (traced) float, or None: off."""
   if top_k > 0:
     kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -72,7 +72,7 @@ def greedy_tokens(logits, chunk: int = 128):
   """argmax of logits [batch, vocab] over the vocabulary (the first of equal maxima), in two
   levels: the best chunk of `chunk` ids, then the best id in it. XLA:CPU runs a one-level argmax
   over GPT-2's vocabulary on one thread in about 0.95 ms at 8 rows; in two levels 0.09 ms for
-  50,304 ids and 0.2 ms for 50,257 (experiments/bench_decode/bench_greedy_tokens.py).
+  50,304 ids and 0.2 ms for 50,257 (experiments/bench_decode/README.md).
 
   When `chunk` does not divide the vocabulary, the ids past the last whole chunk form a shorter
   chunk of their own, and the second level reads `chunk` ids from the best chunk's start, moved
@@ -96,7 +96,7 @@ def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):
   """Next tokens from logits [batch, vocab]; temperature 0 means greedy (argmax)."""
   if temperature == 0:
     return greedy_tokens(logits)
-  logits = _filter(logits / temperature, top_k, top_p if top_p < 1.0 else None)
+  logits = filter_logits(logits / temperature, top_k, top_p if top_p < 1.0 else None)
   return jax.random.categorical(rng, logits, axis=-1)
 
 
@@ -142,7 +142,7 @@ class _Request:
   rows: int             # the caller's rows (the rest pad the batch to the mesh)
 
 
-def _bucket(n: int, cap: int) -> int:
+def length_bucket(n: int, cap: int) -> int:
   return min(cap, max(16, 1 << (max(n, 1) - 1).bit_length()))
 
 
@@ -219,7 +219,7 @@ class Generator:
       logits = jnp.where(seen, penalized, logits)
     if mode.greedy:
       return greedy_tokens(logits).astype(jnp.int32)
-    logits = _filter(logits / temperature, mode.top_k, top_p if mode.top_p else None)
+    logits = filter_logits(logits / temperature, mode.top_k, top_p if mode.top_p else None)
     base = jax.random.key(seed)
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
@@ -335,7 +335,7 @@ class Generator:
       prompts += [[0]] * padding
       max_new = np.concatenate([max_new, np.ones(padding, np.int32)])
     lengths = np.array([len(p) for p in prompts], np.int32)
-    tokens = np.zeros((len(prompts), _bucket(int(lengths.max()), context)), np.int32)
+    tokens = np.zeros((len(prompts), length_bucket(int(lengths.max()), context)), np.int32)
     for row, prompt in enumerate(prompts):
       tokens[row, :len(prompt)] = prompt
     sampled = temperature != 0
@@ -343,8 +343,8 @@ class Generator:
                  top_p=sampled and top_p < 1.0, penalty=repetition_penalty != 1.0)
     dynamic = (np.int32(PAD if eos_id is None else eos_id), np.int32(seed),
                np.float32(temperature or 1.0), np.float32(top_p), np.float32(repetition_penalty))
-    return _Request(tokens, lengths, max_new, _bucket(int((lengths + max_new).max()), context),
-                    mode, dynamic, rows)
+    width = length_bucket(int((lengths + max_new).max()), context)
+    return _Request(tokens, lengths, max_new, width, mode, dynamic, rows)
 
   def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
              eos_id: int | None = None, num_samples: int = 1, truncate: bool = False,
@@ -396,7 +396,7 @@ class Generator:
 # ------------------------------------------------------------------ text
 
 
-class _RowText:
+class RowText:
   """One row's text as its tokens arrive: whole characters only, cut at the first stop string."""
 
   def __init__(self, tokenizer, stop: Sequence[str]):
@@ -438,14 +438,14 @@ def stream_text(generator: Generator, tokenizer, prompts: Sequence[str],
   (which is not part of its text). kwargs: as Generator.stream (seed, truncate, temperature,
   top_k, top_p, repetition_penalty).
   """
-  rows = [_RowText(tokenizer, stop) for _ in range(len(prompts) * num_samples)]
+  rows = [RowText(tokenizer, stop) for _ in range(len(prompts) * num_samples)]
   encoded = [encode_prompt(tokenizer, p) for p in prompts]
   tokens = generator.stream(encoded, max_new_tokens, eos_id=tokenizer.eos_id,
                             num_samples=num_samples, **kwargs)  # raises here if the request is bad
   return _text_pieces(tokens, rows, ends=(PAD, tokenizer.eos_id))
 
 
-def _text_pieces(tokens: Iterator[np.ndarray], rows: list[_RowText], ends: tuple):
+def _text_pieces(tokens: Iterator[np.ndarray], rows: list[RowText], ends: tuple):
   for step_tokens in tokens:
     for r, token in enumerate(step_tokens):
       if rows[r].done:

@@ -20,7 +20,7 @@ every token but the first is predicted exactly once, from the tokens before it i
 Batches are sharded over all local devices (data parallel, parameters replicated). The result
 is printed and written to <workdir>/eval/<dataset>-<split>-step<step>.json.
 
-With --chat_files (JSONL conversations, gpt_jax.chat_template's format), each conversation is
+With --chat_files (JSONL conversations, gpt_jax.sft.chat_template's format), each conversation is
 cut before its last assistant message: the model answers the rest (rendered with the generation
 prompt) greedily, until its end-of-turn or --max_new_tokens, in batches of --batch_size prompts,
 and the answers are scored against that last message's content:
@@ -53,9 +53,9 @@ import numpy as np
 import optax
 import tqdm
 
-from gpt_jax import chat_template, checkpoint, cli, data, decode, sharding
+from gpt_jax import checkpoint, cli, data, decode, sharding
+from gpt_jax.sft import chat_template
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.chat import stop_ids
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import Transformer
 
@@ -242,7 +242,7 @@ def generate_answers(generator: decode.Generator, tokenizer, prompts: list[list[
   context = generator.cfg.max_len
   least = min(max_new_tokens, context // 4)
   room = [max(min(max_new_tokens, context - len(p)), least) for p in prompts]
-  stops = stop_ids(tokenizer)
+  stops = chat_template.stop_ids(tokenizer)
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
   answers = [''] * len(prompts)
   for rows, used in tqdm.tqdm(list(_batches(order, batch_size)), unit='batch',

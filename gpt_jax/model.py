@@ -303,7 +303,7 @@ def masked_attention(q: Array, k: Array, v: Array, mask: Array, causal: bool = F
   [b, 1, t, s] is true; query head i reads kv head i // (heads / kv_heads). The same as
   `jax.nn.dot_product_attention(q, k, v, mask=mask)` (float32 logits and softmax), written as
   two einsums over [b, heads, t, s] logits through gpt_jax.backends
-  (experiments/benchmarks/bench_attention.py).
+  (experiments/benchmarks/README.md).
 
   causal: the mask is false wherever the key comes after the query (s > t). Then the first half
   of the queries is computed over the first half of the keys only, skipping the quarter of the

@@ -18,7 +18,8 @@ import sys
 
 from absl import app, flags, logging
 
-from gpt_jax import checkpoint, cli, decode, quantize, sharding, tokenizer as tokenizer_lib
+from gpt_jax import checkpoint, cli, decode, sharding, tokenizer as tokenizer_lib
+from gpt_jax.inference import quantize
 from gpt_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -51,21 +52,7 @@ def check_flags(f) -> None:
   """ConfigError naming the first flag out of range (before anything is loaded)."""
   if f.num_samples <= 0:
     raise ConfigError(f'--num_samples must be positive, got {f.num_samples}')
-  check_generation_flags(f)
-
-
-def check_generation_flags(f) -> None:
-  """The flags sample and chat share: workdir, max_new_tokens and the sampling settings."""
-  if not f.workdir:
-    raise ConfigError('--workdir is required')
-  if f.max_new_tokens <= 0:
-    raise ConfigError(f'--max_new_tokens must be positive, got {f.max_new_tokens}')
-  try:
-    decode.check_sampling(f.temperature, f.top_k, f.top_p, f.repetition_penalty)
-  except ConfigError as e:
-    raise ConfigError(f'--{e}') from None
-  if not os.path.isdir(f.workdir):
-    raise FileNotFoundError(f'Workdir {f.workdir} does not exist')
+  cli.check_generation_flags(f)
 
 
 def main(argv):

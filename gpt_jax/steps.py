@@ -7,7 +7,7 @@ shardings. Call the steps, and lower them, under `jax.set_mesh(mesh)` and
 `nn.logical_axis_rules(rules)`.
 
 What the train step minimises is an `Objective`: next-token cross-entropy by default; another
-(gpt_jax/distillation.py) may read frozen inputs, such as a teacher's parameters, that ride
+(gpt_jax/compress/distillation.py) may read frozen inputs, such as a teacher's parameters, that ride
 beside the state as the step's last argument, sharded by the same rules and never saved.
 """
 
@@ -211,11 +211,7 @@ class Steps:
   abstract_frozen: Any
   abstract_inputs: Any          # the objective's frozen inputs ({} for cross-entropy)
   batch_sharding: jax.sharding.NamedSharding
-  # (state as its list of leaves, batch, frozen, inputs) -> (new state's leaves, metrics).
-  # Leaves, not the TrainState: gpt_jax/traced_steps.py saves the traced step with its argument
-  # trees, which must be plain containers.
-  train_step: Any
-  train_step_options: dict      # the jit options of train_step
+  train_step: Any               # (state, batch, frozen, inputs) -> (new state, metrics)
   eval_step: Any                # (params, batch, frozen) -> (loss sum, weight sum)
   # The batch's int32 [batch, seq_len] arrays: segment ids and positions with document masking.
   batch_keys: tuple[str, ...] = ('inputs', 'targets')
@@ -227,10 +223,6 @@ class Steps:
   @property
   def frozen_shardings(self):
     return jax.tree.map(lambda x: x.sharding, self.abstract_frozen)
-
-  @property
-  def state_def(self):
-    return jax.tree.structure(self.abstract_state)
 
   def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """A pretraining batch of token ids, as the train step takes it."""
@@ -247,29 +239,21 @@ def build(config, model: Transformer, tx, schedule, mesh, rules,
   init_state, (abstract_state, abstract_frozen) = sharded_state(
       model, tx, config.data.seq_len, mesh, rules, trainable)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  state_def = jax.tree.structure(abstract_state)
   state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, abstract_frozen)
   abstract_inputs = objective.abstract_inputs(config.data.seq_len, mesh, rules)
-  step_fn = make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed, trainable,
-                            objective)
-
-  def train_step(state_leaves, batch, frozen, inputs):
-    new_state, metrics = step_fn(jax.tree.unflatten(state_def, state_leaves), batch, frozen,
-                                 inputs)
-    return jax.tree.leaves(new_state), metrics
-
-  leaf_shardings = jax.tree.leaves(state_shardings)
-  train_step_options = dict(in_shardings=(leaf_shardings, batch_sharding, frozen_shardings,
-                                          jax.tree.map(lambda x: x.sharding, abstract_inputs)),
-                            out_shardings=(leaf_shardings, None),
-                            donate_argnums=0)  # the old state's buffers are reused for the new one
+  train_step = jax.jit(
+      make_train_step(model, schedule, config.optim.grad_accum_steps, config.seed, trainable,
+                      objective),
+      in_shardings=(state_shardings, batch_sharding, frozen_shardings,
+                    jax.tree.map(lambda x: x.sharding, abstract_inputs)),
+      out_shardings=(state_shardings, None),
+      donate_argnums=0)  # the old state's buffers are reused for the new one
   eval_step = jax.jit(make_eval_step(model, trainable),
                       in_shardings=(state_shardings.params, batch_sharding, frozen_shardings))
   return Steps(init_state=init_state, abstract_state=abstract_state,
                abstract_frozen=abstract_frozen, abstract_inputs=abstract_inputs,
                batch_sharding=batch_sharding,
-               train_step=jax.jit(train_step, **train_step_options),
-               train_step_options=train_step_options, eval_step=eval_step,
+               train_step=train_step, eval_step=eval_step,
                batch_keys=('inputs', 'targets') + (
                    ('segment_ids', 'positions') if config.data.get('document_masking') else ()))

@@ -354,6 +354,18 @@ def special_token_id(tokenizer: Tokenizer, name: str) -> int | None:
   return None
 
 
+# The special tokens of gpt_jax's chat template (gpt_jax/sft/chat_template.py), added to a
+# tokenizer for fine-tuning: one per role, then the end of a turn.
+CHAT_ROLES = ('system', 'user', 'assistant')
+CHAT_TOKENS = tuple(f'<|{role}|>' for role in CHAT_ROLES) + ('<|end|>',)
+
+
+def chat_token_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+  """The ids of CHAT_TOKENS, when the tokenizer has them all; else ()."""
+  ids = tuple(special_token_id(tokenizer, t) for t in CHAT_TOKENS)
+  return () if None in ids else ids
+
+
 def _spm_sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
   """Lines of `texts`, cut to sentencepiece's sentence limit, `max_chars` in all.
 

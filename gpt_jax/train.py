@@ -1,18 +1,16 @@
-r"""Pretrain a GPT (or fine-tune one: gpt_jax/finetune.py runs this loop on chat data).
+r"""Pretrain a GPT, or continue training one.
 
   python -m gpt_jax.train --config=configs/default.py --workdir=runs/default \
       [--config.train.num_steps=2000 --config.model.num_layers=6 ...]
 
-Reads top to bottom: config, mesh, data, state, step, checkpoint, loop. A run is defined by its
-config and workdir; running the same command again resumes from the latest checkpoint.
+Reads top to bottom: config, mesh, data, state, checkpoint, loop, sample. A run is defined by its
+config and workdir; running the same command again resumes from the latest checkpoint. With
+`init_from` set (configs/finetune.py:DIR) the run starts from another workdir's parameters at
+`init_step`, with its tokenizer.
 
-Fine-tuning (`init_from` set) starts from another workdir's parameters at `init_step`. With
-`data.chat_files`, batches are packed conversations (gpt_jax/sft_data.py) carrying 'weights',
-'segment_ids' and 'positions'. With `lora.rank > 0` the state trains the adapters alone
-(`lora.Trainable`); the frozen base rides beside the state and is never saved.
-
-The step minimises a `steps.Objective` (next-token cross-entropy unless the caller passes
-another: gpt_jax/distill.py passes a teacher's, whose parameters are its frozen inputs).
+What a run starts from, trains and reads is its `Pretraining` recipe: chat fine-tuning
+(gpt_jax/sft/finetuning.py) and distillation (gpt_jax/compress/distillation.py) replace parts of
+it, and the loop stays the same.
 """
 
 import math
@@ -31,33 +29,110 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from gpt_jax import (chat_template, checkpoint, cli, data, decode, flops, liveness, optim,
-                     sft_data, sharding, streaming, traced_steps)
-from gpt_jax import steps as steps_lib
+from gpt_jax import checkpoint, cli, data, decode, flops, liveness, optim, sharding, streaming
 from gpt_jax import config as config_lib
 from gpt_jax import lora as lora_lib
+from gpt_jax import steps as steps_lib
+from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.errors import ConfigError
 from gpt_jax.metrics import MetricWriter, MetricsWriteError
 from gpt_jax.model import ModelConfig, Transformer, count_params, unstack_layers
-from gpt_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and tokenizer.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, for multi-host runs.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in a multi-host run.')
-_DISTRIBUTED = flags.DEFINE_enum(
-    'distributed', 'auto', ['auto', 'on', 'off'],
-    'Call jax.distributed.initialize() (cluster auto-detection: Cloud TPU, SLURM, Open MPI). '
-    'auto: when a multi-process SLURM or Open MPI job is detected, or --coordinator_address is '
-    'given.')
-_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    'heartbeat_timeout', 60, 'Multi-process runs: seconds without a heartbeat after which a '
-    'process counts as lost and the others stop, naming it (gpt_jax/liveness.py).')
-_START_OVER = flags.DEFINE_bool(
-    'start_over', False, 'Move existing checkpoints aside and train from step 0 (needed when '
-    'none of them can be read).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The flags of every training binary (train, finetune, distill)."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and tokenizer.')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-host runs.')
+  flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
+  flags.DEFINE_integer('process_id', None, 'This process, in a multi-host run.')
+  flags.DEFINE_enum(
+      'distributed', 'auto', ['auto', 'on', 'off'],
+      'Call jax.distributed.initialize() (cluster auto-detection: Cloud TPU, SLURM, Open MPI). '
+      'auto: when a multi-process SLURM or Open MPI job is detected, or --coordinator_address '
+      'is given.')
+  flags.DEFINE_integer(
+      'heartbeat_timeout', 60, 'Multi-process runs: seconds without a heartbeat after which a '
+      'process counts as lost and the others stop, naming it (gpt_jax/liveness.py).')
+  flags.DEFINE_bool(
+      'start_over', False, 'Move existing checkpoints aside and train from step 0 (needed when '
+      'none of them can be read).')
+
+
+class Pretraining:
+  """A run's recipe: its tokenizer, vocabulary, batches, objective and end-of-run sample.
+  Pretraining builds the tokenizer from the corpus (or takes init_from's), reads config.data's
+  corpus and minimises next-token cross-entropy."""
+
+  def __init__(self, objective: steps_lib.Objective = steps_lib.CROSS_ENTROPY):
+    self.objective = objective  # what the step minimises (gpt_jax.distill passes a teacher's)
+
+  def prepare_tokenizer(self, config, workdir: str) -> tokenizer_lib.Tokenizer:
+    own = os.path.join(workdir, 'tokenizer')
+    if config.init_from and not os.path.isdir(own):
+      shutil.copytree(os.path.join(config.init_from, 'tokenizer'), own)
+    return data.prepare_tokenizer(config, workdir)
+
+  def vocab_size(self, config, tokenizer, is_main: bool) -> int:
+    """The model's embedding rows: the config's, else the tokenizer's."""
+    if config.model.vocab_size == 0:
+      return tokenizer.vocab_size
+    if config.model.vocab_size < tokenizer.vocab_size:
+      raise ConfigError(f'config.model.vocab_size ({config.model.vocab_size}) is smaller than '
+                        f"the tokenizer's vocabulary ({tokenizer.vocab_size})")
+    return config.model.vocab_size
+
+  def batches(self, config, tokenizer, workdir: str, is_main: bool):
+    """(the train iterator, the evaluation batches); process 0 prepares what all read."""
+    if config.data.chat_files:
+      raise ConfigError('config.data.chat_files holds conversations: fine-tune on them with '
+                        'python -m gpt_jax.finetune')
+    num_eval = config.train.eval_batches if config.train.eval_every else 0
+    if data.use_streaming(config.data):
+      # Every process reads, tokenizes and packs its own documents (gpt_jax/streaming.py).
+      if is_main:
+        streaming.prepare(config.data, config.data.train_split)
+      multihost_utils.sync_global_devices('dataset ready')
+      return (streaming.make_train_iterator(config, tokenizer),
+              streaming.make_eval_batches(config, tokenizer, num_eval) if num_eval else [])
+    for split, needed in ((config.data.train_split, True), (config.data.val_split, num_eval)):
+      if needed and is_main:
+        data.token_stream(config.data, tokenizer, workdir, split)
+    multihost_utils.sync_global_devices('token streams ready')
+    return (data.make_train_iterator(config, tokenizer, workdir),
+            data.make_eval_batches(config, tokenizer, workdir, num_eval) if num_eval else [])
+
+  def sample_prompt(self, tokenizer, text: str) -> tuple[list[int], int]:
+    """(the end-of-run sample's prompt ids, the token that ends the sample)."""
+    return decode.encode_prompt(tokenizer, text), tokenizer.eos_id
+
+
+def set_up_compilation_cache(config, workdir: str) -> None:
+  if config.train.compilation_cache:
+    # Persistent across restarts: a resumed or preempted run skips recompiling its steps. A
+    # directory set in JAX_COMPILATION_CACHE_DIR (e.g. one for all runs of a sweep) is kept.
+    if not jax.config.jax_compilation_cache_dir:
+      jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  else:
+    jax.config.update('jax_enable_compilation_cache', False)
+
+
+def load_base_params(config, mesh, rules):
+  """init_from's parameters at init_step, sharded by the rules (a LoRA base comes merged)."""
+  base_config = checkpoint.load_config(config.init_from)
+  base_cfg = ModelConfig.from_config(base_config.model)
+  abstract = sharding.abstract_params(Transformer(base_cfg), config.data.seq_len, mesh, rules)
+  if config_lib.lora_config(base_config).rank:
+    if base_cfg.scan_layers:
+      raise ConfigError(f'{config.init_from} is a LoRA workdir with scanned layers: merge it '
+                        'first (python -m gpt_jax.convert.merge_lora)')
+    _, params, _ = checkpoint.load_model(config.init_from, config.init_step)
+    return jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract))
+  params, _ = checkpoint.restore_params(config.init_from, abstract, config.init_step)
+  return params
 
 
 @jax.jit
@@ -77,53 +152,13 @@ def evaluate(eval_step, params, frozen, batches, to_global) -> float:
   return total / max(count, 1)
 
 
-def prepare_tokenizer(config, workdir: str):
-  """The run's tokenizer in <workdir>/tokenizer/: the base's when fine-tuning, with the chat
-  template's special tokens added for chat data; else built from the corpus."""
-  own = os.path.join(workdir, 'tokenizer')
-  if config.init_from and not os.path.isdir(own):
-    shutil.copytree(os.path.join(config.init_from, 'tokenizer'), own)
-  tokenizer = data.prepare_tokenizer(config, workdir)
-  if config.data.chat_files and not chat_template.has_chat_tokens(tokenizer):
-    tokenizer = chat_template.add_chat_tokens(tokenizer)
-    tokenizer.save(own)
-  return tokenizer
-
-
-def fit_vocabulary(config, tokenizer_vocab: int, is_main: bool) -> int:
-  """The model's vocabulary rows: the tokenizer's by default; when fine-tuning adds tokens the
-  base has no rows for, the embedding grows (rounded up to data.vocab_multiple), with a
-  warning."""
-  vocab_size = config.model.vocab_size
-  if vocab_size == 0:
-    return tokenizer_vocab
-  if vocab_size >= tokenizer_vocab:
-    return vocab_size  # a base's spare rows take the new tokens as they are
-  if not config.init_from:
-    raise ConfigError(f'config.model.vocab_size ({vocab_size}) is smaller than the '
-                      f"tokenizer's vocabulary ({tokenizer_vocab})")
-  grown = lora_lib.round_up(tokenizer_vocab, config.data.vocab_multiple)
-  if is_main:
-    print(f'warning: the tokenizer has {tokenizer_vocab} tokens, more than the {vocab_size} '
-          f'embedding rows of {config.init_from}: the embedding grows to {grown} rows (a '
-          'multiple of data.vocab_multiple), the new ones set to the mean of the old.',
-          file=sys.stderr, flush=True)
-  return grown
-
-
-def load_base_params(config, mesh, rules):
-  """init_from's parameters at init_step, sharded by the rules (a LoRA base comes merged)."""
-  base_config = checkpoint.load_config(config.init_from)
-  base_cfg = ModelConfig.from_config(base_config.model)
-  abstract = sharding.abstract_params(Transformer(base_cfg), config.data.seq_len, mesh, rules)
-  if config_lib.lora_config(base_config).rank:
-    if base_cfg.scan_layers:
-      raise ConfigError(f'{config.init_from} is a LoRA workdir with scanned layers: merge it '
-                        'first (python -m gpt_jax.convert.merge_lora)')
-    _, params, _ = checkpoint.load_model(config.init_from, config.init_step)
-    return jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract))
-  params, _ = checkpoint.restore_params(config.init_from, abstract, config.init_step)
-  return params
+def unigram_entropy(batches) -> float:
+  """A reference the model must beat: the entropy of the target tokens' own frequencies."""
+  counts = np.bincount(np.concatenate([
+      b['targets'][b['weights'] > 0] if 'weights' in b else b['targets'].ravel()
+      for b in batches]))
+  probs = counts[counts > 0] / counts.sum()
+  return float(-(probs * np.log(probs)).sum())
 
 
 class StopRequest:
@@ -143,23 +178,43 @@ class StopRequest:
       signal.signal(signum, handler)
 
 
-def train_and_evaluate(config, workdir: str, start_over: bool = False,
-                       objective: steps_lib.Objective = steps_lib.CROSS_ENTROPY
-                       ) -> dict[str, float]:
-  """Trains (or resumes) the run in `workdir` to minimise `objective`; returns the last logged
-  metrics."""
+def start_from_base(config, state, steps, trainable, start_step: int, mesh, rules):
+  """(state, frozen) with init_from's weights under this run's adapters. Only what is trained is
+  saved, so a resumed LoRA run takes its frozen base from init_from again."""
+  vocab_size = config.model.vocab_size
+
+  def combine(trained, base):
+    params = lora_lib.combine(lora_lib.grow_vocab(base, vocab_size), lora_lib.split(trained)[1])
+    return trainable.split(params)
+
+  trained, frozen = jax.jit(combine, out_shardings=(
+      steps.state_shardings.params, steps.frozen_shardings))(
+          state.params, load_base_params(config, mesh, rules))
+  if start_step == 0:
+    state = state.replace(params=trained)
+    logging.warning('Initialised parameters from %s (step %d)', config.init_from,
+                    config.init_step)
+  return state, frozen
+
+
+def describe(state, frozen, lora, mesh, flops_per_token: float, peak: float) -> str:
+  trained = ('' if not frozen else
+             f' ({count_params(state.params) / 1e6:.3f}M trained: LoRA rank {lora.rank})')
+  return (f'{(count_params(state.params) + count_params(frozen)) / 1e6:.2f}M parameters'
+          f'{trained}, mesh {dict(mesh.shape)}, {flops_per_token / 1e6:.1f} MFLOP/token'
+          + (f', matmul peak {peak / 1e9:.0f} GFLOP/s per device' if peak else ''))
+
+
+def train_and_evaluate(config, workdir: str, recipe: Pretraining | None = None,
+                       start_over: bool = False) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir` by `recipe` (default: Pretraining); returns the
+  last logged metrics."""
   # ------------------------------------------------------------------ config
+  recipe = recipe or Pretraining()
   config_lib.validate(config)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if config.train.compilation_cache:
-    # Persistent across restarts: a resumed or preempted run skips recompiling its steps. A
-    # directory set in JAX_COMPILATION_CACHE_DIR (e.g. one for all runs of a sweep) is kept.
-    if not jax.config.jax_compilation_cache_dir:
-      jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  else:
-    jax.config.update('jax_enable_compilation_cache', False)
+  set_up_compilation_cache(config, workdir)
 
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -169,113 +224,58 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
                jax.process_count())
 
   # ------------------------------------------------------------------ data
-  # Process 0 builds the dataset, tokenizer and token cache; the others then read them.
-  chat = bool(config.data.chat_files)
+  # Process 0 builds the tokenizer and token cache; the others then read them.
   if config.init_from:
     config.init_step = checkpoint.resolve_init_step(config, workdir)
   if is_main:
-    tokenizer = prepare_tokenizer(config, workdir)
+    tokenizer = recipe.prepare_tokenizer(config, workdir)
   multihost_utils.sync_global_devices('tokenizer ready')
   if not is_main:
-    tokenizer = prepare_tokenizer(config, workdir)
-  config.model.vocab_size = fit_vocabulary(config, tokenizer.vocab_size, is_main)
+    tokenizer = recipe.prepare_tokenizer(config, workdir)
+  config.model.vocab_size = recipe.vocab_size(config, tokenizer, is_main)
   model_cfg = ModelConfig.from_config(config.model)
   checkpoint.prepare_workdir(workdir, config, model_cfg, start_over)
-  if chat:
-    train_iter = sft_data.make_train_iterator(config, tokenizer)
-    eval_batches = (sft_data.make_eval_batches(config, tokenizer, config.train.eval_batches)
-                    if config.train.eval_every and config.data.val_chat_files else [])
-  elif data.use_streaming(config.data):
-    # Every process reads, tokenizes and packs its own documents (gpt_jax/streaming.py).
-    if is_main:
-      streaming.prepare(config.data, config.data.train_split)
-    multihost_utils.sync_global_devices('dataset ready')
-    train_iter = streaming.make_train_iterator(config, tokenizer)
-    eval_batches = (streaming.make_eval_batches(config, tokenizer, config.train.eval_batches)
-                    if config.train.eval_every else [])
-  else:
-    for split, needed in ((config.data.train_split, True), (config.data.val_split,
-                                                           bool(config.train.eval_every))):
-      if needed and is_main:
-        data.token_stream(config.data, tokenizer, workdir, split)
-    multihost_utils.sync_global_devices('token streams ready')
-    train_iter = data.make_train_iterator(config, tokenizer, workdir)
-    eval_batches = (data.make_eval_batches(config, tokenizer, workdir, config.train.eval_batches)
-                    if config.train.eval_every else [])
+  train_iter, eval_batches = recipe.batches(config, tokenizer, workdir, is_main)
 
   # ------------------------------------------------------------------ state
-  # The state trains `trainable`'s share of the parameters; `frozen` holds the rest.
+  # The state holds `trainable`'s share of the parameters; `frozen` rides beside it, unsaved.
   lora = config_lib.lora_config(config)
   model = Transformer(model_cfg, lora)
   trainable = checkpoint.trainable_params(config, tokenizer)
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
-
-  steps = steps_lib.build(config, model, tx, schedule, mesh, rules, trainable, objective)
-  abstract_state, abstract_frozen = steps.abstract_state, steps.abstract_frozen
-  state_shardings, frozen_shardings = steps.state_shardings, steps.frozen_shardings
+  steps = steps_lib.build(config, model, tx, schedule, mesh, rules, trainable, recipe.objective)
 
   # ------------------------------------------------------------------ checkpoint (resume)
   manager = checkpoint.make_manager(workdir, config.checkpoint)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state, start_step = checkpoint.restore_latest(manager, abstract_state, train_iter)
+    state, start_step = checkpoint.restore_latest(manager, steps.abstract_state, train_iter)
     if state is None:
-      start_step = 0
-      rng = jax.random.key(config.seed)
+      start_step, rng = 0, jax.random.key(config.seed)
       state, frozen = steps_lib.compile_once_run(jax.jit(
-          steps.init_state, out_shardings=(state_shardings, frozen_shardings)), rng)(rng)
+          steps.init_state, out_shardings=(steps.state_shardings, steps.frozen_shardings)),
+          rng)(rng)
     else:
       logging.warning('Resuming from step %d in %s', start_step, workdir)
-      frozen = {}  # a LoRA run's base is not in its checkpoints: read below
-    if config.init_from and (start_step == 0 or abstract_frozen):
-      # The base's weights under this run's adapters. Only what is trained is saved, so a
-      # resumed LoRA run takes its frozen base from init_from again.
-
-      def start_from_base(trained, base):
-        params = lora_lib.combine(lora_lib.grow_vocab(base, model_cfg.vocab_size),
-                                  lora_lib.split(trained)[1])
-        return trainable.split(params)
-
-      trained, frozen = jax.jit(start_from_base, out_shardings=(
-          state_shardings.params, frozen_shardings))(state.params, load_base_params(
-              config, mesh, rules))
-      if start_step == 0:
-        state = state.replace(params=trained)
-        logging.warning('Initialised parameters from %s (step %d)', config.init_from,
-                        config.init_step)
-    objective_inputs = objective.load_inputs(steps.abstract_inputs)  # never in a checkpoint
+      frozen = {}  # not in the checkpoints: a LoRA run reads its base again below
+    if config.init_from and (start_step == 0 or steps.abstract_frozen):
+      state, frozen = start_from_base(config, state, steps, trainable, start_step, mesh, rules)
+    objective_inputs = recipe.objective.load_inputs(steps.abstract_inputs)  # never saved
 
   writer = MetricWriter(workdir, resume_step=start_step, tensorboard=config.train.tensorboard)
-  if eval_batches:
-    # A reference the model must beat: the entropy of the validation tokens' own frequencies.
-    counts = np.bincount(np.concatenate([
-        b['targets'][b['weights'] > 0] if 'weights' in b else b['targets'].ravel()
-        for b in eval_batches]))
-    probs = counts[counts > 0] / counts.sum()
-    unigram_entropy = float(-(probs * np.log(probs)).sum())
-    if is_main and start_step == 0:
-      writer.write(0, {'val_unigram_entropy': unigram_entropy})
-  num_params = count_params(state.params) + count_params(frozen)
+  if eval_batches and is_main and start_step == 0:
+    writer.write(0, {'val_unigram_entropy': unigram_entropy(eval_batches)})
   flops_per_token = flops.train_flops_per_token(model_cfg, config.data.seq_len)
   peak = (flops.measure_matmul_peak(model_cfg.compute_dtype, mesh.local_devices[0])
           if config.train.measure_peak else 0.0)
   if is_main:
-    trained = ('' if not frozen else
-               f' ({count_params(state.params) / 1e6:.3f}M trained: LoRA rank {lora.rank})')
-    print(f'{num_params / 1e6:.2f}M parameters{trained}, mesh {dict(mesh.shape)}, '
-          f'{flops_per_token / 1e6:.1f} MFLOP/token'
-          + (f', matmul peak {peak / 1e9:.0f} GFLOP/s per device' if peak else ''), flush=True)
-
-  # ------------------------------------------------------------------ step
-  state_def = steps.state_def
-  train_step, eval_step = steps.train_step, steps.eval_step
+    print(describe(state, frozen, lora, mesh, flops_per_token, peak), flush=True)
 
   def to_global(local_batch):
     return {k: jax.make_array_from_process_local_data(steps.batch_sharding, v)
             for k, v in local_batch.items()}
 
   # ------------------------------------------------------------------ loop
-  tokens_per_step = config.data.batch_size * config.data.seq_len
   num_steps = config.train.num_steps
   progress = tqdm.tqdm(total=num_steps, initial=start_step, unit='step', dynamic_ncols=True,
                        disable=not (is_main and config.train.progress_bar))
@@ -286,18 +286,11 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
   skipped, first_skipped = jax.device_put((np.int32(0), np.int32(0)),
                                           jax.sharding.NamedSharding(mesh, jax.P()))
   stop = StopRequest()
-  run_train_step = None
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for step in range(start_step + 1, num_steps + 1):
-        args = (jax.tree.leaves(state), to_global(next(train_iter)), frozen, objective_inputs)
-        if run_train_step is None:  # traced for the first batch, or read as saved
-          run_train_step = train_step if not config.train.compilation_cache else (
-              traced_steps.traced_once(
-                  train_step, args, os.path.join(workdir, 'traced_steps'), 'train_step',
-                  config.to_json_best_effort(sort_keys=True), **steps.train_step_options))
-        state_leaves, metrics = run_train_step(*args)
-        state = jax.tree.unflatten(state_def, state_leaves)
+        state, metrics = steps.train_step(state, to_global(next(train_iter)), frozen,
+                                          objective_inputs)
         skipped, first_skipped = count_skipped(skipped, first_skipped, metrics.pop('nonfinite'),
                                                step)
         progress.update()
@@ -311,8 +304,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
                 f'{metrics["skipped_steps"] - 1} later steps); their updates were not applied. '
                 f'The last checkpoint is step {saved_step}. Lower optim.lr, raise '
                 'optim.warmup_steps, or set train.on_nonfinite=skip.')
-          elapsed = time.perf_counter() - timer_start
-          tokens_per_s = (step - timer_step) * tokens_per_step / elapsed
+          tokens_per_s = ((step - timer_step) * config.data.batch_size * config.data.seq_len
+                          / (time.perf_counter() - timer_start))
           metrics['tokens_per_s'] = tokens_per_s
           if peak:
             metrics['mfu'] = tokens_per_s * flops_per_token / (peak * jax.device_count())
@@ -322,7 +315,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
           timer_step, timer_start = step, time.perf_counter()
 
         if config.train.eval_every and (step % config.train.eval_every == 0 or step == num_steps):
-          val_loss = evaluate(eval_step, state.params, frozen, eval_batches, to_global)
+          val_loss = evaluate(steps.eval_step, state.params, frozen, eval_batches, to_global)
           writer.write(step, {'val_loss': val_loss,
                               'val_perplexity': math.exp(min(val_loss, 50))})
           progress.write(f'step {step}: val_loss {val_loss:.4f}') if is_main else None
@@ -338,12 +331,11 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
     checkpoint.wait_until_saved(manager)
   finally:
     # Closing the data iterator stops its worker processes, if any.
-    _close_all(stop.restore, train_iter.close, manager.close, progress.close, writer.close)
+    close_all(stop.restore, train_iter.close, manager.close, progress.close, writer.close)
   if stop.signal_name or step < num_steps:
-    reason = stop.signal_name or 'a preemption notice'
     if is_main:
-      print(f'Stopped at step {step} on {reason}; checkpoint saved in {workdir}. Run the same '
-            'command to resume.', flush=True)
+      print(f'Stopped at step {step} on {stop.signal_name or "a preemption notice"}; checkpoint '
+            f'saved in {workdir}. Run the same command to resume.', flush=True)
     return last
 
   # ------------------------------------------------------------------ sample
@@ -354,15 +346,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
   if config.train.sample_tokens and is_main:
     generator = decode.Generator(*unstack_layers(model_cfg, lora_lib.merge(params, lora)),
                                  num_tokens=tokenizer.vocab_size)
-    if chat:  # the sample prompt as a user's turn, answered until the end of the turn
-      turn = {'role': 'user', 'content': config.train.sample_prompt}
-      prompt = chat_template.render(tokenizer, [turn], add_generation_prompt=True).tokens
-      eos_id = chat_template.end_of_turn_id(tokenizer)
-    else:
-      prompt = decode.encode_prompt(tokenizer, config.train.sample_prompt)
-      eos_id = tokenizer.eos_id
-    new_tokens = config.train.sample_tokens
-    new_tokens = min(new_tokens, model_cfg.max_len - len(prompt))
+    prompt, eos_id = recipe.sample_prompt(tokenizer, config.train.sample_prompt)
+    new_tokens = min(config.train.sample_tokens, model_cfg.max_len - len(prompt))
     (completion,) = generator.generate([prompt], new_tokens, temperature=0.8, top_k=50,
                                        eos_id=eos_id, seed=config.seed)
     print('--- sample ---\n' + tokenizer.decode(prompt + completion) + '\n---', flush=True)
@@ -373,7 +358,7 @@ def _multiprocess_job() -> bool:
   return any(int(os.environ.get(var, '1')) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
 
 
-def _close_all(*closers) -> None:
+def close_all(*closers) -> None:
   """Runs every closer. While an error propagates, a closer's own failure (often the same full
   disk) is logged rather than raised, so that the first error is the one reported."""
   in_flight = sys.exc_info()[1]
@@ -389,31 +374,27 @@ def _close_all(*closers) -> None:
     raise first_error
 
 
-def main(argv, configure=None, make_objective=None):
-  """The binary; gpt_jax.finetune passes `configure(config)`, which fills in the config first,
-  gpt_jax.distill also `make_objective(config) -> steps.Objective`, what the step minimises."""
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _WORKDIR.value is None:
+def run(configure=None, make_recipe=None) -> None:
+  """What the training binaries run, from the flags: `configure(config)` fills in the config
+  first (gpt_jax.finetune, gpt_jax.distill), `make_recipe(config)` gives the run's recipe."""
+  if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required')
   cli.keep_freed_host_memory()
   cli.skip_absent_tpu()
   cli.quiet_logs()
   with cli.one_line_errors():  # the coordinator's port in use
-    if _COORDINATOR.value:
-      liveness.initialize(_HEARTBEAT_TIMEOUT.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                          _PROCESS_ID.value)
-    elif _DISTRIBUTED.value == 'on' or (_DISTRIBUTED.value == 'auto' and _multiprocess_job()):
-      liveness.initialize(_HEARTBEAT_TIMEOUT.value)  # detects the coordinator, count and id
-  liveness.watch(_HEARTBEAT_TIMEOUT.value)  # multi-process: a lost process stops the others
+    if FLAGS.coordinator_address:
+      liveness.initialize(FLAGS.heartbeat_timeout, FLAGS.coordinator_address,
+                          FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.distributed == 'on' or (FLAGS.distributed == 'auto' and _multiprocess_job()):
+      liveness.initialize(FLAGS.heartbeat_timeout)  # detects the coordinator, count and id
+  liveness.watch(FLAGS.heartbeat_timeout)  # multi-process: a lost process stops the others
   try:
     with cli.one_line_errors(FloatingPointError):
       if configure is not None:
-        configure(_CONFIG.value)
-      objective = (steps_lib.CROSS_ENTROPY if make_objective is None
-                   else make_objective(_CONFIG.value))
-      train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value,
-                         objective=objective)
+        configure(FLAGS.config)
+      recipe = make_recipe(FLAGS.config) if make_recipe else Pretraining()
+      train_and_evaluate(FLAGS.config, FLAGS.workdir, recipe, start_over=FLAGS.start_over)
   except jax.errors.JaxRuntimeError:
     liveness.wait_for_lost_process()  # a collective failing because a process died: name it
     raise
@@ -423,5 +404,12 @@ def main(argv, configure=None, make_objective=None):
     os._exit(1)
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  run()
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

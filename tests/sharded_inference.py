@@ -15,7 +15,8 @@ import sys
 import jax
 from fastapi import testclient
 
-from gpt_jax import checkpoint, decode, eval as eval_lib, serve, sharding
+from gpt_jax import checkpoint, decode, eval as eval_lib, sharding
+from gpt_jax.inference import server as server_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 
@@ -58,8 +59,8 @@ def main(workdir):
                          generator.stream(prompts, 16, temperature=1.0, seed=3, num_samples=2)]
       del generator, params
       run['eval_loss'] = eval_lib.evaluate(workdir, batch_size=4, mesh=mesh)['loss']
-      server = serve.load(workdir, slots=3, mesh=mesh)
-      with testclient.TestClient(serve.create_app(server)) as client:
+      server = server_lib.load(workdir, slots=3, mesh=mesh)
+      with testclient.TestClient(server_lib.create_app(server)) as client:
         reply = client.post('/v1/completions', json={
             'model': server.model_name, 'prompt': ['The ', 'A'], 'max_tokens': 16,
             'temperature': 1.0, 'seed': 5})

@@ -11,8 +11,9 @@ import pytest
 
 pytest.importorskip('libtpu', reason='libtpu is not installed: pip install -e ".[tpu]"')
 
-from gpt_jax import checkpoint, optim, sharding, target, tpu  # noqa: E402
-from gpt_jax import tpu_report  # noqa: E402
+from gpt_jax import checkpoint, optim, sharding, target  # noqa: E402
+from gpt_jax.tpu import topology as tpu
+from gpt_jax.tpu import plan as tpu_plan
 from gpt_jax import steps as steps_lib  # noqa: E402
 from gpt_jax.config import base_config  # noqa: E402
 from gpt_jax.errors import ConfigError  # noqa: E402
@@ -51,7 +52,7 @@ def test_topology_names_follow_cloud_tpu():
 
 
 def test_fsdp_step_on_v5p_shards_state_and_gathers_weights():
-  report = tpu_report.compile_train(small_config(), tpu.Slice.parse('v5p-8'))
+  report = tpu_plan.compile_train(small_config(), tpu.Slice.parse('v5p-8'))
   assert report['chips'] == 4 and report['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
   assert report['fits']
   # The rules put every matrix's `embed` axis over fsdp: a quarter of the state per chip (norm
@@ -76,7 +77,7 @@ def test_fsdp_step_on_v5p_shards_state_and_gathers_weights():
 
 
 def test_tensor_parallel_step_on_v5e_shards_heads_and_mlp():
-  report = tpu_report.compile_train(small_config(tensor=2, fsdp=2), tpu.Slice.parse('v5e-4'),
+  report = tpu_plan.compile_train(small_config(tensor=2, fsdp=2), tpu.Slice.parse('v5e-4'),
                              with_eval=False)
   assert report['mesh'] == {'data': 1, 'fsdp': 2, 'tensor': 2}
   # Matrices split over both axes: `embed` over fsdp; heads, MLP and vocabulary over tensor.
@@ -89,7 +90,7 @@ def test_tensor_parallel_step_on_v5e_shards_heads_and_mlp():
 
 
 def test_two_slices_cross_only_with_the_gradient_reduction():
-  report = tpu_report.compile_train(small_config(data=2, fsdp=-1),
+  report = tpu_plan.compile_train(small_config(data=2, fsdp=-1),
                              tpu.Slice.parse('v5e-4', num_slices=2), with_eval=False)
   assert report['chips'] == 8 and report['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
   across = report['dcn_collectives']
@@ -114,7 +115,7 @@ def test_tpu_program_holds_no_xla_cpu_constructs():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       assert target.platform() == name
       texts[name] = steps.train_step.lower(
-          jax.tree.leaves(steps.abstract_state), steps.abstract_batch(8, 128),
+          steps.abstract_state, steps.abstract_batch(8, 128),
           steps.abstract_frozen, steps.abstract_inputs).as_text()
   assert 'LayoutConstraint' in texts['cpu']  # the construct exists, on CPU
   assert 'LayoutConstraint' not in texts['tpu']
@@ -127,7 +128,7 @@ def test_per_chip_memory_stays_flat_as_the_slice_grows():
   for chips, name in ((16, 'v5p-32'), (64, 'v5p-128')):
     config = small_config(batch_size=chips, seq_len=2048)
     config.model.remat = 'full'
-    report = tpu_report.compile_train(config, tpu.Slice.parse(name), with_eval=False)
+    report = tpu_plan.compile_train(config, tpu.Slice.parse(name), with_eval=False)
     temps[chips] = report['temp_bytes']
   assert temps[64] <= 1.1 * temps[16], temps
 
@@ -175,8 +176,8 @@ def test_max_batch_is_the_largest_multiple_that_fits(monkeypatch):
     return {'global_batch': batch, 'fits': hbm <= capacity, 'hbm_bytes_per_chip': hbm,
             'hbm_capacity_bytes': capacity}
 
-  monkeypatch.setattr(tpu_report, 'compile_train', fake_compile)
-  batch, report = tpu_report.max_batch(small_config(), tpu.Slice.parse('v5e-4'))
+  monkeypatch.setattr(tpu_plan, 'compile_train', fake_compile)
+  batch, report = tpu_plan.max_batch(small_config(), tpu.Slice.parse('v5e-4'))
   fits = [b for b in range(4, 4000, 4) if 3e8 + 4.1e7 * b + 2e4 * b ** 2 <= capacity]
   assert batch == max(fits) and report['global_batch'] == batch
   assert len(tried) <= 10, tried
@@ -184,7 +185,7 @@ def test_max_batch_is_the_largest_multiple_that_fits(monkeypatch):
 
 def test_decoding_compiles_for_one_chip_with_its_cache():
   config = small_config(seq_len=256)
-  report = tpu_report.compile_decode(config, tpu.Slice.parse('v5e-4'), batch=8, prompt_len=16,
+  report = tpu_plan.compile_decode(config, tpu.Slice.parse('v5e-4'), batch=8, prompt_len=16,
                               max_new_tokens=64)
   assert report['fits']
   param_bytes = report['argument_bytes'] - 8 * 16 * 4 * 2  # the parameters, float32, on one chip
@@ -194,7 +195,7 @@ def test_decoding_compiles_for_one_chip_with_its_cache():
   # A step reads every parameter at least once.
   assert report['step_hbm_bytes'] >= param_bytes
   with pytest.raises(ConfigError, match='exceeds model.max_len'):
-    tpu_report.compile_decode(config, tpu.Slice.parse('v5e-4'), 8, 200, 100)
+    tpu_plan.compile_decode(config, tpu.Slice.parse('v5e-4'), 8, 200, 100)
 
 
 def test_forward_mode_autodiff_runs_through_the_default_path():

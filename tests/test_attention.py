@@ -115,7 +115,7 @@ def test_compiles_for_tpu():
   """The real (Mosaic) kernels, forward and backward, sharded, compile for 4 v5p chips."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   pytest.importorskip('libtpu', reason='libtpu is not installed: pip install -e ".[tpu]"')
-  from gpt_jax import tpu
+  from gpt_jax.tpu import topology as tpu
   devices = tpu.Slice.parse('v5p-8').devices()
   mesh = jax.make_mesh((1, 2, 2), ('data', 'fsdp', 'tensor'), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, module_env, run_module, train
-from gpt_jax import chat_template, checkpoint, decode
+from gpt_jax import checkpoint, decode
+from gpt_jax.sft import chat_template
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.chat import stop_ids
 from gpt_jax.config import base_config
 from gpt_jax.datasets import support_faq
 from gpt_jax.model import ModelConfig, Transformer
@@ -64,7 +64,7 @@ def greedy_reply(workdir):
   cfg, params, _ = checkpoint.load_model(workdir)
   generator = decode.Generator(cfg, params)
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
-  stops = stop_ids(tokenizer)
+  stops = chat_template.stop_ids(tokenizer)
 
   def reply(messages, max_new_tokens=MAX_NEW):
     prompt = chat_template.render(tokenizer, messages, add_generation_prompt=True).tokens

@@ -10,7 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gpt_jax import chat_template, lora, sft_data, steps
+from gpt_jax import lora, steps
+from gpt_jax.sft import chat_template
+from gpt_jax.sft import chat_data
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.datasets import support_faq
 from gpt_jax.errors import ConfigError
@@ -66,13 +68,13 @@ def test_bad_lines_are_skipped_or_rejected_with_their_line_number(tmp_path, caps
       _conversation('Hi', 'Hello'), '{"messages": [', '{"messages": [{"role": "bot", '
       '"content": "x"}]}', _conversation('Bye', 'Goodbye')])
   with pytest.raises(ConfigError, match=r'chat.jsonl:2: bad JSON'):
-    sft_data.read_conversations(path, 'raise')
-  conversations = sft_data.read_conversations(path, 'skip')
+    chat_data.read_conversations(path, 'raise')
+  conversations = chat_data.read_conversations(path, 'skip')
   assert [c[0]['content'] for c in conversations] == ['Hi', 'Bye']
   err = capsys.readouterr().err
   assert 'chat.jsonl:2:' in err and "chat.jsonl:3: message 0 has role 'bot'" in err
   with pytest.raises(ConfigError, match='matches no file'):
-    sft_data.read_conversations(str(tmp_path / 'missing*.jsonl'))
+    chat_data.read_conversations(str(tmp_path / 'missing*.jsonl'))
 
 
 def test_encode_weights_assistant_tokens_and_truncates_long_conversations(tokenizer):
@@ -81,7 +83,7 @@ def test_encode_weights_assistant_tokens_and_truncates_long_conversations(tokeni
                     {'role': 'assistant', 'content': 'late'}],
                    [{'role': 'user', 'content': 'y' * 10},
                     {'role': 'assistant', 'content': 'z' * 100}]]
-  examples, stats = sft_data.encode(tokenizer, conversations, seq_len=32)
+  examples, stats = chat_data.encode(tokenizer, conversations, seq_len=32)
   # <|user|> H i <|end|> <|assistant|> Y o <|end|>: targets 'Y', 'o', <|end|> are trained.
   first = examples[0]
   end = chat_template.end_of_turn_id(tokenizer)
@@ -89,7 +91,7 @@ def test_encode_weights_assistant_tokens_and_truncates_long_conversations(tokeni
   # The second lost its whole answer to truncation: dropped; the third was cut.
   assert (stats.conversations, stats.truncated, stats.dropped) == (3, 2, 1)
   assert len(examples) == 2 and len(examples[1]['inputs']) == 32
-  _, drop_stats = sft_data.encode(tokenizer, conversations, seq_len=32,
+  _, drop_stats = chat_data.encode(tokenizer, conversations, seq_len=32,
                                   long_conversations='drop')
   assert (drop_stats.truncated, drop_stats.dropped) == (0, 2)
 
@@ -98,7 +100,7 @@ def test_encode_weights_assistant_tokens_and_truncates_long_conversations(tokeni
 def test_packed_batch_gives_each_conversation_its_own_loss(tmp_path, tokenizer, position):
   lines = [_conversation(f'Question {i}?', 'Answer ' + 'ab' * i) for i in range(7)]
   config = _config(_write_jsonl(tmp_path / 'chat.jsonl', lines), seq_len=64)
-  batch = next(sft_data.make_train_iterator(config, tokenizer))
+  batch = next(chat_data.make_train_iterator(config, tokenizer))
   assert batch['segment_ids'].max() >= 2  # several conversations share a row
 
   cfg = ModelConfig(vocab_size=tokenizer.vocab_size, max_len=64, num_layers=2, num_heads=2,
@@ -130,19 +132,19 @@ def test_packed_batch_gives_each_conversation_its_own_loss(tmp_path, tokenizer, 
 def test_train_iterator_resumes_where_it_stopped(tmp_path, tokenizer):
   lines = [_conversation(f'Question {i}?', 'Answer ' + 'c' * (i % 9)) for i in range(30)]
   config = _config(_write_jsonl(tmp_path / 'chat.jsonl', lines), seq_len=48, batch_size=2)
-  iterator = sft_data.make_train_iterator(config, tokenizer)
+  iterator = chat_data.make_train_iterator(config, tokenizer)
   for _ in range(7):  # past the first epoch
     next(iterator)
   state = iterator.get_state()
   expected = [next(iterator) for _ in range(4)]
-  resumed = sft_data.make_train_iterator(config, tokenizer)
+  resumed = chat_data.make_train_iterator(config, tokenizer)
   resumed.set_state(state)
   for want, got in zip(expected, [next(resumed) for _ in range(4)]):
     for key in want:
       np.testing.assert_array_equal(want[key], got[key])
   # Two processes each take their half of the same global batch.
-  halves = [next(sft_data.make_train_iterator(config, tokenizer, p, 2)) for p in (0, 1)]
-  whole = next(sft_data.make_train_iterator(config, tokenizer))
+  halves = [next(chat_data.make_train_iterator(config, tokenizer, p, 2)) for p in (0, 1)]
+  whole = next(chat_data.make_train_iterator(config, tokenizer))
   np.testing.assert_array_equal(np.concatenate([h['inputs'] for h in halves]), whole['inputs'])
 
 

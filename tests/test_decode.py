@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from gpt_jax import checkpoint, config as config_lib, decode, quantize
+from gpt_jax import checkpoint, config as config_lib, decode
+from gpt_jax.inference import quantize
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.decode import PAD, Generator
 from gpt_jax.errors import ConfigError

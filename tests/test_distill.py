@@ -13,7 +13,8 @@ import pytest
 from scipy.special import log_softmax
 
 from conftest import read_metrics, run_module
-from gpt_jax import checkpoint, distillation
+from gpt_jax import checkpoint
+from gpt_jax.compress import distillation
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer
 from tiny_workdir import make_workdir, write_corpus

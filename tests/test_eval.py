@@ -11,9 +11,9 @@ import optax
 import pytest
 
 from conftest import run_module, train
-from gpt_jax import chat_template, checkpoint, data, decode, eval as eval_lib
+from gpt_jax import checkpoint, data, decode, eval as eval_lib
+from gpt_jax.sft import chat_template
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.chat import stop_ids
 from gpt_jax.model import Transformer
 from rouge_score import rouge_scorer
 import sacrebleu
@@ -94,7 +94,7 @@ def test_chat_answers_scored_against_references(tmp_path):
   def greedy(messages):  # one prompt per call: no batching, sorting or padding
     prompt = chat_template.render(tokenizer, messages, add_generation_prompt=True).tokens
     new = generator.generate([prompt], 8, temperature=0, truncate=True)[0]
-    ends = [i for i, t in enumerate(new) if t in stop_ids(tokenizer)]
+    ends = [i for i, t in enumerate(new) if t in chat_template.stop_ids(tokenizer)]
     return tokenizer.decode(new[:ends[0]] if ends else new)
 
   def user(text):

@@ -11,7 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import read_metrics, run_module, train
-from gpt_jax import chat_template, checkpoint, lora
+from gpt_jax import checkpoint, lora
+from gpt_jax.sft import chat_template
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.datasets import support_faq
 from gpt_jax.model import LoraConfig, ModelConfig, Transformer

@@ -4,7 +4,9 @@ weights on exactly the assistant's turns."""
 import pytest
 
 import hf_tokenizers
-from gpt_jax import chat_template, hf_chat_template, sft_data
+from gpt_jax.sft import chat_template
+from gpt_jax.sft import hf_chat_template
+from gpt_jax.sft import chat_data
 from gpt_jax import tokenizer as tokenizer_lib
 
 transformers = pytest.importorskip('transformers')
@@ -94,7 +96,7 @@ def test_mask_equals_transformers_generation_blocks(tmp_path):
 
 def test_sft_examples_and_refusals(tokenizers_pair):
   style, ours, _ = tokenizers_pair
-  examples, stats = sft_data.encode(ours, CONVERSATIONS[1:], seq_len=256)
+  examples, stats = chat_data.encode(ours, CONVERSATIONS[1:], seq_len=256)
   assert stats.dropped == stats.truncated == 0 and len(examples) == 4
   for example, messages in zip(examples, CONVERSATIONS[1:]):
     rendered = chat_template.render(ours, messages)
@@ -105,7 +107,7 @@ def test_sft_examples_and_refusals(tokenizers_pair):
              {'role': 'assistant', 'content': 'c'}]
     with pytest.raises(chat_template.ConversationError, match='conversation 2: the chat '
                        'template refuses this conversation: After the optional system message'):
-      sft_data.encode(ours, [CONVERSATIONS[1], twice], seq_len=256)
+      chat_data.encode(ours, [CONVERSATIONS[1], twice], seq_len=256)
 
 
 def test_a_tokenizer_without_a_template_gets_gpt_jax_template_after_bos(tmp_path):

@@ -1,4 +1,4 @@
-"""The README's Llama-family workflow on a random-weight model built locally: convert, sample,
+"""docs/interop.md's Llama-family workflow on a random-weight model built locally: convert, sample,
 evaluate, LoRA fine-tuning on chat data with the model's own template, serving (chat and text
 completions), and the fine-tuned model converted back to transformers. (`eval --chat_files` renders
 conversations as fine-tuning data does: tests/test_hf_chat_template.py.)"""
@@ -12,7 +12,8 @@ from fastapi import testclient
 
 from conftest import run_module
 import hf_tokenizers
-from gpt_jax import checkpoint, serve
+from gpt_jax import checkpoint
+from gpt_jax.inference import server as server_lib
 from gpt_jax.convert import from_hf, merge_lora, to_hf
 from gpt_jax.model import Transformer
 
@@ -69,9 +70,9 @@ def test_convert_finetune_eval_serve_and_convert_back(tmp_path):
   # a text prompt what AutoTokenizer makes of it (BOS first).
   messages = CONVERSATIONS[5][:2]
   expected = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-  server = serve.load(sft, slots=1)  # in-process: the binary's function, without its start-up
+  server = server_lib.load(sft, slots=1)  # in-process: the binary's function, without its start-up
   try:
-    with testclient.TestClient(serve.create_app(server)) as http:
+    with testclient.TestClient(server_lib.create_app(server)) as http:
       response = http.post('/v1/chat/completions', json={
           'model': server.model_name, 'messages': messages, 'max_tokens': 4, 'temperature': 0})
       assert response.status_code == 200, response.text

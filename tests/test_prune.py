@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from gpt_jax import checkpoint, prune
+from gpt_jax import checkpoint
+from gpt_jax.compress import pruning
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer
 from tiny_workdir import make_workdir, write_corpus
@@ -60,7 +61,7 @@ def zeroed(cfg, params, heads, units):
 def test_pruning_nothing_changes_nothing(workdir, tmp_path):
   path, cfg, params, _ = workdir
   out = str(tmp_path / 'same')
-  prune.prune_workdir(path, out)
+  pruning.prune_workdir(path, out)
   new_cfg, new_params, _ = checkpoint.load_model(out)
   assert new_cfg == cfg
   np.testing.assert_array_equal(logits(new_cfg, new_params), logits(cfg, params))
@@ -69,7 +70,7 @@ def test_pruning_nothing_changes_nothing(workdir, tmp_path):
 def test_pruned_model_equals_original_with_removed_parts_zeroed(workdir, tmp_path):
   path, cfg, params, layout = workdir
   out = str(tmp_path / 'pruned')
-  result = prune.prune_workdir(path, out, heads_per_layer=2, mlp_dim=40,
+  result = pruning.prune_workdir(path, out, heads_per_layer=2, mlp_dim=40,
                                criterion=CRITERION[layout], num_batches=2)
   new_cfg, new_params, _ = checkpoint.load_model(out)
   g = cfg.num_heads // cfg.kv_heads
@@ -104,7 +105,7 @@ def test_magnitude_keeps_the_largest_head_and_unit():
               'fc_out': {'kernel': rng.normal(size=(6, 8)).astype(np.float32)}}}}
   params['block_0']['attn']['out']['kernel'][2] *= 100
   params['block_0']['mlp']['fc_out']['kernel'][4] *= 100
-  heads, units = prune.select(*prune.magnitude_scores(cfg, params), cfg, 1, 1)
+  heads, units = pruning.select(*pruning.magnitude_scores(cfg, params), cfg, 1, 1)
   assert heads.tolist() == [[2]] and units.tolist() == [[4]]
 
 
@@ -113,22 +114,22 @@ def test_binary_writes_a_workdir_that_eval_loads(workdir, tmp_path):
   out = str(tmp_path / 'cli')
   if layout == 'gpt2':  # one binary run is enough; the errors, in-process
     with pytest.raises(ConfigError, match='heads_per_layer'):
-      prune.prune_workdir(path, out, heads_per_layer=5)
+      pruning.prune_workdir(path, out, heads_per_layer=5)
     return
   with pytest.raises(ConfigError, match='multiple of 2'):
-    prune.prune_workdir(path, out, heads_per_layer=3)
+    pruning.prune_workdir(path, out, heads_per_layer=3)
   proc = run_module('gpt_jax.prune', f'--workdir={path}', f'--out={out}', '--heads_per_layer=2',
                     '--mlp_dim=32', '--criterion=activation', '--batches=1')
   assert '2 heads and 32 MLP units per layer' in proc.stdout
   proc = run_module('gpt_jax.eval', f'--workdir={out}', '--progress_bar=false')
   assert 'loss' in proc.stdout
   with pytest.raises(ConfigError, match='already holds checkpoints'):
-    prune.prune_workdir(path, out)
+    pruning.prune_workdir(path, out)
 
 
 def test_bad_targets_are_named():
   cfg = ModelConfig(num_heads=4, num_kv_heads=2, mlp_dim=8)
   with pytest.raises(ConfigError, match='heads_per_layer'):
-    prune.check_targets(cfg, 3, 8)
+    pruning.check_targets(cfg, 3, 8)
   with pytest.raises(ConfigError, match='mlp_dim'):
-    prune.check_targets(cfg, 2, 9)
+    pruning.check_targets(cfg, 2, 9)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from gpt_jax import checkpoint, config as config_lib, decode, quantize, serving
+from gpt_jax import checkpoint, config as config_lib, decode
+from gpt_jax.inference import quantize
+from gpt_jax.inference import engine
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer
@@ -79,17 +81,17 @@ def test_generator_and_engine_decode_from_int8_weights():
   assert greedy == decode.Generator(GPT2, quantize.dequantize(q)).generate(PROMPTS, 12,
                                                                            temperature=0)
 
-  engine = serving.Engine(GPT2, q, slots=2).start()
+  batcher = engine.Engine(GPT2, q, slots=2).start()
   try:
     outs, finished = [[] for _ in PROMPTS], threading.Semaphore(0)
     for prompt, out in zip(PROMPTS, outs):  # 3 sequences on 2 slots: one waits for a slot
-      engine.submit(serving.Sequence(prompt, 12, lambda t, out=out: out.append(t) and False,
-                                     lambda reason, error: finished.release(), temperature=0))
+      batcher.submit(engine.Sequence(prompt, 12, lambda t, out=out: out.append(t) and False,
+                                      lambda reason, error: finished.release(), temperature=0))
     for _ in PROMPTS:
       assert finished.acquire(timeout=60)
     assert outs == greedy
   finally:
-    engine.stop()
+    batcher.stop()
   with pytest.raises(ConfigError, match='--quantize must be one of'):
     quantize.apply(params, 'int4')
 

@@ -323,7 +323,7 @@ def test_disk_full_at_checkpoint_time_stops_cleanly(tmp_path, tfds_dir):
 
 def test_full_disk_while_writing_metrics_is_a_clear_error_and_does_not_hide_the_first(tmp_path):
   from gpt_jax.metrics import MetricWriter, MetricsWriteError
-  from gpt_jax.train import _close_all
+  from gpt_jax.train import close_all
   workdir = tmp_path / 'run'
   writer = MetricWriter(str(workdir), tensorboard=False)
   limits = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -342,7 +342,7 @@ def test_full_disk_while_writing_metrics_is_a_clear_error_and_does_not_hide_the_
     try:
       raise checkpoint.CheckpointWriteError('the first error')
     finally:
-      _close_all(failing_close, lambda: closed.append(True))
+      close_all(failing_close, lambda: closed.append(True))
   assert closed == [True]  # the closers after the failing one still ran
   with pytest.raises(OSError, match='No space left'):
-    _close_all(failing_close)  # with no error in flight, a closer's failure is raised
+    close_all(failing_close)  # with no error in flight, a closer's failure is raised

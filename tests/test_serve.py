@@ -20,7 +20,10 @@ import pytest
 from fastapi import testclient
 
 from conftest import REPO, module_env, train
-from gpt_jax import chat_template, serve, serving, tokenizer as tokenizer_lib
+from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.inference import server as server_lib
+from gpt_jax.sft import chat_template
+from gpt_jax.inference import engine
 
 SLOTS = 8
 # A byte-level tiny model; vocab_size leaves room for the chat tokens. Greedy decoding of a model
@@ -334,7 +337,7 @@ def test_load_64_concurrent_requests_with_malformed_ones(server, client):
 @pytest.fixture(scope='module')
 def local(workdirs):
   """An in-process Server on the chat workdir, int8 weights, 2 slots (limits set per test)."""
-  server = serve.load(workdirs[1], quantize_mode='int8', slots=2)
+  server = server_lib.load(workdirs[1], quantize_mode='int8', slots=2)
   yield server
   server.engine.stop()
 
@@ -342,9 +345,9 @@ def local(workdirs):
 def test_model_without_chat_tokens_and_int8_weights(local, workdirs):
   """The same int8 engine behind the plain workdir's tokenizer: chat is a clear 400,
   completions work."""
-  plain = serve.Server(local.engine, tokenizer_lib.load(os.path.join(workdirs[0], 'tokenizer')),
+  plain = server_lib.Server(local.engine, tokenizer_lib.load(os.path.join(workdirs[0], 'tokenizer')),
                        'plain')
-  with testclient.TestClient(serve.create_app(plain)) as http:
+  with testclient.TestClient(server_lib.create_app(plain)) as http:
     response = http.post('/v1/chat/completions', json={
         'model': 'plain', 'messages': [{'role': 'user', 'content': 'Hi'}]})
     assert 'no chat template' in check_error(response, 400, 'messages')
@@ -357,7 +360,7 @@ def test_model_without_chat_tokens_and_int8_weights(local, workdirs):
 def _hold_slots(server, count, seconds_per_token=0.02):
   """`count` sequences submitted straight to the engine, each slowing every step it is in and
   running until cancelled (or to the end of the context: 2.5 s)."""
-  seqs = [serving.Sequence([1, 2], server.context - 2,
+  seqs = [engine.Sequence([1, 2], server.context - 2,
                            lambda _: time.sleep(seconds_per_token) or False,
                            lambda reason, error: None, temperature=0) for _ in range(count)]
   for seq in seqs:
@@ -380,7 +383,7 @@ def _release(server, seqs):
 
 def test_api_key_guards_every_endpoint_but_health(local, workdirs):
   body = {'model': 'tiny-chat', 'prompt': 'The ', 'max_tokens': 3, 'temperature': 0}
-  with testclient.TestClient(serve.create_app(local, api_key='s3cret')) as http:
+  with testclient.TestClient(server_lib.create_app(local, api_key='s3cret')) as http:
     assert http.get('/health').status_code == 200
     for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': 's3cret'},
                     {'Authorization': 'Basic s3cret'}, {'Authorization': 'Bearer s3cret-'}):
@@ -404,7 +407,7 @@ def test_api_key_guards_every_endpoint_but_health(local, workdirs):
 
   # The binary: a key from the environment; a warning when listening beyond loopback without one.
   def start(host, key):
-    env = {**module_env(), serve.API_KEY_ENV: key}
+    env = {**module_env(), 'GPT_JAX_API_KEY': key}
     return subprocess.Popen([sys.executable, '-m', 'gpt_jax.serve', f'--host={host}',
                              f'--workdir={workdirs[1]}-missing'], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -421,7 +424,7 @@ def test_a_full_queue_answers_429_with_retry_after(local):
   held = _hold_slots(local, 3)  # two in the slots, one waiting: the queue is full
   try:
     _until(lambda: local.engine.busy_slots == 2 and local.engine.waiting == 1)
-    with testclient.TestClient(serve.create_app(local)) as http:
+    with testclient.TestClient(server_lib.create_app(local)) as http:
       body = {'model': 'tiny-chat', 'prompt': 'The ', 'max_tokens': 3}
       response = http.post('/v1/completions', json=body)
       assert 'busy' in check_error(response, 429, None)
@@ -443,7 +446,7 @@ def test_request_timeout_ends_waiting_and_running_requests_and_frees_slots(local
   held = _hold_slots(local, 2)
   try:
     _until(lambda: local.engine.busy_slots == 2)
-    with testclient.TestClient(serve.create_app(local)) as http:
+    with testclient.TestClient(server_lib.create_app(local)) as http:
       body = {'model': 'tiny-chat', 'prompt': 'The ', 'max_tokens': 100, 'temperature': 0}
       start = time.perf_counter()
       response = http.post('/v1/completions', json=body)
@@ -491,7 +494,7 @@ RAW_BODIES = [
     b'[' * 100_000 + b']' * 100_000,
     b'{"model": "tiny-chat", "prompt": "x", "max_tokens": 1' + b'0' * 5000 + b'}',
     b'{"model": "tiny-chat", "prompt": "x", "model": 5}',
-    b' ' * (serve.MAX_BODY_BYTES + 1)]
+    b' ' * (server_lib.MAX_BODY_BYTES + 1)]
 
 
 def _from_schema(schema, components):
@@ -557,7 +560,7 @@ def test_fuzz_1200_requests_from_the_openapi_schema_and_around_it(local):
   """Schema-valid bodies, mutated ones, raw bytes (not JSON, not UTF-8, lone surrogates, deep
   nesting, oversized), odd headers, methods and paths: never a 5xx, and afterwards valid requests
   are answered as before."""
-  app = serve.create_app(local)
+  app = server_lib.create_app(local)
   spec = app.openapi()
   paths = {'/v1/completions': 'CompletionRequest', '/v1/chat/completions': 'ChatRequest'}
   bodies = {path: _schema_bodies(spec, name) for path, name in paths.items()}

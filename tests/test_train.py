@@ -3,7 +3,6 @@
 import collections
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,10 +10,9 @@ import sys
 import numpy as np
 import pytest
 import jax
-import jax.numpy as jnp
 
 from conftest import REPO, module_env, read_metrics, run_module, train, train_args
-from gpt_jax import checkpoint, data, traced_steps
+from gpt_jax import checkpoint, data
 
 
 def restore_params(workdir):
@@ -158,44 +156,6 @@ def test_two_hosts_and_eight_devices_match_one_device(tmp_path, tfds_dir):
   assert collections.Counter(written + resumed) == collections.Counter(uninterrupted)
 
 
-def test_restart_reads_the_traced_step_saved_by_the_first_run(tmp_path, tfds_dir):
-  """A restart with the same command runs the step as saved traced (gpt_jax/traced_steps.py),
-  and trains exactly as the first run did; an unreadable saved step is traced again."""
-  workdir = str(tmp_path / 'run')
-  run = lambda: train(workdir, tfds_dir, extra_flags=['--verbosity=0'], **{
-      'train.num_steps': 8, 'checkpoint.every_steps': 4, 'train.log_every': 1,
-      'train.eval_every': 0, 'model.dropout': 0.1}).stderr
-  first_log = run()
-  assert 'Read the traced train_step' not in first_log
-  (saved,) = os.listdir(os.path.join(workdir, 'traced_steps'))
-  losses, params = read_metrics(workdir, 'train_loss'), restore_params(workdir)
-
-  def resume_from_step_4():
-    shutil.rmtree(os.path.join(workdir, 'checkpoints', '8'))
-    log = run()
-    assert read_metrics(workdir, 'train_loss') == losses
-    assert_trees_equal(restore_params(workdir), params)
-    return log
-
-  assert 'Read the traced train_step' in resume_from_step_4()
-  with open(os.path.join(workdir, 'traced_steps', saved), 'wb') as f:
-    f.write(b'not a traced step')
-  log = resume_from_step_4()
-  assert 'Could not read the traced train_step' in log and 'tracing it again' in log
-  with open(os.path.join(workdir, 'traced_steps', saved), 'rb') as f:  # saved again, whole
-    assert jax.export.deserialize(bytearray(f.read())).fun_name == 'train_step'
-
-
-def test_traced_step_key_changes_with_config_and_arguments():
-  x = jnp.zeros((4, 8), jnp.float32)
-  key = lambda config='{"lr": 1}', args=(x,): traced_steps.step_key('step', config, args)
-  assert key() == key()
-  assert key('{"lr": 2}') != key()
-  assert key(args=(jnp.zeros((4, 9), jnp.float32),)) != key()
-  assert key(args=(jnp.zeros((4, 8), jnp.bfloat16),)) != key()
-  assert key(args=([x],)) != key()
-
-
 def test_compilation_cache_in_jax_compilation_cache_dir_and_off_when_disabled(tmp_path, tfds_dir):
   cache = tmp_path / 'shared_cache'
   env = {**module_env(), 'JAX_COMPILATION_CACHE_DIR': str(cache)}
@@ -208,7 +168,6 @@ def test_compilation_cache_in_jax_compilation_cache_dir_and_off_when_disabled(tm
     subprocess.run([sys.executable, '-m', 'gpt_jax.train', *args], cwd=REPO, env=env,
                    check=True, capture_output=True)
     assert not (workdir / 'jax_cache').exists()
-    assert (workdir / 'traced_steps').exists() == enabled
     entries = sorted(os.listdir(cache))
     if enabled:
       assert any(f.startswith('jit_train_step') for f in entries), entries

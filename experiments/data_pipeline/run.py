@@ -152,7 +152,8 @@ def measure_packing(args) -> dict:
 
 
 def required_tokens_per_s() -> dict:
-  from gpt_jax import flops, tpu  # pylint: disable=import-outside-toplevel
+  from gpt_jax import flops  # pylint: disable=import-outside-toplevel
+  from gpt_jax.tpu import topology as tpu
   from gpt_jax.model import ModelConfig  # pylint: disable=import-outside-toplevel
   needs = {}
   for name, chip, chips_per_host in (('gpt2_124m', 'v5e', 8), ('llama_1b', 'v5p', 4)):

@@ -14,7 +14,9 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..')
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
-from gpt_jax import target, tpu, tpu_report  # noqa: E402
+from gpt_jax import target  # noqa: E402
+from gpt_jax.tpu import topology as tpu
+from gpt_jax.tpu import plan as tpu_plan
 from test_aot import small_config  # noqa: E402
 
 
@@ -37,7 +39,7 @@ def main():
     for chips, name in ((16, 'v5p-32'), (64, 'v5p-128')):
       config = small_config(batch_size=chips, seq_len=2048)
       config.model.remat = 'full'
-      temps[chips] = tpu_report.compile_train(config, tpu.Slice.parse(name),
+      temps[chips] = tpu_plan.compile_train(config, tpu.Slice.parse(name),
                                        with_eval=False)['temp_bytes']
     print(f'weak scaling, {forms:19s}: temporaries {temps[16] / 1e6:.0f} MB at 16 chips, '
           f'{temps[64] / 1e6:.0f} MB at 64 ({temps[64] / temps[16]:.2f}x)', flush=True)
@@ -50,7 +52,7 @@ def main():
       target.is_cpu = is_cpu
       config = llama_1b(remat)
       config.model.attention = 'xla'  # as the old program's
-      report = tpu_report.compile_train(config, slice_, with_eval=False)
+      report = tpu_plan.compile_train(config, slice_, with_eval=False)
       print(f"remat={remat:13s} {forms:19s}: {report['hbm_bytes_per_chip'] / 1e9:.2f} GB per "
             f"chip ({report['temp_bytes'] / 1e9:.2f} GB temporaries)" if 'error' not in report
             else f"remat={remat:13s} {forms:19s}: {report['error']}", flush=True)

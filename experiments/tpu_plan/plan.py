@@ -172,16 +172,16 @@ def tables(results: dict) -> dict[str, str]:
 def render(results: dict) -> None:
   dates = sorted({r['date'] for r in results.values()})
   rendered = tables(results)
-  for path in (os.path.join(HERE, 'README.md'), os.path.join(ROOT, 'README.md')):
-    with open(path, encoding='utf-8') as f:
-      text = f.read()
-    for table, body in rendered.items():
-      text = re.sub(rf'(<!-- tpu_plan:{table} -->\n)(?:.*?\n)?(<!-- /tpu_plan:{table} -->)',
-                    lambda m: m.group(1) + body + '\n' + m.group(2), text, flags=re.S)
-    text = re.sub(r'(<!-- tpu_plan:date -->).*?(<!-- /tpu_plan:date -->)',
-                  lambda m: m.group(1) + ', '.join(dates) + m.group(2), text)
-    with open(path, 'w', encoding='utf-8') as f:
-      f.write(text)
+  path = os.path.join(HERE, 'README.md')
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  for table, body in rendered.items():
+    text = re.sub(rf'(<!-- tpu_plan:{table} -->\n)(?:.*?\n)?(<!-- /tpu_plan:{table} -->)',
+                  lambda m: m.group(1) + body + '\n' + m.group(2), text, flags=re.S)
+  text = re.sub(r'(<!-- tpu_plan:date -->).*?(<!-- /tpu_plan:date -->)',
+                lambda m: m.group(1) + ', '.join(dates) + m.group(2), text)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
 
 
 def main():

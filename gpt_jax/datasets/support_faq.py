@@ -2,7 +2,7 @@ r"""`support_faq`: customer-support conversations for a fictional shop, made fro
 
   python -m gpt_jax.datasets.support_faq --out_dir=data/support_faq
 
-writes `train.jsonl` and `heldout.jsonl` (chat JSONL, see gpt_jax/chat_template.py), the same
+writes `train.jsonl` and `heldout.jsonl` (chat JSONL, see gpt_jax/sft/chat_template.py), the same
 bytes on every run. Each line is `{"messages": [...], "intent": "<name>"}`.
 
 Pebble & Pine sells outdoor gear online. Each of its ~40 intents (shipping, returns, sizing, ...)

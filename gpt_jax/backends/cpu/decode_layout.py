@@ -10,7 +10,7 @@ and training use; decoding programs transpose each kernel once:
   with decode_layout.output_major_projections():        # while tracing
     logits, cache = Transformer(cfg).apply({'params': params}, tokens, positions, cache)
 
-Int8 kernels (gpt_jax/quantize.py) are transposed with their scales, so `quantize.dequantize`
+Int8 kernels (gpt_jax/inference/quantize.py) are transposed with their scales, so `quantize.dequantize`
 yields [out, in] kernels too.
 """
 

@@ -5,7 +5,7 @@ forward pass for the backward one, and in a low-precision compute dtype rounds e
 to it. `gelu` keeps only its input and computes the derivative from it in float32, in one
 fused pass; values are computed in float32 and returned in the input's dtype. bf16 train steps
 ran 1.05-1.11x as fast at the baby and 10m shapes, 1.00-1.02x at 124M; float32 ones as fast as
-before (experiments/benchmarks/bench_gelu.py).
+before (experiments/benchmarks/README.md).
 
 That form is for XLA:CPU: gpt_jax.backends calls it for CPU meshes only; compiled for a TPU or
 a GPU, GELU is `jax.nn.gelu(x, approximate=True)`, differentiated as written.

@@ -39,7 +39,7 @@ def _transposed_in_memory(x: Array) -> Array:
   (or into a layout), which is the slow form, so the copy's layout is fixed. XLA:CPU compiles
   that copy as a transpose: a [3072, 768] bf16 one took 0.5 ms where the earlier form, a 1-D
   reshape behind a barrier, compiled to an elementwise loop taking 2.6 ms (bf16 train steps
-  1.02-1.06x as fast, experiments/benchmarks/bench_transpose_copy.py)."""
+  1.02-1.06x as fast, experiments/benchmarks/README.md)."""
   return with_layout_constraint(x.T, Layout(major_to_minor=(0, 1)))
 
 
@@ -212,7 +212,7 @@ def add_bias(y: Array, bias: Array) -> Array:
   """y [n, m] + bias [m] in y's dtype. In a low-precision dtype the bias gradient, a sum over
   the n rows, is the product ones[1, n] @ dy summed in float32: XLA:CPU reduced bf16 gradients
   outside its fast path, and as a product bf16 train steps ran 1.04-1.15x as fast
-  (experiments/benchmarks/bench_bias_gradient.py)."""
+  (experiments/benchmarks/README.md)."""
   if y.dtype == jnp.float32:
     return y + bias.astype(y.dtype)
   return _add_bias_low_precision(y, bias)
