@@ -11,7 +11,8 @@ from conftest import REPO, TINY, module_env, run_module
 def test_sharded_inference_matches_one_device(tmp_path, tfds_dir):
   workdir = str(tmp_path / 'run')
   overrides = dict(TINY, **{'model.num_heads': 8, 'model.scan_layers': True,
-                            'train.num_steps': 30, 'data.tfds_data_dir': tfds_dir})
+                            'train.num_steps': 5, 'train.eval_every': 0,
+                            'data.tfds_data_dir': tfds_dir})
   run_module('gpt_jax.train', '--config=configs/default.py', f'--workdir={workdir}',
              *[f'--config.{k}={v}' for k, v in overrides.items()])
   # One subprocess for every mesh: the device count is fixed when jax starts.
