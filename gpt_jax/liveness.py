@@ -34,6 +34,7 @@ import threading
 import time
 
 import jax
+import jax.extend.backend
 from jax._src import clusters, distributed
 
 from gpt_jax.errors import ConfigError
@@ -79,6 +80,9 @@ def _start_service(coordinator_address: str, num_processes: int, timeout: float)
                       f'start (exit status {service.wait()}).')
 
   def stop():  # after the others have passed JAX's shutdown barrier, which needs the service
+    # JAX's own exit handler, which would run after this one, in its order: the backends' CPU
+    # collectives use the distributed client, and abort if it goes first.
+    jax.extend.backend.clear_backends()
     jax.distributed.shutdown()
     service.communicate('done\n')
   atexit.register(stop)  # before watch()'s: atexit runs the last registered first

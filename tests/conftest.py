@@ -74,9 +74,10 @@ def train_args(workdir, tfds_dir, config='configs/default.py', **overrides) -> l
 
 
 def train(workdir, tfds_dir, config='configs/default.py', devices=1, check=True, extra_flags=(),
-          compile_cache=True, **overrides):
+          compile_cache=True, quick_compile=False, **overrides):
   return run_module('gpt_jax.train', *train_args(workdir, tfds_dir, config, **overrides),
-                    *extra_flags, devices=devices, check=check, compile_cache=compile_cache)
+                    *extra_flags, devices=devices, check=check, compile_cache=compile_cache,
+                    quick_compile=quick_compile)
 
 
 def read_metrics(workdir, key):

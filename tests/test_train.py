@@ -114,20 +114,23 @@ def test_two_hosts_and_eight_devices_match_one_device(tmp_path, tfds_dir):
             'optim.decay_steps': 8}
   mesh = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
   one, hosts = str(tmp_path / 'one'), str(tmp_path / 'hosts')
-  train(one, tfds_dir, **{**common, 'train.num_steps': 8})
+  # A few steps each, compiled alike and compared with each other: quick to compile.
+  train(one, tfds_dir, quick_compile=True, **{**common, 'train.num_steps': 8})
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   args = train_args(hosts, tfds_dir, **common, **mesh)
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'gpt_jax.train', *args, f'--coordinator_address=127.0.0.1:{port}',
-       '--num_processes=2', f'--process_id={i}'], cwd=REPO, env=module_env(devices=4),
+       '--num_processes=2', f'--process_id={i}'], cwd=REPO,
+      env=module_env(devices=4, quick_compile=True),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   for proc in procs:
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
   # Written by 2 processes x 4 devices at step 5, resumed by 1 process x 8 devices to step 8.
-  train(hosts, tfds_dir, devices=8, **{**common, 'train.num_steps': 8}, **mesh)
+  train(hosts, tfds_dir, devices=8, quick_compile=True, **{**common, 'train.num_steps': 8},
+        **mesh)
   for key in ('train_loss', 'grad_norm', 'val_loss'):
     expected, got = read_metrics(one, key), read_metrics(hosts, key)
     assert sorted(got) == sorted(expected)
