@@ -142,7 +142,7 @@ def test_two_hosts_and_eight_devices_match_one_device(tmp_path, tfds_dir):
     # near-zero parameter by ~1e-6 however the devices split the sums.
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   sample = run_module('gpt_jax.sample', f'--workdir={hosts}', '--prompt=The ',
-                      '--max_new_tokens=8', '--temperature=0', devices=2)
+                      '--max_new_tokens=8', '--temperature=0', devices=2, quick_compile=True)
   assert sample.stdout.startswith('The ')
   # The windows trained on: the 2 processes' positions at step 5 and the resumed process's at
   # step 8 are those of iterators that read steps 1-5 in 2 processes, then steps 6-8 in 1 from
