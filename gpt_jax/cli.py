@@ -61,11 +61,13 @@ def one_line_errors(*more: type[Exception]):
     if _VERBOSE.value:
       raise
     sys.exit(f'error: {e}')
-  except ModuleNotFoundError as e:
-    extra = EXTRAS.get((e.name or '').split('.')[0])
+  except ImportError as e:
+    # A library's own message may wrap the missing module (jax.export's, for flatbuffers).
+    name = e.name or getattr(e.__cause__, 'name', None) or ''
+    extra = EXTRAS.get(name.split('.')[0])
     if extra is None or _VERBOSE.value:
       raise
-    sys.exit(f"error: {e.name} is not installed; it comes with gpt_jax's [{extra}] extra: "
+    sys.exit(f"error: {name} is not installed; it comes with gpt_jax's [{extra}] extra: "
              f"pip install -e '.[{extra}]'")
 
 

@@ -5,238 +5,43 @@ r"""Export a workdir's model for runtimes without gpt_jax: StableHLO (any XLA ru
   python -m gpt_jax.export --workdir=runs/default --format=onnx --out=runs/default_onnx
 
 The parameters of the latest (or --step) checkpoint are constants of the exported programs; the
-shapes are fixed (--batch rows of --max_len tokens, padded at the end: attention is causal, so
-padding changes no earlier token's logits).
-
-  forward(tokens int32[B, L]) -> logits float32[B, L, V]
-  with --decode (stablehlo), decoding with the KV cache as an input and an output:
-  prefill(tokens int32[B, L], lengths int32[B]) -> (logits float32[B, V] of each row's last
-      token, cache)
-  decode_step(tokens int32[B], positions int32[B], cache) -> (logits float32[B, V], cache)
-  where cache is num_layers x (k, v), each float32[B, kv_heads, max_len, head_dim] (the model's
-  compute dtype), and position p is the slot the token is written to (the prompt's length for
-  the first step).
-
-`stablehlo`: each function as `<name>.jax_exported` (jax.export's serialization: reload it with
-`jax.export.deserialize(bytes).call(...)`, no gpt_jax needed) and `<name>.mlir` (the StableHLO
-module as text, for other XLA runtimes). `onnx`: `forward.onnx`, through the Hugging Face GPT-2
-form of the model (gpt_jax.convert) and torch.onnx, checked with onnx.checker; only models in
-the GPT-2 layout (with biases or without: zero ones) export. Either way `manifest.json` lists
-each function's inputs and outputs (names, shapes, dtypes, in the flat order of the arguments)
-and the tokenizer's files are copied to `tokenizer/`. The vocabulary may have padding rows:
-only logits below manifest['num_tokens'] are tokens.
+shapes are fixed. The functions, the files and the manifest: gpt_jax/convert/export.py.
 """
 
-import dataclasses
-import json
-import os
-import shutil
+from absl import app, flags, logging
 
-from absl import app, flags
-from flax import traverse_util
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from gpt_jax import checkpoint, cli, convert
-from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax import cli
 from gpt_jax.errors import ConfigError
-from gpt_jax.model import ModelConfig, Transformer, init_cache
+from gpt_jax.convert import export as exporting
 
 FLAGS = flags.FLAGS
-FORMATS = ('stablehlo', 'onnx')
 
 
 def define_flags() -> None:
   """The binary's flags (defined only when run, so the module imports beside other binaries)."""
   flags.DEFINE_string('workdir', None, 'A gpt_jax workdir (trained, converted or pruned).')
-  flags.DEFINE_enum('format', None, FORMATS, 'stablehlo or onnx.')
+  flags.DEFINE_enum('format', None, exporting.FORMATS, 'stablehlo or onnx.')
   flags.DEFINE_string('out', None, 'The directory to write.')
   flags.DEFINE_integer('batch', 1, 'Rows of every exported function.')
   flags.DEFINE_integer('max_len', 0, 'Tokens per row (0: the model\'s max_len).')
-  flags.DEFINE_bool('decode', False, 'Also export prefill and decode_step (stablehlo).')
+  flags.DEFINE_bool('decode', False, 'Also export prefill and decode_step.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-
-
-def export_config(cfg: ModelConfig) -> ModelConfig:
-  """The model as exported: plain XLA attention (no platform kernel), no dropout, no remat."""
-  return dataclasses.replace(cfg, attention='xla', dropout=0.0, remat='none')
-
-
-def functions(cfg: ModelConfig, params, batch: int, max_len: int, decode: bool) -> dict:
-  """{name: (function, example arguments as ShapeDtypeStructs, input names, output names)}."""
-  model = Transformer(cfg)
-  tokens = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
-  rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  cache = jax.eval_shape(lambda: init_cache(cfg, batch))
-  cache_names = [f'cache_{i}_{kv}' for i in range(cfg.num_layers) for kv in ('k', 'v')]
-
-  def forward(tokens):
-    return model.apply({'params': params}, tokens)[0]
-
-  def prefill(tokens, lengths):
-    logits, new_cache = model.apply({'params': params}, tokens, cache=init_cache(cfg, batch),
-                                    logits_at=(lengths - 1)[:, None])
-    return logits[:, 0], new_cache
-
-  def decode_step(tokens, positions, cache):
-    logits, new_cache = model.apply({'params': params}, tokens[:, None],
-                                    positions=positions[:, None], cache=cache)
-    return logits[:, 0], new_cache
-
-  out = {'forward': (forward, (tokens,), ['tokens'], ['logits'])}
-  if decode:
-    out['prefill'] = (prefill, (tokens, rows), ['tokens', 'lengths'], ['logits'] + cache_names)
-    out['decode_step'] = (decode_step, (rows, rows, cache), ['tokens', 'positions'] + cache_names,
-                          ['logits'] + cache_names)
-  return out
-
-
-def _describe(names, structs) -> list[dict]:
-  leaves = jax.tree.leaves(structs)
-  if len(names) != len(leaves):
-    raise AssertionError(f'{len(names)} names for {len(leaves)} arrays')
-  return [{'name': n, 'shape': list(x.shape), 'dtype': str(x.dtype)} for n, x in zip(names, leaves)]
-
-
-def export_stablehlo(cfg: ModelConfig, params, out: str, batch: int, max_len: int,
-                     decode: bool) -> dict:
-  """Writes <name>.jax_exported and <name>.mlir per function; returns their manifest entries."""
-  entries = {}
-  for name, (fn, args, inputs, outputs) in functions(cfg, params, batch, max_len,
-                                                     decode).items():
-    exported = jax.export.export(jax.jit(fn))(*args)
-    with open(os.path.join(out, f'{name}.jax_exported'), 'wb') as f:
-      f.write(exported.serialize())
-    with open(os.path.join(out, f'{name}.mlir'), 'w') as f:
-      f.write(exported.mlir_module())
-    entries[name] = {'files': [f'{name}.jax_exported', f'{name}.mlir'],
-                     'inputs': _describe(inputs, exported.in_avals),
-                     'outputs': _describe(outputs, exported.out_avals),
-                     'platforms': list(exported.platforms)}
-  return entries
-
-
-def with_zero_biases(cfg: ModelConfig, params) -> dict:
-  """`params` of a model without biases, with the zero biases of the same model with them."""
-  with_biases = nn.unbox(jax.eval_shape(lambda: Transformer(dataclasses.replace(
-      cfg, use_bias=True)).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))['params']
-  given = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({
-      path: given[path] if path in given else np.zeros(leaf.shape, leaf.dtype)
-      for path, leaf in traverse_util.flatten_dict(with_biases).items()})
-
-
-def check_onnx_exportable(cfg: ModelConfig, model_fields: dict, decode: bool) -> None:
-  """A ConfigError naming what the ONNX export cannot express."""
-  if decode:
-    raise ConfigError('--decode: the ONNX export has the forward function only; export '
-                      '--format=stablehlo for prefill and decode_step')
-  convert.check_gpt2_layout(dict(model_fields, use_bias=True))  # no biases: zero ones
-  for field in ('compute_dtype', 'param_dtype', 'residual_dtype'):
-    if getattr(cfg, field) != 'float32':
-      raise ConfigError(f'model.{field}={getattr(cfg, field)!r}: the ONNX export is float32')
-
-
-def export_onnx(cfg: ModelConfig, params, model_fields: dict, out: str, batch: int,
-                max_len: int) -> dict:
-  """Writes forward.onnx (the Hugging Face GPT-2 form through torch.onnx); returns its entry."""
-  # Imported here: torch and transformers are the `export` extra, needed for ONNX only.
-  import onnx  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-
-  if not cfg.use_bias:  # GPT-2 has biases: zero ones add nothing
-    model_fields = dict(model_fields, use_bias=True)
-    params = with_zero_biases(cfg, params)
-  hf_config = transformers.GPT2Config(**{
-      k: v for k, v in convert.hf_config_from_model(model_fields, None).items()
-      if k not in ('architectures', 'model_type')})
-  hf_config.use_cache = False
-  hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
-  tensors = {k: torch.from_numpy(np.array(v)) for k, v in convert.params_to_hf(
-      jax.device_get(params), model_fields).items()}
-  hf_model.transformer.load_state_dict({k.removeprefix('transformer.'): v
-                                        for k, v in tensors.items()
-                                        if not k.startswith('lm_head')}, strict=False)
-  if not cfg.tie_embeddings:
-    hf_model.lm_head.weight.data.copy_(tensors['lm_head.weight'])
-
-  class Logits(torch.nn.Module):
-    def __init__(self, model):
-      super().__init__()
-      self.model = model
-
-    def forward(self, tokens):
-      return self.model(input_ids=tokens).logits
-
-  path = os.path.join(out, 'forward.onnx')
-  example = torch.zeros((batch, max_len), dtype=torch.int64)
-  with torch.no_grad():
-    torch.onnx.export(Logits(hf_model).eval(), (example,), path, input_names=['tokens'],
-                      output_names=['logits'], dynamo=True, verbose=False)
-  onnx.checker.check_model(path, full_check=True)
-  files = [f for f in ('forward.onnx', 'forward.onnx.data') if os.path.exists(os.path.join(out, f))]
-  return {'forward': {'files': files,
-                      'inputs': [{'name': 'tokens', 'shape': [batch, max_len], 'dtype': 'int64'}],
-                      'outputs': [{'name': 'logits', 'shape': [batch, max_len, cfg.vocab_size],
-                                   'dtype': 'float32'}]}}
-
-
-def export(workdir: str, fmt: str, out: str, batch: int = 1, max_len: int = 0,
-           decode: bool = False, step: int | None = None) -> dict:
-  """Writes `out` (the functions, manifest.json, tokenizer/); returns the manifest."""
-  if fmt not in FORMATS:
-    raise ConfigError(f'--format must be one of {FORMATS}, got {fmt!r}')
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'--workdir {workdir} is not a directory')
-  model_fields = dict(checkpoint.load_config(workdir).model)
-  cfg = ModelConfig.from_config(model_fields)
-  max_len = max_len or cfg.max_len
-  if not 0 < max_len <= cfg.max_len:
-    raise ConfigError(f'--max_len must be in [1, {cfg.max_len}] (the model\'s context), got '
-                      f'{max_len}')
-  if batch <= 0:
-    raise ConfigError(f'--batch must be positive, got {batch}')
-  if fmt == 'onnx':
-    check_onnx_exportable(cfg, model_fields, decode)
-  cfg, params, step = checkpoint.load_model(workdir, step)  # per layer; LoRA merged
-  cfg = export_config(cfg)
-  os.makedirs(out, exist_ok=True)
-  if fmt == 'stablehlo':
-    entries = export_stablehlo(cfg, params, out, batch, max_len, decode)
-  else:
-    entries = export_onnx(cfg, params, model_fields, out, batch, max_len)
-  tokenizer_dir = os.path.join(workdir, 'tokenizer')
-  manifest = {'format': fmt, 'workdir': os.path.abspath(workdir), 'step': int(step),
-              'batch': batch, 'max_len': max_len, 'vocab_size': cfg.vocab_size,
-              'num_tokens': cfg.vocab_size, 'eos_id': None, 'tokenizer': None,
-              'model': model_fields, 'functions': entries}
-  if os.path.isdir(tokenizer_dir):
-    tokenizer = tokenizer_lib.load(tokenizer_dir)
-    shutil.copytree(tokenizer_dir, os.path.join(out, 'tokenizer'), dirs_exist_ok=True)
-    manifest.update(tokenizer='tokenizer', num_tokens=tokenizer.vocab_size,
-                    eos_id=tokenizer.eos_id)
-  with open(os.path.join(out, 'manifest.json'), 'w') as f:
-    json.dump(manifest, f, indent=1)
-  return manifest
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.skip_absent_tpu()
-  cli.quiet_logs()
+  cli.quiet_logs(logging.ERROR)  # not Orbax's warnings about reading a checkpoint
   with cli.one_line_errors():
     if not FLAGS.workdir or not FLAGS.out or not FLAGS.format:
       raise ConfigError('--workdir, --format and --out are required')
-    manifest = export(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.batch, FLAGS.max_len,
-                      FLAGS.decode, FLAGS.step)
+    manifest = exporting.export(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.batch,
+                                FLAGS.max_len, FLAGS.decode, FLAGS.step)
   print(f"Wrote {FLAGS.out}: {', '.join(manifest['functions'])} ({FLAGS.format}, batch "
         f"{manifest['batch']} x {manifest['max_len']} tokens, step {manifest['step']})")
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

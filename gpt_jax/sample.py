@@ -43,8 +43,7 @@ def define_flags() -> None:
                     'context with --max_new_tokens, instead of an error.')
   flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same text.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-  flags.DEFINE_enum('quantize', 'none', quantize.MODES, 'Weights: float as trained, or int8 '
-                    '(weight-only, per-channel scales; about 4x less parameter memory).')
+  flags.DEFINE_enum('quantize', 'none', quantize.MODES, quantize.MODES_HELP)
   cli.define_mesh_flag()
 
 

@@ -25,8 +25,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('port', 8000, 'Port to listen on.')
   flags.DEFINE_string('model_name', '', 'The model id clients send (default: the workdir\'s '
                       'folder name).')
-  flags.DEFINE_enum('quantize', 'none', quantize.MODES, 'Weights: float as trained, or int8 '
-                    '(weight-only, per-channel scales; about 4x less parameter memory).')
+  flags.DEFINE_enum('quantize', 'none', quantize.MODES, quantize.MODES_HELP)
   flags.DEFINE_integer('slots', 16, 'Sequences decoded together (KV cache rows).')
   flags.DEFINE_integer('max_queue', 1024, 'Choices (n per prompt of a request) that may wait '
                        'for a slot; a request beyond that gets 429 with Retry-After.')

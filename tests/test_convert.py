@@ -11,7 +11,8 @@ import pydoc_data.topics
 import pytest
 
 from conftest import run_module
-from gpt_jax import checkpoint, convert, decode
+from gpt_jax import checkpoint, decode
+from gpt_jax.convert import gpt2
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.convert import from_hf, to_hf
 from gpt_jax.errors import ConfigError
@@ -107,10 +108,10 @@ def test_every_gpt2_size_maps_onto_the_model():
       hf = transformers.GPT2LMHeadModel(hf_config)
     hf_shapes = {k.removeprefix('transformer.'): tuple(v.shape)
                  for k, v in hf.state_dict().items() if k != 'lm_head.weight'}
-    model = convert.model_fields_from_hf(hf_config.to_dict())
-    assert convert.hf_shapes(model) == hf_shapes
+    model = gpt2.model_fields_from_hf(hf_config.to_dict())
+    assert gpt2.hf_shapes(model) == hf_shapes
     tensors = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in hf_shapes.items()}
-    ours = jax.eval_shape(lambda t: convert.hf_to_params(t, model), tensors)
+    ours = jax.eval_shape(lambda t: gpt2.hf_to_params(t, model), tensors)
     expected = nn.unbox(jax.eval_shape(lambda: Transformer(ModelConfig(**model)).init(
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))['params']
     assert jax.tree.map(lambda x: x.shape, ours) == jax.tree.map(lambda x: x.shape, expected)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import module_env
-from gpt_jax import checkpoint, decode, export
+from gpt_jax import checkpoint, decode
+from gpt_jax.convert import export as exporting
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import Transformer
 from tiny_workdir import make_workdir, write_corpus
@@ -71,7 +72,7 @@ def expected(workdir, tokens):
 def test_stablehlo_reloads_without_gpt_jax_and_matches(workdir, tokens, expected, tmp_path):
   path, cfg, _ = workdir
   out = str(tmp_path / 'hlo')
-  manifest = export.export(path, 'stablehlo', out, batch=BATCH, max_len=LENGTH, decode=True)
+  manifest = exporting.export(path, 'stablehlo', out, batch=BATCH, max_len=LENGTH, decode=True)
   assert sorted(manifest['functions']) == ['decode_step', 'forward', 'prefill']
   step = manifest['functions']['decode_step']
   assert [i['name'] for i in step['inputs']][:4] == ['tokens', 'positions', 'cache_0_k',
@@ -93,34 +94,44 @@ def test_stablehlo_reloads_without_gpt_jax_and_matches(workdir, tokens, expected
 
 def test_onnx_runs_in_onnxruntime_like_the_model(workdir, tokens, expected, tmp_path):
   import onnxruntime  # pylint: disable=import-outside-toplevel
-  path, cfg, _ = workdir
+  path, cfg, params = workdir
   out = str(tmp_path / 'onnx')
-  export.export(path, 'onnx', out, batch=BATCH, max_len=LENGTH)
-  session = onnxruntime.InferenceSession(os.path.join(out, 'forward.onnx'))
-  run = lambda t: session.run(['logits'], {'tokens': t.astype(np.int64)})[0]
+  manifest = exporting.export(path, 'onnx', out, batch=BATCH, max_len=LENGTH, decode=True)
+  assert sorted(manifest['functions']) == ['decode_step', 'forward', 'prefill']
+  session = {name: onnxruntime.InferenceSession(os.path.join(out, f'{name}.onnx'))
+             for name in manifest['functions']}
   logits, greedy = expected
+  run = lambda t: session['forward'].run(['logits'], {'tokens': t.astype(np.int64)})[0]
   np.testing.assert_allclose(run(tokens), logits, atol=1e-4, rtol=1e-4)
-  # Greedy decoding by the whole forward pass (no cache): the same tokens as gpt_jax's.
-  rows = [list(p) for p in PROMPTS]
+
+  # Greedy decoding with the exported prefill and decode step, the KV cache passed along:
+  # the same tokens as gpt_jax's decoder (what gpt_jax.sample --temperature=0 runs).
+  cache_names = [i['name'] for i in manifest['functions']['decode_step']['inputs'][2:]]
+  padded = np.zeros((BATCH, LENGTH), np.int64)
+  for row, p in enumerate(PROMPTS):
+    padded[row, :len(p)] = p
+  lengths = np.array([len(p) for p in PROMPTS], np.int64)
+  step_logits, *cache = session['prefill'].run(None, {'tokens': padded, 'lengths': lengths})
+  full = np.asarray(jax.jit(Transformer(cfg).apply)({'params': params}, padded)[0])
+  np.testing.assert_allclose(step_logits, full[np.arange(BATCH), lengths - 1], atol=1e-4,
+                             rtol=1e-4)
+  generated = []
   for _ in range(NEW):
-    padded = np.zeros((BATCH, LENGTH), np.int64)
-    for r, row in enumerate(rows):
-      padded[r, :len(row)] = row
-    step_logits = run(padded)
-    for r, row in enumerate(rows):
-      row.append(int(np.argmax(step_logits[r, len(row) - 1])))
-  assert [row[len(p):] for row, p in zip(rows, PROMPTS)] == greedy
+    next_tokens = np.argmax(step_logits, axis=-1)
+    generated.append(next_tokens.tolist())
+    step_logits, *cache = session['decode_step'].run(None, {
+        'tokens': next_tokens, 'positions': lengths, **dict(zip(cache_names, cache))})
+    lengths = lengths + 1
+  assert np.array(generated).T.tolist() == greedy
 
 
 def test_what_cannot_export_is_named(workdir, tmp_path):
   path, _, _ = workdir
-  with pytest.raises(ConfigError, match='--decode: the ONNX export has the forward function'):
-    export.export(path, 'onnx', str(tmp_path / 'a'), decode=True)
   with pytest.raises(ConfigError, match='--max_len must be in'):
-    export.export(path, 'stablehlo', str(tmp_path / 'b'), max_len=1000)
+    exporting.export(path, 'stablehlo', str(tmp_path / 'b'), max_len=1000)
   llama = tmp_path / 'llama'  # refused before its parameters are read: a config is enough
   config = checkpoint.load_config(path)
   config.model.position = 'rope'
   checkpoint.save_config(str(llama), config)
   with pytest.raises(ConfigError, match="model.position='rope'"):
-    export.export(str(llama), 'onnx', str(tmp_path / 'c'))
+    exporting.export(str(llama), 'onnx', str(tmp_path / 'c'))

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import REPO, module_env
 from gpt_jax.config import base_config
+from tiny_workdir import make_workdir, write_corpus
 
 # Libraries that only extras bring (scipy is left out: jax itself depends on it).
 EXTRA_ONLY = ('fastapi', 'uvicorn', 'pydantic', 'starlette', 'sacrebleu', 'rouge_score',
@@ -40,15 +41,18 @@ def test_core_modules_import_without_any_extra():
 @pytest.mark.parametrize('command, extra', [
     (['gpt_jax.serve', '--workdir=w'], 'serve'),
     (['gpt_jax.report', '--root={runs}'], 'report'),
+    (['gpt_jax.export', '--workdir={workdir}', '--format=stablehlo', '--out={runs}/x'], 'export'),
 ])
-def test_a_missing_extra_is_one_line_naming_it(command, extra, tmp_path):
+def test_a_missing_extra_is_one_line_naming_it(command, extra, tmp_path, tfds_dir):
+  if extra == 'export':
+    make_workdir(str(tmp_path / 'workdir'), write_corpus(tfds_dir), tfds_dir)
   run = tmp_path / 'runs' / 'a'  # one run for the report to plot
   run.mkdir(parents=True)
   config = base_config()
   config.model.vocab_size = 256
   (run / 'config.json').write_text(config.to_json())
   (run / 'metrics.jsonl').write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss": 1.0}\n')
-  command = [arg.format(runs=tmp_path / 'runs') for arg in command]
+  command = [arg.format(runs=tmp_path / 'runs', workdir=tmp_path / 'workdir') for arg in command]
   proc = run_without_extras(f'sys.argv = {command!r}\n'
                             f'runpy.run_module({command[0]!r}, run_name="__main__")')
   assert proc.returncode == 1

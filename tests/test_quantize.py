@@ -1,5 +1,6 @@
-"""int8 weight-only quantization: per-channel scales, memory, closeness to float, and that the
-generator, the serving engine and the sample binary decode from the int8 weights."""
+"""int8 quantization: per-channel scales, memory, closeness to float, the int8 x int8 products of
+int8_dynamic against a float reference, and that the generator, the serving engine and the
+sample binary decode from the int8 weights."""
 
 import dataclasses
 import os
@@ -12,9 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from gpt_jax import checkpoint, config as config_lib, decode
-from gpt_jax.inference import quantize
-from gpt_jax.inference import engine
+from gpt_jax import backends, checkpoint, config as config_lib, decode
+from gpt_jax.inference import engine, quantize
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer
@@ -72,6 +72,72 @@ def test_quantized_params_memory_and_logits(cfg):
   assert float(jnp.abs(out - ref).max()) > 0  # it did change the weights
 
 
+@pytest.mark.parametrize('rows', [1, 5])
+def test_int8_products_exact_and_dynamic_matmul_within_its_bound(rows):
+  rng = np.random.default_rng(rows)
+  # int32 sums of int8 products are exact: the same as numpy's in int64.
+  a = rng.integers(-127, 128, (rows, 96)).astype(np.int8)
+  b = rng.integers(-127, 128, (96, 40)).astype(np.int8)
+  expected = a.astype(np.int64) @ b.astype(np.int64)
+  for w, transposed in ((b, False), (b.T.copy(), True)):
+    out = jax.jit(backends.int8_matmul, static_argnums=2)(a, w, transposed)
+    assert out.dtype == jnp.int32 and np.array_equal(np.asarray(out), expected)
+
+  # x @ w through per-row int8 activations and per-channel int8 weights. With x = xq * sx + ex
+  # (|ex| <= sx / 2) and w = wq * sw + ew (|ew| <= sw / 2), the error of each output is at most
+  # sx / 2 * sum_k |w_k| + sw / 2 * sum_k |x_k| + sx * sw / 4 * k (plus float32 rounding).
+  x = rng.normal(size=(rows, 96)).astype(np.float32)
+  x[0, 3] = 20.0  # an outlier feature coarsens its own token's scale only
+  w = rng.normal(size=(96, 4, 10)).astype(np.float32)
+  kernel = quantize.quantize_tensor(w, (0,), quantize.DynamicInt8)
+  sx = np.abs(x).max(axis=1, keepdims=True) / 127
+  sw = np.asarray(kernel.scale).reshape(1, -1)
+  flat = w.reshape(96, -1).astype(np.float64)
+  bound = (sx / 2 * np.abs(flat).sum(0) + sw / 2 * np.abs(x).sum(1, keepdims=True)
+           + sx * sw / 4 * 96 + 1e-4)
+  reference = x.astype(np.float64) @ flat
+  major = backends.to_output_major({'fc_in': {'kernel': kernel}})['fc_in']['kernel']
+  for held in (kernel, major):  # the trained layout and output-major ([out, in])
+    out = np.asarray(jax.jit(quantize.dynamic_matmul)(x, held))
+    error = np.abs(out - reference)
+    assert np.all(error <= bound), (error / bound).max()
+    assert error.max() > 0
+  if rows > 1:  # tokens without the outlier: within 2% of their largest output
+    assert np.abs(out - reference)[1:].max() < 0.02 * np.abs(reference[1:]).max()
+
+
+def test_int8_dynamic_in_both_layouts_and_decoding_in_the_engine():
+  params = _params(GPT2)
+  q = quantize.apply(params, 'int8_dynamic')
+  assert quantize.param_bytes(q) == quantize.param_bytes(quantize.apply(params, 'int8'))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 257, (2, 32)), jnp.int32)
+  model = Transformer(GPT2)
+  ref = model.apply({'params': params}, tokens)[0]
+
+  def forward(p, output_major):
+    with backends.output_major_projections(output_major):
+      return quantize.apply_model(model, p, tokens)[0]
+  out = jax.jit(forward, static_argnums=1)(q, False)
+  assert 0 < float(jnp.abs(out - ref).max()) < 0.02 * float(jnp.abs(ref).max())
+  # Kernels held [out, in] for decoding (backends.to_output_major) give the same logits.
+  major = jax.jit(forward, static_argnums=1)(backends.to_output_major(q), True)
+  np.testing.assert_allclose(major, out, atol=1e-5, rtol=1e-5)
+
+  prompts = PROMPTS[:2]
+  greedy = quantize.generator(GPT2, q).generate(prompts, 8, temperature=0)
+  batcher = engine.Engine(GPT2, q, slots=2).start()
+  try:
+    outs, finished = [[] for _ in prompts], threading.Semaphore(0)
+    for prompt, out in zip(prompts, outs):
+      batcher.submit(engine.Sequence(prompt, 8, lambda t, out=out: out.append(t) and False,
+                                      lambda reason, error: finished.release(), temperature=0))
+    for _ in prompts:
+      assert finished.acquire(timeout=60)
+    assert outs == greedy
+  finally:
+    batcher.stop()
+
+
 def test_generator_and_engine_decode_from_int8_weights():
   params = _params(GPT2)
   q = quantize.quantize_params(params)
@@ -96,7 +162,7 @@ def test_generator_and_engine_decode_from_int8_weights():
     quantize.apply(params, 'int4')
 
 
-def test_sample_binary_with_int8(tmp_path):
+def test_sample_binary_with_int8_dynamic(tmp_path):
   params = _params(GPT2)
   config = config_lib.base_config()
   config.model.update(dataclasses.asdict(GPT2))
@@ -104,9 +170,10 @@ def test_sample_binary_with_int8(tmp_path):
   checkpoint.save_config(workdir, config)
   tokenizer_lib.ByteTokenizer().save(os.path.join(workdir, 'tokenizer'))
   checkpoint.save_params(workdir, 0, params)
+  # The flag reaches quantize.apply whatever the mode: one binary run covers both.
   proc = run_module('gpt_jax.sample', f'--workdir={workdir}', '--prompt=int8 ',
-                    '--max_new_tokens=16', '--temperature=0', '--quantize=int8')
-  tokens = quantize.generator(GPT2, quantize.quantize_params(params)).generate(
+                    '--max_new_tokens=16', '--temperature=0', '--quantize=int8_dynamic')
+  tokens = quantize.generator(GPT2, quantize.apply(params, 'int8_dynamic')).generate(
       [list(b'int8 ')], 16, temperature=0, eos_id=256)[0]
   assert proc.stdout == 'int8 ' + tokenizer_lib.ByteTokenizer().decode(tokens) + '\n'
   proc = run_module('gpt_jax.sample', f'--workdir={workdir}', '--quantize=int4', check=False)

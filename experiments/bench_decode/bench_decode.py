@@ -29,7 +29,8 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-from gpt_jax import convert, decode  # noqa: E402
+from gpt_jax import decode  # noqa: E402
+from gpt_jax.convert import gpt2  # noqa: E402
 from gpt_jax.model import ModelConfig  # noqa: E402
 
 
@@ -75,10 +76,10 @@ def main():
   torch.manual_seed(0)
   hf_config = transformers.GPT2Config()
   hf = transformers.GPT2LMHeadModel(hf_config).eval()
-  model = convert.model_fields_from_hf(hf_config.to_dict())
+  model = gpt2.model_fields_from_hf(hf_config.to_dict())
   tensors = {k.removeprefix('transformer.'): v.detach().numpy()
              for k, v in hf.state_dict().items()}
-  params = jax.tree.map(jnp.asarray, convert.hf_to_params(tensors, model))
+  params = jax.tree.map(jnp.asarray, gpt2.hf_to_params(tensors, model))
   cfg = ModelConfig(**model)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   param_bytes = 4 * num_params

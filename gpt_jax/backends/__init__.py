@@ -24,7 +24,10 @@ Array = jax.Array
 def matmul(x: Array, w: Array, dtype, w_transposed: bool = False, out_dtype=None) -> Array:
   """x [n, k] @ w [k, m] (or @ w.T for w [m, k] when `w_transposed`) -> [n, m]: operands cast
   to `dtype`, summed in float32, returned in `out_dtype` (by default `dtype`); the gradient of
-  `w` comes back in w's dtype."""
+  `w` comes back in w's dtype. A quantized `w` (gpt_jax/quantize.py's DynamicInt8, which knows
+  its own layout) computes the product itself."""
+  if not hasattr(w, 'dtype'):  # not an array
+    return w.matmul(x, out_dtype or dtype)
   if target.is_cpu():
     return cpu_products.matmul(x, w, dtype, w_transposed, out_dtype)
   dtype = jnp.dtype(dtype)
@@ -40,6 +43,15 @@ def einsum(spec: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
   dtype = jnp.dtype(dtype)
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
                     preferred_element_type=jnp.float32).astype(out_dtype or dtype)
+
+
+def int8_matmul(x: Array, w: Array, w_transposed: bool = False) -> Array:
+  """int8 x [n, k] @ int8 w [k, m] (or @ w.T for w [m, k] when `w_transposed`) -> int32 [n, m],
+  summed in int32 (the integer units of TPUs, GPUs, and CPUs with AVX-512 VNNI)."""
+  if target.is_cpu():
+    return cpu_products.int8_matmul(x, w, w_transposed)
+  return jax.lax.dot_general(x, w, (((1,), (1 if w_transposed else 0,)), ((), ())),
+                             preferred_element_type=jnp.int32)
 
 
 def add_bias(y: Array, bias: Array) -> Array:

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax import checkpoint, cli, convert, sharding
+from gpt_jax import checkpoint, cli, sharding
+from gpt_jax.convert import gpt2
 from gpt_jax import config as config_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.convert import llama
@@ -122,7 +123,7 @@ def param_shardings(model: dict):
 def convert_tensors(hf_dir: str, model: dict, architecture: str) -> tuple[dict, dict]:
   """The parameters of a GPT-2 or Llama-family folder, read and placed one tensor at a time,
   and their checksums (checkpoint.fingerprint)."""
-  layout = convert if model['position'] == 'learned' else llama
+  layout = gpt2 if model['position'] == 'learned' else llama
   abstract, shardings = param_shardings(model)
   expected = layout.hf_shapes(model)
   params, checksums, seen = {}, {}, set()
@@ -170,7 +171,7 @@ def model_fields(hf_config: dict) -> dict:
   if llama.is_llama_family(hf_config):
     return llama.model_fields_from_hf(hf_config)
   if hf_config.get('model_type') == 'gpt2':
-    return convert.model_fields_from_hf(hf_config)
+    return gpt2.model_fields_from_hf(hf_config)
   raise ConfigError(f'config.json has model_type {hf_config.get("model_type")!r}; gpt_jax '
                     f'converts gpt2, {", ".join(llama.ARCHITECTURES)}')
 

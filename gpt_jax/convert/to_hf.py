@@ -18,7 +18,8 @@ import shutil
 
 from absl import app, flags
 
-from gpt_jax import checkpoint, cli, convert
+from gpt_jax import checkpoint, cli
+from gpt_jax.convert import gpt2
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.convert import llama
 from gpt_jax.errors import ConfigError
@@ -39,28 +40,28 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[dict, str]:
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'--workdir {workdir} is not a directory')
   model = dict(checkpoint.load_config(workdir).model)
-  gpt2 = model['position'] == 'learned'
-  if gpt2:
-    convert.check_gpt2_layout(model)
+  is_gpt2 = model['position'] == 'learned'
+  if is_gpt2:
+    gpt2.check_gpt2_layout(model)
   else:
     llama.check_layout(model)
   tokenizer_dir = os.path.join(workdir, 'tokenizer')
   tokenizer = tokenizer_lib.load(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
   model_cfg, params, _ = checkpoint.load_model(workdir, step)
   _, params = unstack_layers(model_cfg, params)  # a scan_layers model: one block_i per layer
-  tensors = convert.params_to_hf(params, model) if gpt2 else llama.params_to_hf(params, model)
+  tensors = gpt2.params_to_hf(params, model) if is_gpt2 else llama.params_to_hf(params, model)
 
   from safetensors.numpy import save_file
   os.makedirs(out, exist_ok=True)
   eos_id = tokenizer.eos_id if tokenizer is not None else None
-  if gpt2:
-    hf_config = convert.hf_config_from_model(model, eos_id)
+  if is_gpt2:
+    hf_config = gpt2.hf_config_from_model(model, eos_id)
   else:
     hf_config = llama.hf_config_from_model(model, getattr(tokenizer, 'bos_id', None), eos_id)
   with open(os.path.join(out, 'config.json'), 'w') as f:
     json.dump(hf_config, f, indent=2)
   save_file(tensors, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
-  if gpt2 and isinstance(tokenizer, tokenizer_lib.GPT2BPETokenizer):
+  if is_gpt2 and isinstance(tokenizer, tokenizer_lib.GPT2BPETokenizer):
     for name in (tokenizer_lib.GPT2_VOCAB_FILE, tokenizer_lib.GPT2_MERGES_FILE):
       shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out, name))
     note = 'GPT-2 BPE tokenizer: vocab.json + merges.txt'

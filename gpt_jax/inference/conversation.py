@@ -97,7 +97,7 @@ class Chat:
 def load_chat(workdir: str, step: int | None = None, quantize_mode: str = 'none',
               mesh: str = '', **kwargs) -> tuple[Chat, int]:
   """(a Chat with the workdir's model, its checkpoint step); kwargs as Chat. quantize_mode:
-  'none' or 'int8' (gpt_jax.inference.quantize); mesh: as --mesh (sharding.inference_placement)."""
+  one of gpt_jax.inference.quantize.MODES; mesh: as --mesh (sharding.inference_placement)."""
   config = checkpoint.load_config(workdir)  # a clear error before the tokenizer's
   tokenizer = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
   chat_template.end_of_turn_id(tokenizer)  # no chat tokens: say so before loading the model

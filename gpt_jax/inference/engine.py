@@ -56,7 +56,7 @@ class Sequence:
 
 
 class Engine:
-  """Fixed-slot continuous batching for one model (float or `quantize.quantize_params`)."""
+  """Fixed-slot continuous batching for one model (float or `quantize.apply`'s int8)."""
 
   def __init__(self, cfg: ModelConfig, params, slots: int = 8, num_tokens: int | None = None,
                placement: sharding.Placement | None = None):
@@ -109,7 +109,7 @@ class Engine:
 
   def _apply(self, params, tokens, positions, cache):
     with backends.output_major_projections(self.output_major):
-      return self._model.apply({'params': quantize.dequantize(params)}, tokens, positions, cache)
+      return quantize.apply_model(self._model, params, tokens, positions, cache)
 
   def _prefill_impl(self, params, cache, slot, tokens):
     """Writes the keys and values of tokens [1, width] into slot `slot`'s cache rows 0..width-1."""

@@ -11,7 +11,7 @@ and training use; decoding programs transpose each kernel once:
     logits, cache = Transformer(cfg).apply({'params': params}, tokens, positions, cache)
 
 Int8 kernels (gpt_jax/inference/quantize.py) are transposed with their scales, so `quantize.dequantize`
-yields [out, in] kernels too.
+yields [out, in] kernels too; `DynamicInt8` kernels are left to quantize's int8 products.
 """
 
 import contextlib
@@ -50,12 +50,15 @@ def _project_output_major(next_fun, args, kwargs, context):
   if (not isinstance(module, Projection) or context.method_name != '__call__'
       or module.name not in PROJECTION_INPUT_AXES):
     return next_fun(*args, **kwargs)
+  kernel = module.get_variable('params', 'kernel')
+  if not hasattr(kernel, 'dtype'):  # not an array: quantize.apply_model's int8 products
+    return next_fun(*args, **kwargs)
   x = args[0]
   num_inputs = module.num_inputs
   batch_shape = x.shape[:x.ndim - num_inputs]
   rows = math.prod(batch_shape)
   x = x.reshape(rows, -1).astype(module.dtype)
-  kernel = module.get_variable('params', 'kernel').astype(module.dtype)
+  kernel = kernel.astype(module.dtype)
   out_dtype = module.out_dtype or module.dtype
   if rows <= FEW_ROWS:  # the kernel-left form pays only for a handful of rows
     y = few_rows_product(kernel, x, module.dtype, out_dtype)

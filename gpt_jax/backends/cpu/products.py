@@ -190,6 +190,20 @@ def einsum(spec: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
   return _low_precision_einsum(spec, a, b, dtype, out_dtype)
 
 
+def int8_matmul(x: Array, w: Array, w_transposed: bool = False) -> Array:
+  """int8 x [n, k] @ int8 w [k, m] (or @ w.T for w [m, k]) -> int32 [n, m]. XLA:CPU runs an
+  int8 product of two or more rows in its fast (YNNPACK) path, but rewrites a one-row product
+  as a matrix-vector product over the kernel converted to int32 first: 3.4x slower than the
+  float32 product at GPT-2's MLP shape. One row is multiplied as two (a zero row added), which
+  keeps the fast path (experiments/quantize/bench_int8_products.py)."""
+  rows = x.shape[0]
+  if rows == 1:
+    x = jnp.concatenate([x, jnp.zeros_like(x)])
+  y = jax.lax.dot_general(x, w, (((1,), (1 if w_transposed else 0,)), ((), ())),
+                          preferred_element_type=jnp.int32)
+  return y[:rows]
+
+
 @jax.custom_vjp
 def _add_bias_low_precision(y: Array, bias: Array) -> Array:
   return y + bias.astype(y.dtype)
