@@ -5,7 +5,7 @@ service misses the dead process's heartbeats, then abort with a C++ stack dump t
 which process was lost. Here every process runs a watchdog thread that bumps a counter of its own
 in the coordination service's key-value store each `interval` seconds and reads the others'. A
 peer whose counter has not moved for `timeout` seconds (or a coordination service that has not
-answered for that long: process 0, which hosts it, is gone) ends this process with one line,
+answered for that long: the machine that hosts it is gone) ends this process with one line,
 
   error: Lost process 1 of 2 (host-b, pid 4242): no heartbeat for 60 s. Stopping; rerun every
   process with the same command to resume from the last checkpoint.
@@ -15,16 +15,29 @@ heartbeat timeout is set longer (`jax_heartbeat_timeout`), so that this line com
 survivor whose collective fails first (on CPU, gloo's connection to the dead process is reset)
 calls `wait_for_lost_process()` before raising, so that the watchdog names the cause; a process
 that exits keeps watching while it waits in JAX's shutdown barrier for the others.
+
+Process 0 is special: JAX hosts the coordination service inside it, and every other process
+aborts with a C++ stack dump the moment that service's connection drops (the client's
+`missed_heartbeat_callback` cannot be a Python function: jaxlib cannot pass its argument, an
+absl::Status, to Python, and terminates). So `initialize` runs the service in a small process
+of its own, started by process 0, that outlives a killed process 0 by the watchdog's timeout:
+the others' watchdogs then see process 0's counter stop, like any other process's, and name it.
+A whole lost machine 0 takes the service with it; then JAX's own abort is what the others print.
 """
 
 import atexit
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
 
-from jax._src import distributed
+import jax
+import jax.extend.backend
+from jax._src import clusters, distributed
+
+from gpt_jax.errors import ConfigError
 
 _PREFIX = 'gpt_jax/alive/'
 _DONE = 'done'
@@ -35,6 +48,44 @@ _ended = threading.Event()  # this process is exiting: its counter says 'done'
 def jax_heartbeat_timeout(timeout: float) -> int:
   """The `heartbeat_timeout_seconds` for jax.distributed.initialize: past the watchdog's."""
   return int(2 * timeout) + 10
+
+
+def initialize(timeout: float, coordinator_address: str | None = None,
+               num_processes: int | None = None, process_id: int | None = None) -> None:
+  """jax.distributed.initialize (what it leaves unset, it detects from the cluster as JAX does),
+  with the coordination service in a process of its own; `timeout` is the watchdog's."""
+  local_device_ids = None
+  if None in (coordinator_address, num_processes, process_id):
+    coordinator_address, num_processes, process_id, local_device_ids = (
+        clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            coordinator_address, num_processes, process_id, None, None, 300))
+  bind_address = None
+  if process_id == 0 and coordinator_address and num_processes:
+    _start_service(coordinator_address, num_processes, timeout)
+    bind_address = '127.0.0.1:0'  # the service JAX starts in process 0 anyway: nobody uses it
+  jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids,
+                             coordinator_bind_address=bind_address,
+                             heartbeat_timeout_seconds=jax_heartbeat_timeout(timeout))
+
+
+def _start_service(coordinator_address: str, num_processes: int, timeout: float) -> None:
+  linger = timeout + 10  # past the moment the others' watchdogs name a killed process 0
+  service = subprocess.Popen(
+      [sys.executable, '-m', 'gpt_jax.coordination_service', coordinator_address,
+       str(num_processes), str(jax_heartbeat_timeout(timeout)), str(linger)],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  answer = service.stdout.readline().strip()
+  if answer != 'ready':
+    raise ConfigError(answer or f'The coordination service for {coordinator_address} did not '
+                      f'start (exit status {service.wait()}).')
+
+  def stop():  # after the others have passed JAX's shutdown barrier, which needs the service
+    # JAX's own exit handler, which would run after this one, in its order: the backends' CPU
+    # collectives use the distributed client, and abort if it goes first.
+    jax.extend.backend.clear_backends()
+    jax.distributed.shutdown()
+    service.communicate('done\n')
+  atexit.register(stop)  # before watch()'s: atexit runs the last registered first
 
 
 def watch(timeout: float, interval: float = 1.0) -> threading.Thread | None:
@@ -107,3 +158,4 @@ def _stop(peer: int, count: int, why: str, seconds: float, name: str | None) -> 
         'rerun every process with the same command to resume from the last checkpoint.',
         file=sys.stderr, flush=True)
   os._exit(1)  # the main thread may be blocked in a collective that will never complete
+

@@ -382,13 +382,12 @@ def run(configure=None, make_recipe=None) -> None:
   cli.keep_freed_host_memory()
   cli.skip_absent_tpu()
   cli.quiet_logs()
-  heartbeat = liveness.jax_heartbeat_timeout(FLAGS.heartbeat_timeout)
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                               heartbeat_timeout_seconds=heartbeat)
-  elif FLAGS.distributed == 'on' or (FLAGS.distributed == 'auto' and _multiprocess_job()):
-    # jax detects the coordinator, process count and id
-    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+  with cli.one_line_errors():  # the coordinator's port in use
+    if FLAGS.coordinator_address:
+      liveness.initialize(FLAGS.heartbeat_timeout, FLAGS.coordinator_address,
+                          FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.distributed == 'on' or (FLAGS.distributed == 'auto' and _multiprocess_job()):
+      liveness.initialize(FLAGS.heartbeat_timeout)  # detects the coordinator, count and id
   liveness.watch(FLAGS.heartbeat_timeout)  # multi-process: a lost process stops the others
   try:
     with cli.one_line_errors(FloatingPointError):

@@ -9,13 +9,10 @@ its peer to be) or exits normally after a few seconds. Run by tests/test_reliabi
 import sys
 import time
 
-import jax
-
 from gpt_jax import liveness
 
 port, process_id, timeout, then = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-jax.distributed.initialize(f'127.0.0.1:{port}', 2, process_id,
-                           heartbeat_timeout_seconds=liveness.jax_heartbeat_timeout(timeout))
+liveness.initialize(timeout, f'127.0.0.1:{port}', 2, process_id)
 liveness.watch(timeout, interval=0.2)
 print('ready', flush=True)
 time.sleep(60 if then == 'wait' else 0.5)

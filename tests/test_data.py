@@ -207,6 +207,25 @@ def test_processes_share_the_global_batch(corpus):
     data.make_train_iterator(config, tokenizer, workdir, 0, 3)
 
 
+def test_a_resumed_run_with_another_global_batch_moves_its_position(corpus):
+  """The saved position counts global batches, not windows: resumed with batch B' after n
+  batches of B, a run reads on from window n * B' of the epoch's order, so that epoch skips
+  n * (B' - B) windows when the batch grows and reads n * (B - B') twice when it shrinks."""
+  config, tokenizer, workdir = corpus
+  window_rows = lambda batches: [tuple(row) for b in batches for row in b['inputs']]
+  with_batch = lambda size: data.make_train_iterator(
+      ml_collections.ConfigDict({**config.to_dict(), 'data': {**config.data.to_dict(),
+                                                              'batch_size': size}}),
+      tokenizer, workdir, 0, 1)
+  order = window_rows(take(with_batch(8), 12))  # the epoch's first 96 windows
+  written = with_batch(8)
+  assert window_rows(take(written, 3)) == order[:24]
+  for size, first_read in ((16, 48), (4, 12)):
+    resumed = with_batch(size)
+    resumed.set_state(written.get_state())
+    assert window_rows(take(resumed, 2)) == order[first_read:first_read + 2 * size]
+
+
 def test_eval_batches(corpus):
   config, tokenizer, workdir = corpus
   batches = data.make_eval_batches(config, tokenizer, workdir, 2, 0, 1)

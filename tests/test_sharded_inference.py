@@ -11,12 +11,14 @@ from conftest import REPO, TINY, module_env, run_module
 def test_sharded_inference_matches_one_device(tmp_path, tfds_dir):
   workdir = str(tmp_path / 'run')
   overrides = dict(TINY, **{'model.num_heads': 8, 'model.scan_layers': True,
-                            'train.num_steps': 30, 'data.tfds_data_dir': tfds_dir})
+                            'train.num_steps': 5, 'train.eval_every': 0,
+                            'data.tfds_data_dir': tfds_dir})
   run_module('gpt_jax.train', '--config=configs/default.py', f'--workdir={workdir}',
              *[f'--config.{k}={v}' for k, v in overrides.items()])
   # One subprocess for every mesh: the device count is fixed when jax starts.
   proc = subprocess.run([sys.executable, 'tests/sharded_inference.py', workdir], cwd=REPO,
-                        env=module_env(devices=8), capture_output=True, text=True, timeout=600)
+                        env=module_env(devices=8, quick_compile=True), capture_output=True,
+                        text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   runs = json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -42,7 +44,8 @@ def test_sharded_inference_matches_one_device(tmp_path, tfds_dir):
 
   # The binary: --mesh over 2 devices prints one device's greedy text.
   args = (f'--workdir={workdir}', '--prompt=The ', '--max_new_tokens=16', '--temperature=0')
-  printed = run_module('gpt_jax.sample', *args, '--mesh=1x1x2', devices=2).stdout
+  printed = run_module('gpt_jax.sample', *args, '--mesh=1x1x2', devices=2,
+                       quick_compile=True).stdout
   assert printed == 'The ' + one['greedy_text'] + '\n'
   bad = run_module('gpt_jax.sample', *args, '--mesh=2x2', check=False)
   assert bad.returncode == 1

@@ -32,7 +32,8 @@ def test_every_mesh_trains_like_one_device_sharded_as_the_rules_say(tmp_path, tf
   # One test, not one per mesh: under pytest-xdist every worker that ran a test of this module
   # ran the 8-device subprocess (2.5 minutes) again.
   proc = subprocess.run([sys.executable, 'tests/sharded_steps.py', str(tmp_path), tfds_dir],
-                        cwd=REPO, env=module_env(devices=8), capture_output=True, text=True,
+                        cwd=REPO, env=module_env(devices=8, quick_compile=True),
+                        capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   runs = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,5 +1,7 @@
 """The real train and sample binaries, run as a user runs them (in subprocesses)."""
 
+import collections
+import json
 import os
 import socket
 import subprocess
@@ -10,7 +12,7 @@ import pytest
 import jax
 
 from conftest import REPO, module_env, read_metrics, run_module, train, train_args
-from gpt_jax import checkpoint
+from gpt_jax import checkpoint, data
 
 
 def restore_params(workdir):
@@ -73,46 +75,86 @@ def test_resume_equals_uninterrupted_run(tmp_path, tfds_dir, optimizer):
   assert_trees_equal(restore_params(resumed), restore_params(straight))
 
 
+def read_windows(workdir, steps, process_count, position=None):
+  """The windows (token ids, inputs + last target) that `process_count` processes of the run in
+  `workdir` read in `steps` steps from data position `position` (the start if None), and the
+  position each process ends at."""
+  config = checkpoint.load_config(workdir)
+  tokenizer = data.prepare_tokenizer(config, workdir)
+  windows, ends = [], []
+  for process in range(process_count):
+    batches = data.make_train_iterator(config, tokenizer, workdir, process, process_count)
+    if position is not None:
+      batches.set_state(position)
+    for _ in range(steps):
+      batch = next(batches)
+      windows += [tuple(np.append(i, t[-1])) for i, t in zip(batch['inputs'], batch['targets'])]
+    ends.append(batches.get_state())
+  return windows, ends
+
+
+def saved_data_positions(workdir, step):
+  """{file name: data position} of the processes that wrote checkpoint `step`."""
+  folder = os.path.join(workdir, 'checkpoints', str(step), 'data')
+  positions = {}
+  for name in sorted(n for n in os.listdir(folder) if n.endswith('.json')):
+    with open(os.path.join(folder, name), encoding='utf-8') as f:
+      positions[name] = json.load(f)
+  return positions
+
+
 def test_two_hosts_and_eight_devices_match_one_device(tmp_path, tfds_dir):
-  """The same config on 1 device, on 8 devices in one process (data x fsdp x tensor = 2x2x2),
-  and on 2 processes of 4 devices each (jax.distributed over 127.0.0.1): the same losses. The
-  2-process run then resumes in 1 process of 8 devices: the state reshards, the data order goes
-  on where it stopped, and the losses stay the 1-device run's."""
+  """The same config on 1 device and on 2 processes of 4 devices each (jax.distributed over
+  127.0.0.1, data x fsdp x tensor = 2x2x2): the same losses. The 2-process run then resumes in
+  1 process of 8 devices (the same mesh): the state reshards, the data order goes on where it
+  stopped, and the losses stay the 1-device run's. (Every mesh of 8 devices in one process,
+  trained from the start, is tests/test_sharding.py's.)"""
   common = {'train.num_steps': 5, 'train.log_every': 1, 'train.eval_every': 5,
             'data.cache_dir': str(tmp_path / 'cache'), 'optim.warmup_steps': 1,
             'optim.decay_steps': 8}
   mesh = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
-  one, eight, hosts = str(tmp_path / 'one'), str(tmp_path / 'eight'), str(tmp_path / 'hosts')
-  train(one, tfds_dir, **{**common, 'train.num_steps': 8})
-  train(eight, tfds_dir, devices=8, **common, **mesh)
+  one, hosts = str(tmp_path / 'one'), str(tmp_path / 'hosts')
+  # A few steps each, compiled alike and compared with each other: quick to compile.
+  train(one, tfds_dir, quick_compile=True, **{**common, 'train.num_steps': 8})
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   args = train_args(hosts, tfds_dir, **common, **mesh)
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'gpt_jax.train', *args, f'--coordinator_address=127.0.0.1:{port}',
-       '--num_processes=2', f'--process_id={i}'], cwd=REPO, env=module_env(devices=4),
+       '--num_processes=2', f'--process_id={i}'], cwd=REPO,
+      env=module_env(devices=4, quick_compile=True),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   for proc in procs:
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
   # Written by 2 processes x 4 devices at step 5, resumed by 1 process x 8 devices to step 8.
-  train(hosts, tfds_dir, devices=8, **{**common, 'train.num_steps': 8}, **mesh)
-  for workdir in (eight, hosts):
-    for key in ('train_loss', 'grad_norm', 'val_loss'):
-      expected, got = read_metrics(one, key), read_metrics(workdir, key)
-      expected = {s: v for s, v in expected.items() if s <= max(got)}
-      assert sorted(got) == sorted(expected)
-      np.testing.assert_allclose([got[s] for s in sorted(got)],
-                                 [expected[s] for s in sorted(expected)], rtol=1e-5)
+  train(hosts, tfds_dir, devices=8, quick_compile=True, **{**common, 'train.num_steps': 8},
+        **mesh)
+  for key in ('train_loss', 'grad_norm', 'val_loss'):
+    expected, got = read_metrics(one, key), read_metrics(hosts, key)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[s] for s in sorted(got)],
+                               [expected[s] for s in sorted(expected)], rtol=1e-5)
   # Written by 1 process x 8 devices, restored on 1 device: a resharding restore.
   for a, b in zip(jax.tree.leaves(restore_params(one)), jax.tree.leaves(restore_params(hosts))):
     # atol: Adam divides by sqrt(v), so float32 rounding in a near-zero gradient moves a
     # near-zero parameter by ~1e-6 however the devices split the sums.
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   sample = run_module('gpt_jax.sample', f'--workdir={hosts}', '--prompt=The ',
-                      '--max_new_tokens=8', '--temperature=0', devices=2)
+                      '--max_new_tokens=8', '--temperature=0', devices=2, quick_compile=True)
   assert sample.stdout.startswith('The ')
+  # The windows trained on: the 2 processes' positions at step 5 and the resumed process's at
+  # step 8 are those of iterators that read steps 1-5 in 2 processes, then steps 6-8 in 1 from
+  # the saved position; together those read the uninterrupted run's windows, each once.
+  written, ends = read_windows(hosts, 5, process_count=2)
+  assert saved_data_positions(hosts, 5) == {
+      f'process_{p}-of-2.json': end for p, end in enumerate(ends)}
+  resumed, ends = read_windows(hosts, 3, process_count=1, position=ends[0])
+  assert saved_data_positions(hosts, 8) == {'process_0-of-1.json': ends[0]}
+  uninterrupted, _ = read_windows(one, 8, process_count=1)
+  assert len(uninterrupted) == 8 * 8 and len(set(uninterrupted)) == 8 * 8
+  assert collections.Counter(written + resumed) == collections.Counter(uninterrupted)
 
 
 def test_compilation_cache_in_jax_compilation_cache_dir_and_off_when_disabled(tmp_path, tfds_dir):
