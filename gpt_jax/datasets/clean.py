@@ -61,7 +61,7 @@ def main(argv):
     # pylint: disable=import-outside-toplevel
     from gpt_jax.datasets import cleaning, cleaning_report
   except ModuleNotFoundError as e:
-    sys.exit(f"error: gpt_jax.datasets.clean needs {e.name}: pip install -e '.[clean]'")
+    sys.exit(f"error: gpt_jax.datasets.clean needs {e.name.split('.')[0]}: pip install -e '.[clean]'")
   with cli.one_line_errors():
     if not _INPUT.value or not _OUT.value:
       raise ConfigError('--input and --out are required.')

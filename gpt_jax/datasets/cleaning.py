@@ -191,18 +191,37 @@ def normalizers() -> list:
 # ------------------------------------------------------------------------------- quality filters
 
 
+class SpaceTokenizer(WordTokenizer):
+  """Words as whitespace separates them. Gopher's rules count such words ("fox," is one word);
+  datatrove's default English tokenizer (spacy) makes each punctuation mark a word of its own,
+  so that ordinary punctuated prose fails Gopher's "80% of words hold a letter" rule. MinHash
+  shingles text that datatrove has already simplified (lower case, no punctuation), where this
+  gives spacy's words without loading spacy."""
+
+  def word_tokenize(self, text: str) -> list[str]:
+    return text.split()
+
+  def sent_tokenize(self, text: str) -> list[str]:
+    raise NotImplementedError('only words are needed')
+
+  def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+    raise NotImplementedError('only words are needed')
+
+
 def quality_filter(name: str, removed_folder: str | None = None):
   """A datatrove filter; what each removes is in docs/data_cleaning.md."""
   writer = (JsonlWriter(os.path.join(removed_folder, name), compression=None)
             if removed_folder else None)
   if name == 'gopher':  # Gopher's (Rae et al. 2021) quality rules
-    return GopherQualityFilter(exclusion_writer=writer)
+    return GopherQualityFilter(exclusion_writer=writer, language=SpaceTokenizer())
   if name == 'c4':
-    # C4's rules as FineWeb applies them: without C4's removal of every line that does not end
-    # in terminal punctuation, which would cut code and lists to pieces.
-    return C4QualityFilter(filter_no_terminal_punct=False, exclusion_writer=writer)
+    # C4's document rules and its javascript / cookie-policy line removal, without its removal
+    # of lines under 3 words or without terminal punctuation, which cuts code, verse and
+    # dialogue to pieces (FineWeb, too, leaves out the punctuation rule).
+    return C4QualityFilter(filter_no_terminal_punct=False, min_words_per_line=-1,
+                           exclusion_writer=writer)
   if name == 'repetition':  # Gopher's repeated lines, paragraphs and n-grams
-    return GopherRepetitionFilter(exclusion_writer=writer)
+    return GopherRepetitionFilter(exclusion_writer=writer, language=SpaceTokenizer())
   raise ConfigError(f'--filters: unknown filter {name!r}; known: {", ".join(FILTERS)}')
 
 
@@ -226,20 +245,6 @@ def minhash_buckets(threshold: float) -> int:
 def detection_probability(jaccard: float, threshold: float) -> float:
   """The chance that the MinHash stages find a pair of documents at `jaccard`."""
   return 1 - (1 - jaccard ** HASHES_PER_BUCKET) ** minhash_buckets(threshold)
-
-
-class SpaceTokenizer(WordTokenizer):
-  """Words of text that datatrove's MinHash has already simplified (lower case, no punctuation,
-  single spaces): splitting on spaces gives spacy's words for it, without loading spacy."""
-
-  def word_tokenize(self, text: str) -> list[str]:
-    return text.split()
-
-  def sent_tokenize(self, text: str) -> list[str]:
-    raise NotImplementedError('MinHash shingles words only')
-
-  def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-    raise NotImplementedError('MinHash shingles words only')
 
 
 def minhash_config(threshold: float) -> MinhashConfig:
