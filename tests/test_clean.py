@@ -53,7 +53,7 @@ def edit_words(rng, text, fraction, vocabulary):
 def shingle_jaccard(a, b, directory):
   """Word 5-gram Jaccard similarity as datatrove's MinHash sees the texts."""
   step = MinhashDedupSignature(str(directory), config=cleaning.minhash_config(0.8),
-                               language=cleaning.SpaceTokenizer())
+                               language=cleaning.PlainTokenizer())
   sa, sb = set(step.get_shingles(a).ravel()), set(step.get_shingles(b).ravel())
   return len(sa & sb) / len(sa | sb)
 
