@@ -182,11 +182,11 @@ def test_killed_run_resumed_ends_like_uninterrupted_run(corpus, cleaned, tmp_pat
 def test_cleaned_output_trains(cleaned, tmp_path, tfds_dir):
   workdir = str(tmp_path / 'run')
   train(workdir, tfds_dir, **{'data.text_files': os.path.join(cleaned['out'], 'text', '*.txt'),
-                              'data.tfds_name': '', 'train.num_steps': 4, 'train.log_every': 2,
-                              'train.eval_every': 4, 'optim.warmup_steps': 1})
+                              'data.tfds_name': '', 'data.tokenizer': 'byte', 'data.vocab_size': 256,
+                              'train.num_steps': 2, 'train.log_every': 1,
+                              'train.eval_every': 0, 'optim.warmup_steps': 1})
   losses = read_metrics(workdir, 'train_loss')
-  assert sorted(losses) == [2, 4] and all(0 < loss < 10 for loss in losses.values())
-  assert 4 in read_metrics(workdir, 'val_loss')
+  assert sorted(losses) == [1, 2] and all(0 < loss < 10 for loss in losses.values())
 
 
 # --------------------------------------------------------------------- filters, in this process
