@@ -73,12 +73,16 @@ def main(argv):
     if config.workers < 1:
       raise ConfigError(f'--workers must be >= 1, got {config.workers}')
     stages = cleaning.executors(config, cleaning_report.ReportStep(config.out))
-    start = time.time()
-    stages[-1].run()
-    if config.executor == 'slurm':
+    if config.executor == 'slurm':  # submits every stage as a job depending on the one before
+      stages[-1].run()
       print(f'Submitted; {config.out}/report.json is written when the last job ends.')
       return
-    report = cleaning_report.build(config.out, seconds=time.time() - start)
+    seconds = {}
+    for name, stage in zip(cleaning.stage_names(stages), stages):
+      start = time.time()
+      stage.run()  # the stages before it have run: it does not start them again
+      seconds[name] = round(time.time() - start, 2)
+    report = cleaning_report.build(config.out, stage_seconds=seconds)
     path = cleaning_report.write(config.out, report)
     print(cleaning_report.table(report))
     print(f'report: {path}\ntrain on it: --config.data.text_files={config.out}/text/*.txt')

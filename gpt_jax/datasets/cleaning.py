@@ -384,3 +384,8 @@ def executors(config: CleanConfig, report_step: Callable) -> list[PipelineExecut
     result.append(cls(stage.pipeline, tasks=stage.tasks, logging_dir=os.path.join(logs, stage.name),
                       depends=result[-1] if result else None, **kwargs))
   return result
+
+
+def stage_names(executors_: Sequence[PipelineExecutor]) -> list[str]:
+  """The stage each executor runs, from its logging folder."""
+  return [os.path.basename(e.logging_dir.path.rstrip('/')) for e in executors_]

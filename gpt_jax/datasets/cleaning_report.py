@@ -42,7 +42,7 @@ def _doc_chars(stats: dict) -> tuple[int, int]:
   return (1, int(value)) if value else (0, 0)
 
 
-def build(out: str, seconds: float | None = None) -> dict:
+def build(out: str, stage_seconds: dict[str, float] | None = None) -> dict:
   """The report of the run writing into `out`."""
   logs = os.path.join(out, 'work', 'logs')
   filter_steps = stage_stats(logs, 'filter')
@@ -70,20 +70,14 @@ def build(out: str, seconds: float | None = None) -> dict:
                   'max_size': int(sizes.get('max', mean))}
     elif sizes:
       clusters = {'clusters': 1, 'mean_size': sizes, 'max_size': sizes}
-  stage_seconds = {}
-  for stage in ('filter', 'exact', 'minhash_signatures', 'minhash_buckets', 'minhash_clusters',
-                'write'):
-    steps = stage_stats(logs, stage)
-    if steps:
-      stage_seconds[stage] = round(sum(s['time_stats'].get('total', 0.0) for s in steps), 3)
   report = {
       'documents_in': docs_in, 'characters_in': chars_in,
       'documents_out': docs_out, 'characters_out': chars_out,
       'removed': removed, 'removed_why': reasons, 'minhash_clusters': clusters,
-      'task_seconds': stage_seconds,  # summed over tasks: the CPU the stage's steps took
   }
-  if seconds is not None:
-    report['wall_seconds'] = round(seconds, 2)
+  if stage_seconds is not None:  # wall time of each stage in this invocation (local, ray)
+    report['stage_seconds'] = stage_seconds
+    report['wall_seconds'] = round(sum(stage_seconds.values()), 2)
   return report
 
 
@@ -112,7 +106,8 @@ def table(report: dict) -> str:
     lines.append(f'near-duplicate clusters: {c["clusters"]:,}, mean size {c["mean_size"]:.2f}, '
                  f'largest {c["max_size"]:,}')
   if 'wall_seconds' in report:
-    lines.append(f'time: {report["wall_seconds"]:.1f} s')
+    stages = ', '.join(f'{k} {v:.1f}' for k, v in report['stage_seconds'].items())
+    lines.append(f'time: {report["wall_seconds"]:.1f} s ({stages})')
   return '\n'.join(lines)
 
 
