@@ -235,6 +235,12 @@ def test_bad_input_and_missing_datatrove_give_one_line(tmp_path):
     cleaning.input_format(['a.csv'])
   with pytest.raises(cleaning.ConfigError, match='unknown filter'):
     cleaning.quality_filter('gopherr')
+  # An output directory remembers the settings of its run: no mixing of two runs' tasks.
+  config = cleaning.CleanConfig(input=str(tmp_path / 'a.csv'), out=str(tmp_path / 'out'))
+  cleaning.claim_output(config, ['a.csv'])
+  cleaning.claim_output(config, ['a.csv'])  # the same run, resumed
+  with pytest.raises(cleaning.ConfigError, match='other filters'):
+    cleaning.claim_output(cleaning.CleanConfig(config.input, config.out, filters=('c4',)), ['a.csv'])
   # Without datatrove installed: which extra to install.
   script = ("import sys, runpy; sys.modules['datatrove'] = None; "
             "sys.argv = ['clean', '--input=x', '--out=y']; "

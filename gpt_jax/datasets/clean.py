@@ -77,6 +77,12 @@ def main(argv):
       stages[-1].run()
       print(f'Submitted; {config.out}/report.json is written when the last job ends.')
       return
+    if config.executor == 'ray':
+      try:
+        import ray  # pylint: disable=import-outside-toplevel
+      except ModuleNotFoundError:
+        raise ConfigError('--executor=ray needs ray: pip install ray') from None
+      ray.init()  # joins the cluster RAY_ADDRESS names, else starts one on this machine
     seconds = {}
     for name, stage in zip(cleaning.stage_names(stages), stages):
       start = time.time()

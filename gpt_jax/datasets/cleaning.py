@@ -20,6 +20,7 @@ Documents removed by a filter or a dedup stage are kept in OUT/removed/<stage>/ 
 import dataclasses
 import glob as glob_lib
 import inspect
+import json
 import math
 import os
 import re
@@ -364,6 +365,27 @@ def executor_class(name: str) -> type[PipelineExecutor]:
   raise ConfigError(f'--executor must be one of {", ".join(EXECUTORS)}, got {name!r}')
 
 
+def claim_output(config: CleanConfig, files: Sequence[str]) -> None:
+  """Records the settings that decide the output in OUT/work/settings.json; refuses an OUT
+  that holds a run with other settings, whose completed tasks would otherwise be kept."""
+  settings = {'input': config.input, 'files': len(files), 'filters': list(config.filters),
+              'dedup': list(config.dedup), 'minhash_threshold': config.minhash_threshold,
+              'redact_pii': config.redact_pii, 'text_key': config.text_key,
+              'tasks': num_tasks(config, files)}
+  folder = get_datafolder(os.path.join(config.out, 'work'))
+  if folder.isfile('settings.json'):
+    with folder.open('settings.json', 'r') as f:
+      before = json.load(f)
+    changed = sorted(k for k in settings if before.get(k) != settings[k])
+    if changed:
+      raise ConfigError(f'{config.out} holds a run with other {", ".join(changed)} '
+                        f'({", ".join(f"{k}={before.get(k)!r}" for k in changed)}): resume it '
+                        'with the same flags, or clean into another --out.')
+  else:
+    with folder.open('settings.json', 'w') as f:
+      json.dump(settings, f, indent=1)
+
+
 def executors(config: CleanConfig, report_step: Callable) -> list[PipelineExecutor]:
   """One executor per stage, each depending on the one before; running the last runs all."""
   files = input_files(config.input)
@@ -375,7 +397,9 @@ def executors(config: CleanConfig, report_step: Callable) -> list[PipelineExecut
       raise ConfigError(f'--executor_args: {cls.__name__} takes no argument {key!r}')
   logs = os.path.join(config.out, 'work', 'logs')
   result = []
-  for stage in [*stages(config, files), Stage('report', [report_step], 1)]:
+  planned = stages(config, files)
+  claim_output(config, files)
+  for stage in [*planned, Stage('report', [report_step], 1)]:
     kwargs = dict(extra)
     if config.executor == 'local':
       kwargs['workers'] = min(config.workers, stage.tasks)
