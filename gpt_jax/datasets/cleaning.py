@@ -12,6 +12,8 @@ so a killed run started again with the same command continues where it stopped.
   4. minhash_buckets    (B tasks)  candidate pairs, one task per LSH bucket
   5. minhash_clusters   (1 task)   pairs -> clusters; all but one of each is removed
   6. write              (T tasks)  filtered minus duplicates -> PII redaction -> OUT/text/<rank>.txt
+                                   (redaction comes after dedup: its replacements would make
+                                   copies differ)
   7. report             (1 task)   OUT/report.json from the stages' datatrove stats
 
 Documents removed by a filter or a dedup stage are kept in OUT/removed/<stage>/ for inspection.
@@ -305,6 +307,9 @@ def stages(config: CleanConfig, files: Sequence[str]) -> list[Stage]:
   for name in config.dedup:
     if name not in DEDUPS:
       raise ConfigError(f'--dedup: unknown method {name!r}; known: {", ".join(DEDUPS)}')
+  for flag, names in (('--filters', config.filters), ('--dedup', config.dedup)):
+    if len(set(names)) < len(names):
+      raise ConfigError(f'{flag} names a stage twice: {",".join(names)}')
   tasks = num_tasks(config, files)
   work = os.path.join(config.out, 'work')
   removed = os.path.join(config.out, 'removed')
@@ -339,7 +344,7 @@ def stages(config: CleanConfig, files: Sequence[str]) -> list[Stage]:
                                                       config=minhash)], minhash.num_buckets),
         Stage('minhash_clusters', [MinhashDedupCluster(os.path.join(minhash_dir, 'buckets'),
                                                        os.path.join(minhash_dir, 'remove_ids'),
-                                                       config=minhash)], 1),
+                                                       config=minhash, save_cluster_size=True)], 1),
     ]
   result.append(Stage('write', [
       RankFileReader(filtered), *drop_exact(keep_removed=True),

@@ -5,6 +5,7 @@ pipeline step); summing them over the tasks gives the stage's counts also for a 
 killed and resumed, where no single invocation saw every task.
 """
 
+import collections
 import glob
 import json
 import os
@@ -13,6 +14,8 @@ from datatrove.pipeline.dedup import ExactDedupFilter, MinhashDedupFilter
 from datatrove.pipeline.filters import (C4QualityFilter, GopherQualityFilter,
                                         GopherRepetitionFilter, LambdaFilter)
 from datatrove.utils.stats import PipelineStats
+from datatrove.utils.typeshelper import ExtensionHelperSD
+import numpy as np
 
 # The steps that remove documents, by the names datatrove gives their stats.
 _REMOVERS = {GopherQualityFilter.name: 'gopher', C4QualityFilter.name: 'c4',
@@ -42,6 +45,28 @@ def _doc_chars(stats: dict) -> tuple[int, int]:
   return (1, int(value)) if value else (0, 0)
 
 
+def _histogram(sizes) -> dict[str, int]:
+  return {str(size): count for size, count in sorted(collections.Counter(sizes).items())}
+
+
+def exact_cluster_sizes(out: str) -> dict[str, int]:
+  """From datatrove's exact-dedup counts: (kept document, copies removed) per cluster."""
+  sizes = []
+  pattern = os.path.join(out, 'work', 'exact', 'duplicates', '*', '*' + ExtensionHelperSD.stage_2_counts)
+  for path in glob.glob(pattern):
+    counts = np.fromfile(path, dtype=[('doc', '<u4'), ('count', '<u4')])['count']
+    sizes += (counts.astype(int) + 1).tolist()
+  return _histogram(sizes)
+
+
+def minhash_cluster_sizes(out: str) -> dict[str, int]:
+  """From datatrove's MinHash cluster sizes: (document, size of its cluster) per member."""
+  members = []
+  for path in glob.glob(os.path.join(out, 'work', 'minhash', 'remove_ids', '*.sizes')):
+    members += np.fromfile(path, dtype=[('doc', '<u4'), ('size', '<u4')])['size'].tolist()
+  return {size: count // int(size) for size, count in _histogram(members).items()}
+
+
 def build(out: str, stage_seconds: dict[str, float] | None = None) -> dict:
   """The report of the run writing into `out`."""
   logs = os.path.join(out, 'work', 'logs')
@@ -61,19 +86,12 @@ def build(out: str, stage_seconds: dict[str, float] | None = None) -> dict:
     if why:
       reasons[name] = why
   docs_out, chars_out = _doc_chars(write_steps[-1]['stats']) if write_steps else (0, 0)
-  clusters = {}
-  for step in stage_stats(logs, 'minhash_clusters'):
-    sizes = step['stats'].get('cluster_size')
-    if isinstance(sizes, dict):
-      mean = sizes.get('mean', 1)  # datatrove leaves out min and max when all are the mean
-      clusters = {'clusters': int(sizes.get('n', 1)), 'mean_size': mean,
-                  'max_size': int(sizes.get('max', mean))}
-    elif sizes:
-      clusters = {'clusters': 1, 'mean_size': sizes, 'max_size': sizes}
+  clusters = {'exact': exact_cluster_sizes(out), 'minhash': minhash_cluster_sizes(out)}
   report = {
       'documents_in': docs_in, 'characters_in': chars_in,
       'documents_out': docs_out, 'characters_out': chars_out,
-      'removed': removed, 'removed_why': reasons, 'minhash_clusters': clusters,
+      'removed': removed, 'removed_why': reasons,
+      'cluster_sizes': clusters,  # {documents in a cluster: clusters of that size}
   }
   if stage_seconds is not None:  # wall time of each stage in this invocation (local, ray)
     report['stage_seconds'] = stage_seconds
@@ -101,10 +119,11 @@ def table(report: dict) -> str:
   chars_in, chars_out = report['characters_in'], report['characters_out']
   lines.append(f'output: {report["documents_out"]:,} of {report["documents_in"]:,} documents, '
                f'{chars_out:,} of {chars_in:,} characters ({chars_out / max(chars_in, 1):.1%})')
-  if report['minhash_clusters']:
-    c = report['minhash_clusters']
-    lines.append(f'near-duplicate clusters: {c["clusters"]:,}, mean size {c["mean_size"]:.2f}, '
-                 f'largest {c["max_size"]:,}')
+  for name, sizes in report['cluster_sizes'].items():
+    if sizes:
+      shown = ', '.join(f'{count:,} of {size}' for size, count in list(sizes.items())[:6])
+      lines.append(f'{name} duplicate clusters: {sum(sizes.values()):,} ({shown}'
+                   f'{", ..." if len(sizes) > 6 else ""}; largest {max(map(int, sizes))})')
   if 'wall_seconds' in report:
     stages = ', '.join(f'{k} {v:.1f}' for k, v in report['stage_seconds'].items())
     lines.append(f'time: {report["wall_seconds"]:.1f} s ({stages})')
