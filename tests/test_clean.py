@@ -165,7 +165,6 @@ def test_killed_run_resumed_ends_like_uninterrupted_run(corpus, cleaned, tmp_pat
   os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker processes
   proc.wait()
   assert not os.path.exists(os.path.join(out, 'report.json'))  # it did stop part way
-  assert len(os.listdir(completions)) < 4 or not os.path.isdir(os.path.join(out, 'text'))
   run_module('gpt_jax.datasets.clean', *clean_args(corpus, out))
   for name in os.listdir(os.path.join(cleaned['out'], 'text')):
     with open(os.path.join(cleaned['out'], 'text', name), 'rb') as a, \
