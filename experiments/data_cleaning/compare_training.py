@@ -52,7 +52,7 @@ def main():
   results = {'steps': args.steps, 'tokens': args.steps * 16 * 128, 'model': MODEL}
   for name, files in (('raw', os.path.join(args.work, 'raw_text', '*.txt')),
                       ('cleaned', os.path.join(args.work, args.cleaned, 'text', '*.txt'))):
-    workdir = os.path.join(args.work, f'train_{name}')
+    workdir = os.path.join(args.work, f'train_{name}_{args.steps}')
     overrides = {**MODEL, 'data.text_files': files, 'train.num_steps': args.steps,
                  'train.log_every': args.steps // 4,
                  'data.tfds_data_dir': os.path.join(args.work, 'tfds')}
