@@ -226,6 +226,23 @@ def test_minhash_threshold_sets_the_buckets():
   assert cleaning.minhash_buckets(0.9) < 14 < cleaning.minhash_buckets(0.7)
 
 
+def test_cluster_executors_chain_the_same_stages(corpus, tmp_path):
+  config = cleaning.CleanConfig(input=corpus['glob'], out=str(tmp_path / 'slurm'),
+                                executor='slurm',
+                                executor_args=(('partition', 'cpu'), ('time', '01:00:00')))
+  stages = cleaning.executors(config, report_step=None)
+  assert cleaning.stage_names(stages) == ['filter', 'exact', 'minhash_signatures',
+                                          'minhash_buckets', 'minhash_clusters', 'write', 'report']
+  assert [s.tasks for s in stages] == [4, 1, 4, 14, 1, 4, 1]
+  assert all(later.depends is earlier for earlier, later in zip(stages, stages[1:]))
+  with pytest.raises(cleaning.ConfigError, match='partition=...'):
+    cleaning.executors(cleaning.CleanConfig(corpus['glob'], str(tmp_path / 's2'), executor='slurm'),
+                       report_step=None)
+  with pytest.raises(cleaning.ConfigError, match="no argument 'partitionn'"):
+    cleaning.executors(cleaning.CleanConfig(corpus['glob'], str(tmp_path / 's3'), executor='ray',
+                                            executor_args=(('partitionn', 'x'),)), report_step=None)
+
+
 def test_bad_input_and_missing_datatrove_give_one_line(tmp_path):
   with pytest.raises(FileNotFoundError, match='matches no files'):
     cleaning.input_files(str(tmp_path / 'none*.jsonl'))

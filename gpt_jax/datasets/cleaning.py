@@ -397,9 +397,15 @@ def executors(config: CleanConfig, report_step: Callable) -> list[PipelineExecut
   cls = executor_class(config.executor)
   extra = dict(config.executor_args)
   accepted = inspect.signature(cls.__init__).parameters
+  ours = ('self', 'pipeline', 'tasks', 'logging_dir', 'depends')
   for key in extra:
-    if key not in accepted or key in ('pipeline', 'tasks', 'logging_dir', 'depends'):
+    if key not in accepted or key in ours:
       raise ConfigError(f'--executor_args: {cls.__name__} takes no argument {key!r}')
+  missing = [k for k, p in accepted.items() if p.default is inspect.Parameter.empty
+             and p.kind is p.POSITIONAL_OR_KEYWORD and k not in ours and k not in extra]
+  if missing:
+    raise ConfigError(f'--executor={config.executor} needs --executor_args with '
+                      f'{", ".join(f"{k}=..." for k in missing)}')
   logs = os.path.join(config.out, 'work', 'logs')
   result = []
   planned = stages(config, files)
