@@ -61,8 +61,8 @@ def shingle_jaccard(a, b, directory):
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
   """400 distinct documents, 20 exact copies (some differing only in whitespace), 60 copies with
-  1% or 1.5% of their words replaced (word 5-gram Jaccard similarity 0.85-0.93), and 4 documents holding emails, IPs and phone numbers; in 4
-  JSONL files, shuffled."""
+  1% or 1.5% of their words replaced (word 5-gram Jaccard similarity 0.85-0.93), and 4
+  documents holding emails, IPs and phone numbers; in 4 JSONL files, shuffled."""
   rng = random.Random(0)
   vocabulary = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(2, 9)))
                 for _ in range(3000)]
