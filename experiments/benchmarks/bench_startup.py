@@ -8,9 +8,8 @@ Every run is the same command (6 steps, a checkpoint every 3), as after a preemp
 repeat, in a fresh workdir (TFDS data dir inside it):
   cold     the first run: builds the dataset and the tokenizer, compiles (and fills
            <workdir>/jax_cache), trains 6 steps, checkpoints steps 3 and 6;
-  restart  checkpoint 6 removed, the same command again: restores step 3, loads the train step
-           that the cold run saved (gpt_jax/compiled_steps.py) and its other programs from the
-           compilation cache, trains steps 4-6;
+  restart  checkpoint 6 removed, the same command again: restores step 3, traces the steps and
+           loads their programs from the compilation cache, trains steps 4-6;
   restart, no cache  as restart, with train.compilation_cache=False (what both save);
   restart, TensorBoard  as restart, with train.tensorboard=True (the default of most configs;
            every other run here writes metrics.jsonl only), after one untimed such run: what
