@@ -106,6 +106,21 @@ def test_int8_products_exact_and_dynamic_matmul_within_its_bound(rows):
     assert np.abs(out - reference)[1:].max() < 0.02 * np.abs(reference[1:]).max()
 
 
+def engine_greedy(params, prompts, max_new: int) -> list[list[int]]:
+  """Each prompt's greedy tokens from a 2-slot serving engine."""
+  batcher = engine.Engine(GPT2, params, slots=2).start()
+  try:
+    outs, finished = [[] for _ in prompts], threading.Semaphore(0)
+    for prompt, out in zip(prompts, outs):
+      batcher.submit(engine.Sequence(prompt, max_new, lambda t, out=out: out.append(t) and False,
+                                      lambda reason, error: finished.release(), temperature=0))
+    for _ in prompts:
+      assert finished.acquire(timeout=60)
+    return outs
+  finally:
+    batcher.stop()
+
+
 def test_int8_dynamic_in_both_layouts_and_decoding_in_the_engine():
   params = _params(GPT2)
   q = quantize.apply(params, 'int8_dynamic')
@@ -125,17 +140,7 @@ def test_int8_dynamic_in_both_layouts_and_decoding_in_the_engine():
 
   prompts = PROMPTS[:2]
   greedy = quantize.generator(GPT2, q).generate(prompts, 8, temperature=0)
-  batcher = engine.Engine(GPT2, q, slots=2).start()
-  try:
-    outs, finished = [[] for _ in prompts], threading.Semaphore(0)
-    for prompt, out in zip(prompts, outs):
-      batcher.submit(engine.Sequence(prompt, 8, lambda t, out=out: out.append(t) and False,
-                                      lambda reason, error: finished.release(), temperature=0))
-    for _ in prompts:
-      assert finished.acquire(timeout=60)
-    assert outs == greedy
-  finally:
-    batcher.stop()
+  assert engine_greedy(q, prompts, 8) == greedy
 
 
 def test_generator_and_engine_decode_from_int8_weights():
@@ -147,17 +152,7 @@ def test_generator_and_engine_decode_from_int8_weights():
   assert greedy == decode.Generator(GPT2, quantize.dequantize(q)).generate(PROMPTS, 12,
                                                                            temperature=0)
 
-  batcher = engine.Engine(GPT2, q, slots=2).start()
-  try:
-    outs, finished = [[] for _ in PROMPTS], threading.Semaphore(0)
-    for prompt, out in zip(PROMPTS, outs):  # 3 sequences on 2 slots: one waits for a slot
-      batcher.submit(engine.Sequence(prompt, 12, lambda t, out=out: out.append(t) and False,
-                                      lambda reason, error: finished.release(), temperature=0))
-    for _ in PROMPTS:
-      assert finished.acquire(timeout=60)
-    assert outs == greedy
-  finally:
-    batcher.stop()
+  assert engine_greedy(q, PROMPTS, 12) == greedy  # 3 sequences on 2 slots: one waits
   with pytest.raises(ConfigError, match='--quantize must be one of'):
     quantize.apply(params, 'int4')
 
