@@ -105,15 +105,22 @@ def check_compatible(workdir: str, model_cfg: ModelConfig, vocab_may_grow: bool 
 
 def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-  if checkpoint_config is None:
-    options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
-  else:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=checkpoint_config.keep,
-        cleanup_tmp_directories=True,  # what a killed or failed save left behind
-        enable_async_checkpointing=checkpoint_config.async_save,
-        read_only=read_only, create=not read_only)
-  return ocp.CheckpointManager(directory, options=options)
+  # A read-only manager makes Orbax warn twice that it is read only, which is what was asked.
+  verbosity = logging.get_verbosity()
+  if read_only:
+    logging.set_verbosity(min(verbosity, logging.ERROR))
+  try:
+    if checkpoint_config is None:
+      options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=checkpoint_config.keep,
+          cleanup_tmp_directories=True,  # what a killed or failed save left behind
+          enable_async_checkpointing=checkpoint_config.async_save,
+          read_only=read_only, create=not read_only)
+    return ocp.CheckpointManager(directory, options=options)
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def _checksum(x):

@@ -8,7 +8,7 @@ The parameters of the latest (or --step) checkpoint are constants of the exporte
 shapes are fixed. The functions, the files and the manifest: gpt_jax/convert/export.py.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from gpt_jax import cli
 from gpt_jax.errors import ConfigError
@@ -32,7 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.skip_absent_tpu()
-  cli.quiet_logs(logging.ERROR)  # not Orbax's warnings about reading a checkpoint
+  cli.quiet_logs()
   with cli.one_line_errors():
     if not FLAGS.workdir or not FLAGS.out or not FLAGS.format:
       raise ConfigError('--workdir, --format and --out are required')

@@ -8,7 +8,7 @@ MLP units (gpt_jax/compress/pruning.py says how importance is measured); the out
 workdir that sample, eval, serve, export, convert and fine-tuning load.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from gpt_jax import cli
 from gpt_jax.errors import ConfigError
@@ -32,7 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.skip_absent_tpu()
-  cli.quiet_logs(logging.ERROR)  # not Orbax's warnings about reading a checkpoint
+  cli.quiet_logs()
   with cli.one_line_errors():
     if not FLAGS.workdir or not FLAGS.out:
       raise ConfigError('--workdir and --out are required')

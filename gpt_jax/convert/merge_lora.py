@@ -13,7 +13,7 @@ optimizer state.
 import os
 import shutil
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from gpt_jax import checkpoint, cli
 
@@ -46,7 +46,7 @@ def main(argv):
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('--workdir and --out are required')
   cli.skip_absent_tpu()
-  cli.quiet_logs(logging.ERROR)  # not Orbax's warnings about reading a checkpoint
+  cli.quiet_logs()
   with cli.one_line_errors(FileExistsError):
     step = merge(FLAGS.workdir, FLAGS.out, FLAGS.step)
   print(f'Merged {FLAGS.workdir} (step {step}) into {FLAGS.out}')

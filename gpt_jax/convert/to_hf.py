@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from gpt_jax import checkpoint, cli
 from gpt_jax.convert import gpt2
@@ -82,7 +82,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.skip_absent_tpu()
-  cli.quiet_logs(logging.ERROR)  # not Orbax's warnings about reading a checkpoint
+  cli.quiet_logs()
   with cli.one_line_errors():
     if not FLAGS.workdir or not FLAGS.out:
       raise ConfigError('--workdir and --out are required')
