@@ -287,6 +287,15 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   np.testing.assert_array_equal(looked_up, params['wte']['embedding'][tokens])
 
 
+def saved_residuals(model, params, tokens, reduce=jnp.sum) -> str:
+  """What jax keeps for the backward pass of reduce(logits), as print_saved_residuals says."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    ad_checkpoint.print_saved_residuals(lambda p: reduce(model.apply({'params': p}, tokens)[0]),
+                                        params)
+  return out.getvalue()
+
+
 def test_remat_projections_keeps_projections_but_not_attention_logits():
   """What each policy saves for the backward pass: 'projections' the [tokens, features]
   outputs of the projections (here [64, 64], fc_in's), never attention's [batch, heads, t, s]
@@ -298,11 +307,7 @@ def test_remat_projections_keeps_projections_but_not_attention_logits():
 
   def saved(policy):
     model = Transformer(dataclasses.replace(cfg, remat=policy))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-      ad_checkpoint.print_saved_residuals(lambda p: model.apply({'params': p}, tokens)[0].sum(),
-                                          params)
-    return set(re.findall(r'\w+\[[0-9,]*\]', out.getvalue()))
+    return set(re.findall(r'\w+\[[0-9,]*\]', saved_residuals(model, params, tokens)))
 
   logits = {'f32[2,2,16,16]', 'f32[2,2,16,32]'}
   assert logits <= saved('dots_saveable')
@@ -342,13 +347,10 @@ def test_bfloat16_residual_stream_halves_what_full_remat_keeps():
 
   def saved(residual_dtype):
     model = Transformer(dataclasses.replace(cfg, residual_dtype=residual_dtype))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-      ad_checkpoint.print_saved_residuals(lambda p: model.apply({'params': p}, tokens)[0].mean(),
-                                          params)
+    text = saved_residuals(model, params, tokens, jnp.mean)
     # The blocks' inputs (the residual stream), not the final norm's float32 internals.
     return set(re.findall(rf'(\w+)\[2,16,{cfg.emb_dim}\] output of add .*'
-                          r'\((?:Block|Transformer)\.__call__\)', out.getvalue()))
+                          r'\((?:Block|Transformer)\.__call__\)', text))
 
   assert saved('float32') == {'f32'} and saved('bfloat16') == {'bf16'}
   bf16 = Transformer(dataclasses.replace(cfg, residual_dtype='bfloat16'))
