@@ -24,8 +24,8 @@ Array = jax.Array
 def matmul(x: Array, w: Array, dtype, w_transposed: bool = False, out_dtype=None) -> Array:
   """x [n, k] @ w [k, m] (or @ w.T for w [m, k] when `w_transposed`) -> [n, m]: operands cast
   to `dtype`, summed in float32, returned in `out_dtype` (by default `dtype`); the gradient of
-  `w` comes back in w's dtype. A quantized `w` (gpt_jax/quantize.py's DynamicInt8, which knows
-  its own layout) computes the product itself."""
+  `w` comes back in w's dtype. A quantized `w` (DynamicInt8 of gpt_jax/inference/quantize.py,
+  which knows its own layout) computes the product itself."""
   if not hasattr(w, 'dtype'):  # not an array
     return w.matmul(x, out_dtype or dtype)
   if target.is_cpu():
