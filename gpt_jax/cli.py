@@ -63,11 +63,11 @@ def one_line_errors(*more: type[Exception]):
     sys.exit(f'error: {e}')
   except ImportError as e:
     # A library's own message may wrap the missing module (jax.export's, for flatbuffers).
-    name = e.name or getattr(e.__cause__, 'name', None) or ''
-    extra = EXTRAS.get(name.split('.')[0])
+    package = (e.name or getattr(e.__cause__, 'name', None) or '').split('.')[0]
+    extra = EXTRAS.get(package)
     if extra is None or _VERBOSE.value:
       raise
-    sys.exit(f"error: {name} is not installed; it comes with gpt_jax's [{extra}] extra: "
+    sys.exit(f"error: {package} is not installed; it comes with gpt_jax's [{extra}] extra: "
              f"pip install -e '.[{extra}]'")
 
 
@@ -76,7 +76,8 @@ EXTRAS = {'fastapi': 'serve', 'uvicorn': 'serve', 'pydantic': 'serve', 'starlett
           'sacrebleu': 'eval', 'rouge_score': 'eval', 'nltk': 'eval',
           'matplotlib': 'report', 'scipy': 'report', 'libtpu': 'tpu',
           'onnx': 'export', 'onnxruntime': 'export', 'onnxscript': 'export', 'torch': 'export',
-          'transformers': 'export', 'flatbuffers': 'export', 'datatrove': 'clean'}
+          'transformers': 'export', 'flatbuffers': 'export', 'datatrove': 'clean',
+          'orjson': 'clean'}
 
 
 # -------------------------------------------------------------------- flags and config fields

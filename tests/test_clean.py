@@ -264,4 +264,5 @@ def test_bad_input_and_missing_datatrove_give_one_line(tmp_path):
   proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=module_env(),
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 1
-  assert proc.stderr.strip() == "error: gpt_jax.datasets.clean needs datatrove: pip install -e '.[clean]'"
+  assert proc.stderr.strip() == ("error: datatrove is not installed; it comes with gpt_jax's "
+                                 "[clean] extra: pip install -e '.[clean]'")

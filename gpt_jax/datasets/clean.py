@@ -57,12 +57,9 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   cli.quiet_logs()
-  try:
+  with cli.one_line_errors():  # also: datatrove not installed, which extra brings it
     # pylint: disable=import-outside-toplevel
     from gpt_jax.datasets import cleaning, cleaning_report
-  except ModuleNotFoundError as e:
-    sys.exit(f"error: gpt_jax.datasets.clean needs {e.name.split('.')[0]}: pip install -e '.[clean]'")
-  with cli.one_line_errors():
     if not _INPUT.value or not _OUT.value:
       raise ConfigError('--input and --out are required.')
     config = cleaning.CleanConfig(
